@@ -1,0 +1,315 @@
+"""`mvpp-bank`: build, query and inspect a memory bank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mvpp.cli.common import (
+    EXIT_ITEMS_FAILED,
+    ApiKeyOpt,
+    BankOpt,
+    CaptionerOpt,
+    CollectionOpt,
+    DeviceOpt,
+    FrameModelOpt,
+    FramePretrainedOpt,
+    ProfileOpt,
+    TextModelOpt,
+    UrlOpt,
+    VerboseOpt,
+    console,
+    encoder_spec,
+    fail,
+    friendly_errors,
+    location,
+    out,
+    progress_bar,
+    setup_logging,
+    store_for,
+)
+from mvpp.config import BuildSettings, default_failures_file
+from mvpp.memory_bank.builder import BankBuilder, plan_items
+from mvpp.memory_bank.encoders.profiles import load_encoders
+from mvpp.memory_bank.metadata import LABEL_TRANSFORMS, ColumnMap, load_metadata
+from mvpp.retriever.retriever import Query, Retriever
+
+app = typer.Typer(
+    help="Build, query and inspect an mvpp memory bank (Qdrant).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.command()
+def build(
+    videos_dir: Annotated[
+        Path | None,
+        typer.Argument(help="Folder of videos (mp4, webm, mov, mkv); ids are file stems."),
+    ] = None,
+    meta: Annotated[
+        Path | None, typer.Option("--meta", help="Metadata table: .csv, .tsv, .parquet or .jsonl.")
+    ] = None,
+    id_col: Annotated[str, typer.Option("--id-col", help="Id column of the metadata.")] = "id",
+    text_col: Annotated[
+        list[str] | None,
+        typer.Option("--text-col", help="Text column(s), joined in order [default: title]."),
+    ] = None,
+    label_col: Annotated[
+        list[str] | None,
+        typer.Option("--label-col", help="Label column; repeat for several targets."),
+    ] = None,
+    label_transform: Annotated[
+        str,
+        typer.Option(
+            "--label-transform",
+            help=f"Label -> target: {', '.join(LABEL_TRANSFORMS)} (log2p1 = log2(1+x)).",
+        ),
+    ] = "log2p1",
+    time_col: Annotated[
+        str | None, typer.Option("--time-col", help="Publish time column (ISO or unix).")
+    ] = None,
+    meta_col: Annotated[
+        list[str] | None,
+        typer.Option("--meta-col", help="Extra metadata column kept in the payload; repeatable."),
+    ] = None,
+    video_col: Annotated[
+        str | None,
+        typer.Option("--video-col", help="Column with a video path relative to VIDEOS_DIR."),
+    ] = None,
+    failures: Annotated[
+        Path | None,
+        typer.Option("--failures", help="Failures file (JSONL) [default: beside the bank]."),
+    ] = None,
+    frames: Annotated[int, typer.Option("--frames", help="Frames decoded per video.", min=1)] = 10,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Videos encoded together.", min=1)
+    ] = 16,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Parallel video decoders.", min=1)
+    ] = BuildSettings().decode_workers,
+    bank: BankOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "mvpp",
+    profile: ProfileOpt = None,
+    text_model: TextModelOpt = None,
+    captioner_model: CaptionerOpt = None,
+    frame_model: FrameModelOpt = None,
+    frame_pretrained: FramePretrainedOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Index videos and/or a metadata table into the bank.
+
+    Items already indexed with the same content are skipped, so a rerun (or a run after
+    an interruption) only does what is left. Exit code 1 if any item failed; each
+    failure is written with its reason to the failures file.
+    """
+    setup_logging(verbose)
+    if videos_dir is None and meta is None:
+        fail("give a VIDEOS_DIR, a --meta table, or both")
+    if videos_dir is not None and not videos_dir.is_dir():
+        fail(f"not a folder: {videos_dir}")
+    if label_transform not in LABEL_TRANSFORMS:
+        fail(f"--label-transform must be one of {', '.join(LABEL_TRANSFORMS)}")
+    loc = location(bank, qdrant_url, api_key, collection)
+    settings = BuildSettings(
+        n_frames=frames,
+        batch_size=batch_size,
+        decode_workers=workers,
+        label_transform=label_transform,
+    )
+    failures_file = failures or default_failures_file(loc)
+    with friendly_errors():
+        rows = None
+        if meta is not None:
+            columns = ColumnMap(
+                id_col=id_col,
+                text_cols=text_col or ["title"],
+                label_cols=label_col or [],
+                time_col=time_col,
+                meta_cols=meta_col or [],
+                video_col=video_col,
+                require_text=bool(text_col),
+            )
+            rows = load_metadata(meta, columns)
+        items, plan_failures = plan_items(videos_dir, rows)
+        with store_for(loc) as store:
+            bank_profile = store.manifest.profile if store.manifest else None
+            spec = encoder_spec(
+                profile, bank_profile, text_model, captioner_model, frame_model, frame_pretrained
+            )
+            encoders = load_encoders(spec, device=device)
+            builder = BankBuilder(store, encoders, settings)
+            total = len(items) + len(plan_failures)
+            with progress_bar() as bar:
+                task = bar.add_task("indexing", total=total, rate="", status="")
+                counts = {"indexed": 0, "unchanged": 0, "failed": 0}
+
+                def on_progress(n: int, status: str) -> None:
+                    counts[status] = counts.get(status, 0) + n
+                    elapsed = bar.tasks[task].elapsed or 0.0
+                    rate = counts["indexed"] / elapsed if elapsed > 0 else 0.0
+                    bar.update(
+                        task,
+                        advance=n,
+                        rate=f"{rate:.1f} items/s",
+                        status=f"{counts['indexed']} new, {counts['unchanged']} unchanged, "
+                        f"{counts['failed']} failed",
+                    )
+
+                report = builder.build(items, plan_failures, failures_file, on_progress)
+    table = Table(title=f"bank {loc.describe()}")
+    table.add_column("indexed", justify="right")
+    table.add_column("unchanged", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("items/s", justify="right")
+    table.add_column("time", justify="right")
+    table.add_row(
+        str(report.indexed),
+        str(report.unchanged),
+        str(report.failed),
+        f"{report.items_per_s:.1f}",
+        f"{report.elapsed_s:.1f} s",
+    )
+    console.print(table)
+    if report.failed:
+        shown = report.failures[:10]
+        for f in shown:
+            console.print(f"  [red]failed[/] {f.item_id}: {f.reason}")
+        if report.failed > len(shown):
+            console.print(f"  ... and {report.failed - len(shown)} more")
+        console.print(f"failures written to {failures_file}")
+        raise typer.Exit(EXIT_ITEMS_FAILED)
+
+
+@app.command()
+def query(
+    clip: Annotated[Path | None, typer.Argument(help="Video clip to find neighbours for.")] = None,
+    title: Annotated[str | None, typer.Option("--title", help="Title / caption text.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Number of neighbours.", min=1)] = 10,
+    labelled_only: Annotated[
+        bool, typer.Option("--labelled-only", help="Only return labelled items.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    bank: BankOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "mvpp",
+    profile: ProfileOpt = None,
+    text_model: TextModelOpt = None,
+    captioner_model: CaptionerOpt = None,
+    frame_model: FrameModelOpt = None,
+    frame_pretrained: FramePretrainedOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The k most similar items of the bank to a clip and/or a title."""
+    from mvpp.memory_bank.schema import SearchFilter
+
+    setup_logging(verbose)
+    if clip is None and not title:
+        fail("give a CLIP, a --title, or both")
+    loc = location(bank, qdrant_url, api_key, collection)
+    with friendly_errors(), store_for(loc) as store:
+        if store.manifest is None:
+            fail(f"no bank at {loc.describe()}: build one with `mvpp-bank build`")
+        spec = encoder_spec(
+            profile, store.manifest.profile, text_model, captioner_model, frame_model, frame_pretrained
+        )
+        retriever = Retriever(store, load_encoders(spec, device=device))
+        flt = SearchFilter(labelled_only=True) if labelled_only else None
+        hits = retriever.query(Query(clip=clip, title=title or ""), k=k, flt=flt)
+    if as_json:
+        rows = [
+            {
+                "item_id": h.item_id,
+                "score": round(float(h.score), 6),
+                "title": h.payload.get("title"),
+                "captions": h.payload.get("captions"),
+                "labels": h.payload.get("labels"),
+                "targets": h.payload.get("targets"),
+                "published_at": h.payload.get("published_at"),
+            }
+            for h in hits
+        ]
+        out.print_json(json.dumps(rows, ensure_ascii=False))
+        return
+    table = Table(title=f"{len(hits)} nearest in {loc.describe()}")
+    table.add_column("#", justify="right")
+    table.add_column("item id")
+    table.add_column("similarity", justify="right")
+    table.add_column("title", overflow="fold", max_width=50)
+    table.add_column("first caption", overflow="fold", max_width=40)
+    table.add_column("labels")
+    for rank, h in enumerate(hits, 1):
+        caps = h.payload.get("captions") or []
+        labels = h.payload.get("labels") or {}
+        table.add_row(
+            str(rank),
+            h.item_id,
+            f"{h.score:.4f}",
+            h.payload.get("title") or "",
+            caps[0] if caps else "",
+            ", ".join(f"{k_}={v:g}" for k_, v in labels.items()),
+        )
+    out.print(table)
+
+
+@app.command()
+def info(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    bank: BankOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "mvpp",
+) -> None:
+    """Item counts, encoders, dimensions, backend and size of a bank."""
+    from mvpp.memory_bank.schema import SearchFilter
+
+    setup_logging(False)
+    loc = location(bank, qdrant_url, api_key, collection)
+    with friendly_errors(), store_for(loc) as store:
+        manifest = store.manifest
+        if manifest is None:
+            fail(f"no bank at {loc.describe()}: build one with `mvpp-bank build`")
+        data = {
+            "location": loc.describe(),
+            "backend": store.backend,
+            "items": store.count(),
+            "labelled": store.count(SearchFilter(labelled_only=True)),
+            "with_video": store.count(SearchFilter(has_video=True)),
+            "size_bytes": store.size_bytes(),
+            **manifest.to_dict(),
+        }
+    data["unlabelled"] = data["items"] - data["labelled"]
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    table = Table(title=f"bank {data['location']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key in (
+        "backend", "items", "labelled", "unlabelled", "with_video", "profile", "text_model",
+        "captioner_model", "frame_model", "retrieval_dim", "token_dim", "frame_dim",
+        "n_frames", "max_tokens", "label_names", "label_transform", "schema_version",
+    ):
+        value = data[key]
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    size = data["size_bytes"]
+    table.add_row("size on disk", "n/a (server)" if size is None else f"{size / 1e6:.1f} MB")
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

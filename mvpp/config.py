@@ -1,0 +1,71 @@
+"""Settings shared by the library and the CLI.
+
+Every default lives here; CLI flags and the environment (MVPP_BANK, MVPP_QDRANT_URL,
+QDRANT_API_KEY, MVPP_PROFILE) override it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BANK = Path("mvpp-bank")
+DEFAULT_COLLECTION = "mvpp"
+DEFAULT_PROFILE = "full"
+PROFILES = ("full", "lite")
+
+
+@dataclass
+class BankLocation:
+    """Where a bank lives: an embedded folder, or a Qdrant server collection."""
+
+    path: Path = DEFAULT_BANK
+    qdrant_url: str | None = None
+    api_key: str | None = None
+    collection: str = DEFAULT_COLLECTION
+
+    @classmethod
+    def from_env(
+        cls,
+        path: Path | None = None,
+        qdrant_url: str | None = None,
+        api_key: str | None = None,
+        collection: str | None = None,
+    ) -> BankLocation:
+        return cls(
+            path=Path(path or os.environ.get("MVPP_BANK") or DEFAULT_BANK),
+            qdrant_url=qdrant_url or os.environ.get("MVPP_QDRANT_URL") or None,
+            api_key=api_key or os.environ.get("QDRANT_API_KEY") or None,
+            collection=collection or DEFAULT_COLLECTION,
+        )
+
+    @property
+    def is_server(self) -> bool:
+        return self.qdrant_url is not None
+
+    def describe(self) -> str:
+        if self.is_server:
+            return f"{self.qdrant_url} (collection {self.collection})"
+        return str(self.path)
+
+
+@dataclass
+class BuildSettings:
+    """How items are turned into bank points."""
+
+    n_frames: int = 10
+    max_tokens: int = 32
+    frame_max_side: int = 384
+    batch_size: int = 16  # videos encoded together
+    text_batch_size: int = 256  # text-only items encoded together
+    decode_workers: int = max(1, min(4, (os.cpu_count() or 2)))
+    label_transform: str = "log2p1"
+    failures_file: Path | None = None  # default: <bank>.failures.jsonl beside the bank
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def default_failures_file(location: BankLocation) -> Path:
+    if location.is_server:
+        return Path(f"{location.collection}.failures.jsonl")
+    return location.path.parent / f"{location.path.name}.failures.jsonl"

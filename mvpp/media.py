@@ -1,0 +1,204 @@
+"""Video files -> evenly spaced RGB frames, with PyAV.
+
+Everything that can go wrong with a file (missing, empty, not a video, corrupt,
+truncated to nothing decodable) becomes a `MediaError` carrying the reason, so a
+batch can report it per item and go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# A clip whose decodable frames end before this fraction of its declared duration is
+# reported as truncated rather than silently indexed from a fragment.
+TRUNCATION_TOLERANCE = 0.9
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
+
+
+class MediaError(Exception):
+    """A video could not be read. `reason` is short and meant for a failures file."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass
+class Clip:
+    """Decoded frames of one video.
+
+    frames: (L, H, W, 3) uint8, L <= the number requested (short clips give what they
+    have); mask: (n_requested,) bool, True where a frame exists.
+    """
+
+    path: str
+    frames: np.ndarray
+    mask: np.ndarray
+    duration_s: float | None
+    fps: float | None
+    width: int
+    height: int
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass
+class Probe:
+    duration_s: float | None
+    fps: float | None
+    n_frames: int | None
+    width: int
+    height: int
+    codec: str
+
+
+def is_video_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def list_videos(folder: Path) -> list[Path]:
+    """Video files directly or recursively under `folder`, sorted for determinism."""
+    return sorted(p for p in folder.rglob("*") if is_video_file(p))
+
+
+def _open(path: Path):
+    import av
+
+    if not path.exists():
+        raise MediaError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise MediaError(path, "empty file (0 bytes)")
+    try:
+        container = av.open(str(path))
+    except Exception as exc:  # PyAV raises several error types for bad containers
+        raise MediaError(path, f"not a readable video ({type(exc).__name__}: {exc})") from exc
+    if not container.streams.video:
+        container.close()
+        raise MediaError(path, "no video stream")
+    return container
+
+
+def probe(path: Path | str) -> Probe:
+    """Duration, frame rate and size from the container header (no decoding)."""
+    path = Path(path)
+    container = _open(path)
+    try:
+        return _probe_open(container)
+    finally:
+        container.close()
+
+
+def _probe_open(container) -> Probe:
+    stream = container.streams.video[0]
+    duration = None
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1_000_000
+    fps = float(stream.average_rate) if stream.average_rate else None
+    n = stream.frames or None
+    ctx = stream.codec_context
+    return Probe(duration, fps, n, int(ctx.width or 0), int(ctx.height or 0), ctx.name or "")
+
+
+def _resize(frame: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = frame.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return frame
+    from PIL import Image
+
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
+
+
+def decode_frames(path: Path | str, n_frames: int = 10, max_side: int = 384) -> Clip:
+    """Decode `n_frames` frames evenly spaced over the clip.
+
+    Frames are picked at the centres of `n_frames` equal time slices. Decoding is one
+    sequential pass (seeking is unreliable on truncated files); each decoded frame is
+    kept if it is the first at or after its slice centre. Frames are downscaled so the
+    longer side is at most `max_side` (encoders resize to 224 anyway).
+    """
+    path = Path(path)
+    if n_frames <= 0:
+        raise ValueError("n_frames must be positive")
+    container = _open(path)
+    try:
+        info = _probe_open(container)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames = _decode_even(container, stream, info, n_frames, max_side)
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise MediaError(path, f"decoding failed ({type(exc).__name__}: {exc})") from exc
+    finally:
+        container.close()
+    if not frames:
+        raise MediaError(path, "no decodable frames")
+    arr = np.stack(frames)
+    mask = np.zeros(n_frames, dtype=bool)
+    mask[: len(frames)] = True
+    return Clip(str(path), arr, mask, info.duration_s, info.fps, info.width, info.height)
+
+
+def _decode_even(container, stream, info: Probe, n_frames: int, max_side: int) -> list[np.ndarray]:
+    import av
+
+    duration = info.duration_s
+    if duration is None or duration <= 0:
+        # Unknown length: keep every frame (downscaled), then subsample.
+        all_frames = []
+        for frame in container.decode(stream):
+            all_frames.append(_resize(frame.to_ndarray(format="rgb24"), max_side))
+        return _subsample(all_frames, n_frames)
+
+    targets = [(i + 0.5) * duration / n_frames for i in range(n_frames)]
+    start = 0.0
+    if stream.start_time is not None and stream.time_base is not None:
+        start = float(stream.start_time * stream.time_base)
+    picked: list[np.ndarray] = []
+    t_idx = 0
+    last_t = 0.0
+    damaged = False
+    try:
+        for frame in container.decode(stream):
+            if frame.time is None:
+                continue
+            t = frame.time - start
+            last_t = max(last_t, t)
+            if t >= targets[t_idx]:
+                # One frame serves one slice: short clips give fewer frames, never repeats.
+                picked.append(_resize(frame.to_ndarray(format="rgb24"), max_side))
+                while t_idx < n_frames and t >= targets[t_idx]:
+                    t_idx += 1
+            if t_idx >= n_frames:
+                break
+    except av.error.FFmpegError:
+        damaged = True
+    if t_idx < n_frames and last_t < TRUNCATION_TOLERANCE * duration:
+        # The header promises more than the file holds: a cut-off or damaged file.
+        raise MediaError(
+            container.name,
+            f"truncated or corrupt: frames end at {last_t:.2f} s of {duration:.2f} s"
+            + (" (decoder error)" if damaged else ""),
+        )
+    return picked
+
+
+def _subsample(frames: list[np.ndarray], n: int) -> list[np.ndarray]:
+    if len(frames) <= n:
+        return frames
+    idx = np.linspace(0, len(frames) - 1, n).round().astype(int)
+    return [frames[i] for i in idx]

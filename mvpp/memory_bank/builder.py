@@ -1,0 +1,395 @@
+"""Build a bank: plan items from a video folder and/or a metadata table, skip what is
+already indexed, decode in parallel, encode in batches, upsert, report failures.
+
+A failure never stops the batch: it is appended to the failures file (JSONL, one
+object per item with its reason) and counted. Points are upserted batch by batch, so
+an interrupted build keeps everything upserted so far and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mvpp.config import BuildSettings
+from mvpp.media import Clip, MediaError, decode_frames, list_videos
+from mvpp.memory_bank.encoders.profiles import Encoders
+from mvpp.memory_bank.metadata import MetaRow, transform_label
+from mvpp.memory_bank.schema import BankPoint, Manifest, content_hash
+from mvpp.memory_bank.store.base import BankStore
+
+logger = logging.getLogger(__name__)
+
+# Bytes read from each end of a video for its fingerprint: cheap, and catches truncation
+# and re-encodes without reading whole files on every rebuild.
+FINGERPRINT_BYTES = 1 << 20
+
+
+@dataclass
+class BuildItem:
+    """One item to index: metadata (may be None) and a video file (may be None)."""
+
+    item_id: str
+    meta: MetaRow | None = None
+    video: Path | None = None
+
+    @property
+    def title(self) -> str:
+        return self.meta.title if self.meta else ""
+
+
+@dataclass
+class Failure:
+    item_id: str
+    reason: str
+    video: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"item_id": self.item_id, "reason": self.reason, "video": self.video},
+            ensure_ascii=False,
+        )
+
+
+@dataclass
+class BuildReport:
+    planned: int = 0
+    indexed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+    failures: list[Failure] = field(default_factory=list)
+    failures_file: Path | None = None
+
+    @property
+    def items_per_s(self) -> float:
+        return self.indexed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+ProgressFn = Callable[[int, str], None]
+
+
+def video_fingerprint(path: Path) -> str:
+    """Size plus a hash of the first and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        digest.update(fh.read(FINGERPRINT_BYTES))
+        if size > 2 * FINGERPRINT_BYTES:
+            fh.seek(-FINGERPRINT_BYTES, 2)
+            digest.update(fh.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:24]
+
+
+def plan_items(
+    videos_dir: Path | None,
+    meta_rows: list[MetaRow] | None,
+) -> tuple[list[BuildItem], list[Failure]]:
+    """Pair metadata rows with video files.
+
+    A row names its video through its video column (relative to `videos_dir`),
+    otherwise the file whose stem equals the id. Rows without a video are text-only;
+    videos without a row are unlabelled.
+    """
+    failures: list[Failure] = []
+    videos: dict[str, Path] = {}
+    if videos_dir is not None:
+        for path in list_videos(videos_dir):
+            stem = path.stem
+            if stem in videos:
+                failures.append(
+                    Failure(stem, f"duplicate id: also {videos[stem].name}", str(path))
+                )
+                continue
+            videos[stem] = path
+    items: list[BuildItem] = []
+    used: set[str] = set()
+    for row in meta_rows or []:
+        if row.problems:
+            failures.append(Failure(row.item_id, "; ".join(row.problems)))
+            continue
+        video: Path | None = None
+        if row.video:
+            video = (videos_dir / row.video) if videos_dir else Path(row.video)
+            if not video.exists():
+                failures.append(Failure(row.item_id, f"video file not found: {video}", str(video)))
+                continue
+            used.add(video.stem)
+        elif row.item_id in videos:
+            video = videos[row.item_id]
+            used.add(row.item_id)
+        items.append(BuildItem(row.item_id, row, video))
+    ids_from_meta = {item.item_id for item in items} | {f.item_id for f in failures}
+    for stem, path in videos.items():
+        if stem not in used and stem not in ids_from_meta:
+            items.append(BuildItem(stem, None, path))
+    return items, failures
+
+
+class BankBuilder:
+    """Turns BuildItems into bank points with one set of encoders."""
+
+    def __init__(
+        self,
+        store: BankStore,
+        encoders: Encoders,
+        settings: BuildSettings | None = None,
+    ) -> None:
+        self.store = store
+        self.encoders = encoders
+        self.settings = settings or BuildSettings()
+
+    # -- manifest -------------------------------------------------------------------
+
+    def manifest(self, label_names: Iterable[str] = ()) -> Manifest:
+        desc = self.encoders.describe()
+        return Manifest(
+            profile=desc["profile"],
+            text_model=desc["text_model"],
+            captioner_model=desc["captioner_model"],
+            frame_model=desc["frame_model"],
+            retrieval_dim=int(desc["text_dim"]),
+            token_dim=int(desc["token_dim"]),
+            frame_dim=int(desc["frame_dim"]),
+            n_frames=self.settings.n_frames,
+            max_tokens=self.settings.max_tokens,
+            label_names=list(label_names),
+            label_transform=self.settings.label_transform,
+        )
+
+    # -- hashing --------------------------------------------------------------------
+
+    def item_hash(self, item: BuildItem, manifest: Manifest) -> str:
+        meta = item.meta
+        parts = {
+            "id": item.item_id,
+            "title": meta.title if meta else "",
+            "labels": meta.labels if meta else {},
+            "time": meta.published_at if meta else None,
+            "metadata": meta.metadata if meta else {},
+            "video": video_fingerprint(item.video) if item.video else None,
+            "encoders": [manifest.text_model, manifest.captioner_model, manifest.frame_model],
+            "n_frames": manifest.n_frames,
+            "max_tokens": manifest.max_tokens,
+            "transform": manifest.label_transform,
+        }
+        return content_hash(parts)
+
+    # -- the build ------------------------------------------------------------------
+
+    def build(
+        self,
+        items: list[BuildItem],
+        failures: list[Failure] | None = None,
+        failures_file: Path | None = None,
+        progress: ProgressFn | None = None,
+    ) -> BuildReport:
+        """Index `items`; `failures` are planning failures to report alongside."""
+        start = time.perf_counter()
+        progress = progress or (lambda n, status: None)
+        report = BuildReport(planned=len(items) + len(failures or []), failures_file=failures_file)
+        label_names = sorted({name for it in items if it.meta for name in it.meta.labels})
+        manifest = self.manifest(label_names)
+        self.store.init(manifest)
+
+        sink = _FailureSink(failures_file)
+        try:
+            for failure in failures or []:
+                sink.add(failure, report)
+                progress(1, "failed")
+
+            todo: list[tuple[BuildItem, str]] = []
+            for chunk in _chunks(items, 1024):
+                hashes = []
+                for item in chunk:
+                    try:
+                        hashes.append(self.item_hash(item, manifest))
+                    except OSError as exc:
+                        hashes.append("")
+                        sink.add(Failure(item.item_id, f"cannot read video: {exc}", str(item.video)), report)
+                        progress(1, "failed")
+                stored = self.store.hashes([it.item_id for it in chunk])
+                for item, h in zip(chunk, hashes, strict=True):
+                    if not h:
+                        continue
+                    if stored.get(item.item_id) == h:
+                        report.unchanged += 1
+                        progress(1, "unchanged")
+                    else:
+                        todo.append((item, h))
+
+            # Videos are slow and text-only items fast: batch them separately.
+            with_video = [(it, h) for it, h in todo if it.video is not None]
+            text_only = [(it, h) for it, h in todo if it.video is None]
+            for batch in _chunks(text_only, self.settings.text_batch_size):
+                self._index_batch([(it, h, None) for it, h in batch], sink, report, progress)
+            with ThreadPoolExecutor(max_workers=self.settings.decode_workers) as pool:
+                for batch in _chunks(with_video, self.settings.batch_size):
+                    decoded = list(pool.map(self._decode, [it for it, _ in batch]))
+                    ready = []
+                    for (item, h), result in zip(batch, decoded, strict=True):
+                        if isinstance(result, MediaError):
+                            sink.add(Failure(item.item_id, result.reason, str(item.video)), report)
+                            progress(1, "failed")
+                        else:
+                            ready.append((item, h, result))
+                    self._index_batch(ready, sink, report, progress)
+            self.store.flush()
+        finally:
+            sink.close()
+        report.elapsed_s = time.perf_counter() - start
+        return report
+
+    def _decode(self, item: BuildItem) -> Clip | MediaError:
+        try:
+            return decode_frames(item.video, self.settings.n_frames, self.settings.frame_max_side)
+        except MediaError as exc:
+            return exc
+
+    def encode(self, items: list[tuple[BuildItem, Clip | None]]) -> list[BankPoint]:
+        """Encode items (with their decoded clips) into points; no store access."""
+        enc = self.encoders
+        clips = [clip for _, clip in items if clip is not None]
+        frame_feats = iter(enc.frames.encode([c.frames for c in clips]) if clips else [])
+        caption_lists = iter(self._captions(clips))
+        titles = [item.title for item, _ in items]
+        per_item_frames: list[np.ndarray | None] = []
+        prompts: list[str] = []
+        captions_out: list[list[str]] = []
+        for (item, clip), title in zip(items, titles, strict=True):
+            caps = next(caption_lists) if clip is not None else []
+            per_item_frames.append(next(frame_feats) if clip is not None else None)
+            captions_out.append(caps)
+            prompts.append(enc.build_prompt(caps, title))
+        vectors, tokens = self._text_features(prompts, titles)
+        points = []
+        for i, (item, clip) in enumerate(items):
+            meta = item.meta
+            points.append(
+                BankPoint(
+                    item_id=item.item_id,
+                    retrieval=vectors[i],
+                    frames=per_item_frames[i],
+                    tokens=tokens[i] if tokens[i] is not None and len(tokens[i]) else None,
+                    title=item.title,
+                    captions=captions_out[i],
+                    labels=dict(meta.labels) if meta else {},
+                    published_at=meta.published_at if meta else None,
+                    published_ts=meta.published_ts if meta else None,
+                    metadata=dict(meta.metadata) if meta else {},
+                    duration_s=clip.duration_s if clip is not None else None,
+                    video=str(item.video) if item.video else None,
+                )
+            )
+        return points
+
+    def _captions(self, clips: list[Clip]) -> list[list[str]]:
+        if self.encoders.captioner is None or not clips:
+            return [[] for _ in clips]
+        flat = [frame for clip in clips for frame in clip.frames]
+        caps = self.encoders.captioner.caption(flat)
+        out, pos = [], 0
+        for clip in clips:
+            out.append(caps[pos : pos + clip.n_frames])
+            pos += clip.n_frames
+        return out
+
+    def _text_features(
+        self, prompts: list[str], titles: list[str]
+    ) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+        """Retrieval vectors of the prompts and token features of the titles.
+
+        When prompt == title (no captioner) one transformer pass gives both.
+        """
+        text = self.encoders.text
+        n = len(prompts)
+        vectors: list[np.ndarray | None] = [None] * n
+        tokens: list[np.ndarray | None] = [None] * n
+        max_tokens = self.settings.max_tokens
+        same = [i for i in range(n) if prompts[i] and prompts[i] == titles[i]]
+        if same:
+            vecs, toks = text.encode_both([prompts[i] for i in same], max_tokens)
+            for j, i in enumerate(same):
+                vectors[i], tokens[i] = vecs[j], toks[j]
+        rest_p = [i for i in range(n) if prompts[i] and prompts[i] != titles[i]]
+        if rest_p:
+            vecs = text.encode([prompts[i] for i in rest_p])
+            for j, i in enumerate(rest_p):
+                vectors[i] = vecs[j]
+        rest_t = [i for i in range(n) if titles[i] and prompts[i] != titles[i]]
+        if rest_t:
+            toks = text.encode_tokens([titles[i] for i in rest_t], max_tokens)
+            for j, i in enumerate(rest_t):
+                tokens[i] = toks[j]
+        return vectors, tokens
+
+    def _index_batch(
+        self,
+        batch: list[tuple[BuildItem, str, Clip | None]],
+        sink: _FailureSink,
+        report: BuildReport,
+        progress: ProgressFn,
+    ) -> None:
+        if not batch:
+            return
+        keep: list[tuple[BuildItem, str, Clip | None]] = []
+        transform = self.settings.label_transform
+        targets: list[dict[str, float]] = []
+        for item, h, clip in batch:
+            if not item.title and clip is None:
+                sink.add(Failure(item.item_id, "no text and no video"), report)
+                progress(1, "failed")
+                continue
+            try:
+                tg = {k: transform_label(v, transform) for k, v in (item.meta.labels if item.meta else {}).items()}
+            except ValueError as exc:
+                sink.add(Failure(item.item_id, f"label: {exc}", str(item.video) if item.video else None), report)
+                progress(1, "failed")
+                continue
+            keep.append((item, h, clip))
+            targets.append(tg)
+        if not keep:
+            return
+        points = self.encode([(item, clip) for item, _, clip in keep])
+        for point, (_, h, _), tg in zip(points, keep, targets, strict=True):
+            point.content_hash = h
+            point.targets = tg
+        self.store.upsert(points)
+        report.indexed += len(points)
+        progress(len(points), "indexed")
+
+
+class _FailureSink:
+    """Appends failures to a JSONL file as they happen, so a killed run keeps them."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._fh = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = path.open("w", encoding="utf-8")
+
+    def add(self, failure: Failure, report: BuildReport) -> None:
+        report.failures.append(failure)
+        report.failed += 1
+        logger.info("failed %s: %s", failure.item_id, failure.reason)
+        if self._fh is not None:
+            self._fh.write(failure.to_json() + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def _chunks(seq: list, size: int) -> Iterator[list]:
+    for i in range(0, len(seq), max(1, size)):
+        yield seq[i : i + size]

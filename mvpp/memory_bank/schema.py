@@ -1,0 +1,214 @@
+"""The bank's records: one point per item, the manifest, ids and content hashes.
+
+Every backend stores exactly these records; nothing outside `memory_bank/store`
+knows how Qdrant represents them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# Named vectors of a bank point.
+RETRIEVAL = "retrieval"
+FRAMES = "frames"
+TEXT = "text"
+
+# UUID5 namespace of item ids: fixed so the same item id maps to the same point everywhere.
+ITEM_NAMESPACE = uuid.UUID("6f1c1c9e-4a8e-5b8e-9a55-2f1b7d0c3e11")
+
+# Payload keys that get a payload index (filters used by the retriever).
+INDEXED_FIELDS: dict[str, str] = {
+    "item_id": "keyword",
+    "split": "keyword",
+    "labelled": "bool",
+    "has_video": "bool",
+    "published_ts": "float",
+}
+
+
+def point_id(item_id: str) -> str:
+    """Stable point id of an item: re-upserting the same item replaces it."""
+    return str(uuid.uuid5(ITEM_NAMESPACE, str(item_id)))
+
+
+class BankMismatchError(ValueError):
+    """A bank was opened with encoders or dimensions other than those it was built with."""
+
+
+@dataclass
+class Manifest:
+    """What a bank was built with; stored beside the points and checked on open."""
+
+    profile: str
+    text_model: str
+    captioner_model: str | None
+    frame_model: str
+    retrieval_dim: int
+    token_dim: int
+    frame_dim: int
+    n_frames: int
+    max_tokens: int
+    label_names: list[str] = field(default_factory=list)
+    label_transform: str = "log2p1"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    # Fields that must agree between the bank and the encoders opening it.
+    ENCODER_FIELDS = (
+        "text_model",
+        "captioner_model",
+        "frame_model",
+        "retrieval_dim",
+        "token_dim",
+        "frame_dim",
+        "n_frames",
+        "max_tokens",
+        "schema_version",
+    )
+
+    def check_compatible(self, other: Manifest) -> None:
+        """Raise BankMismatchError naming both sides of every disagreement."""
+        diffs = []
+        for name in self.ENCODER_FIELDS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                diffs.append(f"{name}: bank has {mine!r}, requested {theirs!r}")
+        if diffs:
+            raise BankMismatchError(
+                "the bank was built with other encoders or dimensions ("
+                + "; ".join(diffs)
+                + "). Open it with the same --profile and model overrides, or build a new bank."
+            )
+
+
+@dataclass
+class BankPoint:
+    """One item of the bank.
+
+    retrieval: (D,) float32, L2-normalised; None when the item has no retrieval text
+    (a bare clip in a profile without a captioner: it is then found by its frames).
+    frames: (L, d_v) or None when the item has no video. tokens: (n, d_t) or None when
+    it has no text.
+    """
+
+    item_id: str
+    retrieval: np.ndarray | None
+    frames: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+    title: str = ""
+    captions: list[str] = field(default_factory=list)
+    labels: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)
+    published_at: str | None = None
+    published_ts: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+    split: str | None = None
+    duration_s: float | None = None
+    video: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.targets)
+
+    @property
+    def has_video(self) -> bool:
+        return self.frames is not None and len(self.frames) > 0
+
+    def payload(self) -> dict[str, Any]:
+        """The Qdrant payload of this point (JSON-safe)."""
+        return {
+            "item_id": self.item_id,
+            "title": self.title,
+            "captions": list(self.captions),
+            "labels": dict(self.labels),
+            "targets": dict(self.targets),
+            "labelled": self.labelled,
+            "has_video": self.has_video,
+            "published_at": self.published_at,
+            "published_ts": self.published_ts,
+            "metadata": dict(self.metadata),
+            "content_hash": self.content_hash,
+            "split": self.split,
+            "duration_s": self.duration_s,
+            "video": self.video,
+        }
+
+    @classmethod
+    def from_payload(
+        cls,
+        payload: dict[str, Any],
+        retrieval: np.ndarray | None,
+        frames: np.ndarray | None = None,
+        tokens: np.ndarray | None = None,
+    ) -> BankPoint:
+        return cls(
+            item_id=str(payload["item_id"]),
+            retrieval=retrieval,
+            frames=frames,
+            tokens=tokens,
+            title=payload.get("title") or "",
+            captions=list(payload.get("captions") or []),
+            labels=dict(payload.get("labels") or {}),
+            targets=dict(payload.get("targets") or {}),
+            published_at=payload.get("published_at"),
+            published_ts=payload.get("published_ts"),
+            metadata=dict(payload.get("metadata") or {}),
+            content_hash=payload.get("content_hash") or "",
+            split=payload.get("split"),
+            duration_s=payload.get("duration_s"),
+            video=payload.get("video"),
+        )
+
+
+@dataclass
+class SearchFilter:
+    """Which points a search may return. All conditions must hold."""
+
+    exclude_ids: list[str] = field(default_factory=list)
+    labelled_only: bool = False
+    splits: list[str] | None = None
+    published_before: float | None = None  # unix seconds; strict
+    has_video: bool | None = None
+
+    def is_empty(self) -> bool:
+        return (
+            not self.exclude_ids
+            and not self.labelled_only
+            and self.splits is None
+            and self.published_before is None
+            and self.has_video is None
+        )
+
+
+@dataclass
+class Hit:
+    """One retrieved neighbour."""
+
+    item_id: str
+    score: float
+    payload: dict[str, Any]
+
+
+def content_hash(parts: dict[str, Any]) -> str:
+    """Hash of everything that determines an item's point (inputs + encoder ids).
+
+    A rebuild skips an item whose stored hash equals this one.
+    """
+    blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]

@@ -1,0 +1,89 @@
+"""Bulk top-k: neighbours of many queries among many bank items at once.
+
+Exact search by blocked matrix products on normalised vectors (cosine = inner product).
+Every filter of the protocol is a mask: the query itself, unlabelled or non-training
+keys, and keys published at or after the query's time (no peeking at the future).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Queries scored per block: bounds peak memory at block x n_keys floats.
+DEFAULT_BLOCK = 2048
+
+
+@dataclass
+class Neighbours:
+    """indices: (N, k) into the key set, -1 where fewer than k keys qualify.
+    scores: (N, k) cosine similarities, -inf where indices is -1."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+    def valid(self) -> np.ndarray:
+        return self.indices >= 0
+
+
+def bulk_topk(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    k: int,
+    *,
+    key_mask: np.ndarray | None = None,
+    query_key_index: np.ndarray | None = None,
+    query_time: np.ndarray | None = None,
+    key_time: np.ndarray | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> Neighbours:
+    """Top-k keys for every query.
+
+    queries: (N, D), keys: (M, D), both L2-normalised float32.
+    key_mask: (M,) bool, keys allowed at all (labelled, training split...).
+    query_key_index: (N,) int, the query's own row among the keys or -1: excluded.
+    query_time / key_time: (N,), (M,) unix seconds (NaN = unknown); when given, a key
+    qualifies only if published strictly before its query. Unknown times never qualify
+    as "before" a known query time, so an undated key cannot leak the future.
+    """
+    n, m = len(queries), len(keys)
+    k_eff = max(0, min(k, m))
+    indices = np.full((n, k), -1, dtype=np.int64)
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    if n == 0 or k_eff == 0:
+        return Neighbours(indices, scores)
+    key_t = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
+    allowed = torch.ones(m, dtype=torch.bool) if key_mask is None else torch.from_numpy(key_mask.astype(bool))
+    kt = None
+    if query_time is not None and key_time is not None:
+        kt = torch.from_numpy(np.asarray(key_time, dtype=np.float64))
+    neg_inf = torch.tensor(float("-inf"))
+    with torch.inference_mode():
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            q = torch.from_numpy(np.ascontiguousarray(queries[lo:hi], dtype=np.float32))
+            sims = q @ key_t.T  # (b, M)
+            mask = allowed.expand(hi - lo, m).clone()
+            if query_key_index is not None:
+                own = torch.from_numpy(np.asarray(query_key_index[lo:hi], dtype=np.int64))
+                rows = torch.nonzero(own >= 0).squeeze(1)
+                mask[rows, own[rows]] = False
+            if kt is not None:
+                qt = torch.from_numpy(np.asarray(query_time[lo:hi], dtype=np.float64))
+                # NaN comparisons are False: undated keys or queries get no time-filtered keys
+                # unless the query is undated, in which case no time filter applies.
+                before = kt.unsqueeze(0) < qt.unsqueeze(1)
+                undated_q = torch.isnan(qt).unsqueeze(1)
+                mask &= before | undated_q
+            sims = torch.where(mask, sims, neg_inf)
+            top_s, top_i = torch.topk(sims, k_eff, dim=1)
+            top_i = torch.where(torch.isinf(top_s), torch.full_like(top_i, -1), top_i)
+            indices[lo:hi, :k_eff] = top_i.numpy()
+            scores[lo:hi, :k_eff] = top_s.numpy()
+    return Neighbours(indices, scores)

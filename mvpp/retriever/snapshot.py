@@ -1,0 +1,193 @@
+"""The whole bank as arrays, read once by scrolling and cached on disk.
+
+Training and bulk retrieval need every item's vectors and labels at once; one scroll
+of the store gives them, and a cache keyed on the bank's content (the sorted content
+hashes of all points) makes the next run start in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, TEXT, BankPoint, Manifest
+from mvpp.memory_bank.store.base import BankStore
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class BankSnapshot:
+    """Arrays over the N items of a bank, in a fixed order (sorted by item id).
+
+    retrieval: (N, D) float32, zero rows where has_retrieval is False.
+    targets: (N, T) float32, NaN where a target is missing; label_names: the T names.
+    frames: (N, L, d_v) float16 + frame_len (N,); tokens: (N, n, d_t) float16 + token_len.
+    published_ts: (N,) float64, NaN when unknown.
+    """
+
+    item_ids: list[str]
+    retrieval: np.ndarray
+    has_retrieval: np.ndarray
+    targets: np.ndarray
+    label_names: list[str]
+    published_ts: np.ndarray
+    frames: np.ndarray
+    frame_len: np.ndarray
+    tokens: np.ndarray
+    token_len: np.ndarray
+    titles: list[str] = field(default_factory=list)
+    metadata: list[dict] = field(default_factory=list)
+    raw_labels: list[dict] = field(default_factory=list)
+    duration_s: np.ndarray | None = None
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def index_of(self) -> dict[str, int]:
+        return {item_id: i for i, item_id in enumerate(self.item_ids)}
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return ~np.isnan(self.targets).all(axis=1) if self.targets.size else np.zeros(len(self), bool)
+
+    # -- persistence ------------------------------------------------------------------
+
+    _ARRAYS = (
+        "retrieval", "has_retrieval", "targets", "published_ts",
+        "frames", "frame_len", "tokens", "token_len", "duration_s",
+    )
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "arrays.npz", **{n: getattr(self, n) for n in self._ARRAYS})
+        meta = {
+            "version": CACHE_VERSION,
+            "fingerprint": self.fingerprint,
+            "item_ids": self.item_ids,
+            "label_names": self.label_names,
+            "titles": self.titles,
+            "metadata": self.metadata,
+            "raw_labels": self.raw_labels,
+        }
+        tmp = folder / "index.json.tmp"
+        tmp.write_text(json.dumps(meta, ensure_ascii=False))
+        tmp.replace(folder / "index.json")
+
+    @classmethod
+    def load(cls, folder: Path) -> BankSnapshot | None:
+        try:
+            meta = json.loads((folder / "index.json").read_text())
+            if meta.get("version") != CACHE_VERSION:
+                return None
+            with np.load(folder / "arrays.npz", allow_pickle=False) as data:
+                arrays = {n: data[n] for n in cls._ARRAYS}
+        except (OSError, ValueError, KeyError):
+            return None
+        return cls(
+            item_ids=meta["item_ids"],
+            label_names=meta["label_names"],
+            titles=meta["titles"],
+            metadata=meta["metadata"],
+            raw_labels=meta["raw_labels"],
+            fingerprint=meta["fingerprint"],
+            **arrays,
+        )
+
+
+def bank_fingerprint(store: BankStore) -> str:
+    """Hash of every point's content hash: changes whenever any item changes."""
+    digest = hashlib.sha256()
+    hashes = sorted(f"{p.item_id}:{p.content_hash}" for p in store.scroll(vectors=()))
+    for h in hashes:
+        digest.update(h.encode())
+    manifest = store.manifest
+    if manifest is not None:
+        digest.update(json.dumps(manifest.to_dict(), sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def read_snapshot(
+    store: BankStore,
+    cache_dir: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> BankSnapshot:
+    """All items of the bank as arrays; reuses `cache_dir` when the bank is unchanged."""
+    fingerprint = bank_fingerprint(store)
+    if cache_dir is not None:
+        cached = BankSnapshot.load(cache_dir / fingerprint)
+        if cached is not None and cached.fingerprint == fingerprint:
+            logger.info("bank arrays from cache %s", cache_dir / fingerprint)
+            return cached
+    manifest = store.manifest
+    assert manifest is not None
+    points = []
+    for p in store.scroll(vectors=(RETRIEVAL, FRAMES, TEXT)):
+        points.append(p)
+        if progress:
+            progress(1)
+    snap = snapshot_from_points(points, manifest)
+    snap.fingerprint = fingerprint
+    if cache_dir is not None:
+        snap.save(cache_dir / fingerprint)
+    return snap
+
+
+def snapshot_from_points(points: list[BankPoint], manifest: Manifest) -> BankSnapshot:
+    points = sorted(points, key=lambda p: p.item_id)
+    n = len(points)
+    label_names = list(manifest.label_names) or sorted({k for p in points for k in p.targets})
+    retrieval = np.zeros((n, manifest.retrieval_dim), np.float32)
+    has_retrieval = np.zeros(n, bool)
+    targets = np.full((n, len(label_names)), np.nan, np.float32)
+    published = np.full(n, np.nan, np.float64)
+    duration = np.full(n, np.nan, np.float64)
+    frame_len = np.zeros(n, np.int32)
+    token_len = np.zeros(n, np.int32)
+    for i, p in enumerate(points):
+        if p.retrieval is not None and len(p.retrieval):
+            retrieval[i] = p.retrieval
+            has_retrieval[i] = True
+        for j, name in enumerate(label_names):
+            if name in p.targets and p.targets[name] is not None:
+                targets[i, j] = p.targets[name]
+        if p.published_ts is not None:
+            published[i] = p.published_ts
+        if p.duration_s is not None:
+            duration[i] = p.duration_s
+        frame_len[i] = 0 if p.frames is None else len(p.frames)
+        token_len[i] = 0 if p.tokens is None else min(len(p.tokens), manifest.max_tokens)
+    max_l = int(frame_len.max()) if n else 0
+    max_n = int(token_len.max()) if n else 0
+    frames = np.zeros((n, max_l, manifest.frame_dim), np.float16)
+    tokens = np.zeros((n, max_n, manifest.token_dim), np.float16)
+    for i, p in enumerate(points):
+        if frame_len[i]:
+            frames[i, : frame_len[i]] = p.frames
+        if token_len[i]:
+            tokens[i, : token_len[i]] = p.tokens[: token_len[i]]
+    return BankSnapshot(
+        item_ids=[p.item_id for p in points],
+        retrieval=retrieval,
+        has_retrieval=has_retrieval,
+        targets=targets,
+        label_names=label_names,
+        published_ts=published,
+        frames=frames,
+        frame_len=frame_len,
+        tokens=tokens,
+        token_len=token_len,
+        titles=[p.title for p in points],
+        metadata=[p.metadata for p in points],
+        raw_labels=[p.labels for p in points],
+        duration_s=duration,
+    )
