@@ -1,0 +1,185 @@
+"""Dataset assembly: splits, retrieval per the protocol, target normalisation, batches.
+
+Protocol (DESIGN.md, "Evaluation protocol"): a seeded 80/10/10 split of the labelled
+items (random by item id, or by publish time); every split retrieves among the
+training items only, never the item itself; with time safety on, only among items
+published strictly before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mvpp.predictor.model import ModelBatch
+from mvpp.retriever.bulk import Neighbours, bulk_topk
+from mvpp.retriever.snapshot import BankSnapshot
+
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+@dataclass
+class SplitConfig:
+    seed: int = 0
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    by_time: bool = False
+
+
+def make_splits(snapshot: BankSnapshot, cfg: SplitConfig) -> dict[str, np.ndarray]:
+    """Indices (into the snapshot) of the labelled items of each split.
+
+    Random splits order items by a seeded hash of their id, so an item's split does not
+    depend on which other items the bank holds. Time splits put the earliest items in
+    train and the latest in test; undated items cannot be placed in time and are left out.
+    """
+    labelled = np.flatnonzero(snapshot.labelled)
+    if cfg.by_time:
+        ts = snapshot.published_ts[labelled]
+        dated = labelled[~np.isnan(ts)]
+        order = dated[np.argsort(snapshot.published_ts[dated], kind="stable")]
+    else:
+        keys = [
+            hashlib.blake2b(f"{cfg.seed}:{snapshot.item_ids[i]}".encode(), digest_size=8).digest()
+            for i in labelled
+        ]
+        order = labelled[np.argsort(np.array(keys, dtype="S8"), kind="stable")]
+    n = len(order)
+    n_train = int(round(cfg.fractions[0] * n))
+    n_val = int(round(cfg.fractions[1] * n))
+    return {
+        "train": np.sort(order[:n_train]),
+        "val": np.sort(order[n_train : n_train + n_val]),
+        "test": np.sort(order[n_train + n_val :]),
+    }
+
+
+@dataclass
+class TargetNorm:
+    """Standardisation of targets with training-split statistics."""
+
+    mean: np.ndarray  # (T,)
+    std: np.ndarray  # (T,)
+
+    @classmethod
+    def fit(cls, targets: np.ndarray) -> TargetNorm:
+        mean = np.nanmean(targets, axis=0)
+        std = np.nanstd(targets, axis=0)
+        std = np.where(std > 0, std, 1.0)
+        return cls(mean.astype(np.float32), std.astype(np.float32))
+
+    def forward(self, y: np.ndarray) -> np.ndarray:
+        return (y - self.mean) / self.std
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        return z * self.std + self.mean
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[float]]) -> TargetNorm:
+        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+
+
+def split_neighbours(
+    snapshot: BankSnapshot,
+    splits: dict[str, np.ndarray],
+    k: int,
+    time_safe: bool,
+) -> dict[str, Neighbours]:
+    """Neighbours of every split's items among the training items (indices into snapshot)."""
+    train = splits["train"]
+    keys = snapshot.retrieval[train]
+    key_mask = snapshot.has_retrieval[train]
+    pos_in_train = np.full(len(snapshot), -1, dtype=np.int64)
+    pos_in_train[train] = np.arange(len(train))
+    out: dict[str, Neighbours] = {}
+    for name, idx in splits.items():
+        nb = bulk_topk(
+            snapshot.retrieval[idx],
+            keys,
+            k,
+            key_mask=key_mask,
+            query_key_index=pos_in_train[idx],
+            query_time=snapshot.published_ts[idx] if time_safe else None,
+            key_time=snapshot.published_ts[train] if time_safe else None,
+        )
+        # Queries without a retrieval vector have no meaningful neighbours.
+        nb.indices[~snapshot.has_retrieval[idx]] = -1
+        nb.scores[~snapshot.has_retrieval[idx]] = -np.inf
+        out[name] = Neighbours(np.where(nb.indices >= 0, train[np.maximum(nb.indices, 0)], -1), nb.scores)
+    return out
+
+
+@dataclass
+class ItemFeatures:
+    """Inputs of a set of items, padded: tokens (B, n, d_t), frames (B, L, d_v)."""
+
+    tokens: torch.Tensor
+    token_len: torch.Tensor
+    frames: torch.Tensor
+    frame_len: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FeatureTable:
+    """The snapshot's features as tensors, for fast gathering by index."""
+
+    def __init__(self, snapshot: BankSnapshot, norm: TargetNorm) -> None:
+        self.tokens = torch.from_numpy(snapshot.tokens)  # (N, n, d_t) float16
+        self.token_len = torch.from_numpy(snapshot.token_len.astype(np.int64))
+        self.frames = torch.from_numpy(snapshot.frames)  # (N, L, d_v) float16
+        self.frame_len = torch.from_numpy(snapshot.frame_len.astype(np.int64))
+        self.targets = torch.from_numpy(norm.forward(snapshot.targets).astype(np.float32))  # (N, T)
+        self.n_targets = snapshot.targets.shape[1]
+
+    def items(self, idx: torch.Tensor) -> ItemFeatures:
+        return ItemFeatures(
+            self.tokens[idx].float(), self.token_len[idx], self.frames[idx].float(), self.frame_len[idx]
+        )
+
+
+def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.arange(size).expand(*lengths.shape, size) < lengths.unsqueeze(-1)
+
+
+def make_batch(
+    table: FeatureTable,
+    query: ItemFeatures,
+    nb_indices: np.ndarray,
+    nb_scores: np.ndarray,
+) -> ModelBatch:
+    """A model batch for queries (features given) and their neighbours (snapshot rows).
+
+    nb_indices: (B, k) rows of the snapshot, -1 for no neighbour.
+    """
+    b, k = nb_indices.shape
+    idx = torch.from_numpy(nb_indices)
+    valid = idx >= 0
+    safe = idx.clamp(min=0)
+    n_tok, n_frm = table.tokens.shape[1], table.frames.shape[1]
+    nb_tokens = table.tokens[safe].float()  # (B, k, n, d_t)
+    nb_token_len = torch.where(valid, table.token_len[safe], 0)
+    nb_frames = table.frames[safe].float()  # (B, k, L, d_v)
+    nb_frame_len = torch.where(valid, table.frame_len[safe], 0)
+    nb_labels = table.targets[safe]  # (B, k, T)
+    nb_label_mask = valid.unsqueeze(-1) & ~torch.isnan(nb_labels)
+    sims = torch.from_numpy(np.where(nb_indices >= 0, nb_scores, 0.0).astype(np.float32))
+    return ModelBatch(
+        frames=query.frames,
+        frame_mask=_length_mask(query.frame_len, query.frames.shape[1]),
+        tokens=query.tokens,
+        token_mask=_length_mask(query.token_len, query.tokens.shape[1]),
+        nb_frames=nb_frames,
+        nb_frame_mask=_length_mask(nb_frame_len, n_frm),
+        nb_tokens=nb_tokens,
+        nb_token_mask=_length_mask(nb_token_len, n_tok),
+        nb_sim=sims,
+        nb_mask=valid,
+        nb_labels=torch.nan_to_num(nb_labels, nan=0.0),
+        nb_label_mask=nb_label_mask,
+    )

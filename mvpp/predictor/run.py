@@ -1,0 +1,138 @@
+"""A run directory: what training leaves behind, and how it is read back.
+
+RUN_DIR/
+  model.safetensors   weights (no pickles anywhere)
+  config.json         model + training config, target names and normalisation,
+                      interval calibration, the bank's manifest and location
+  splits.json         item ids of train / val / test
+  metrics.json        per-split, per-target metrics and the epoch history
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+
+from mvpp.memory_bank.schema import Manifest
+from mvpp.predictor.config import ModelConfig
+from mvpp.predictor.dataset import TargetNorm
+from mvpp.predictor.model import PopularityModel
+from mvpp.predictor.training import TrainConfig, TrainResult
+from mvpp.retriever.snapshot import BankSnapshot
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+SPLITS = "splits.json"
+METRICS = "metrics.json"
+RUN_FORMAT = 1
+
+
+class RunError(ValueError):
+    """A run directory is missing, incomplete or incompatible."""
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def metrics_to_dict(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {s: {t: m.to_dict() for t, m in per.items()} for s, per in metrics.items()}
+
+
+def save_run(
+    result: TrainResult, cfg: TrainConfig, out_dir: Path, manifest: Manifest, bank: str
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS))
+    data = result.data
+    _write_json(
+        out_dir / CONFIG,
+        {
+            "format": RUN_FORMAT,
+            "model": result.model_config.to_dict(),
+            "train": cfg.to_dict(),
+            "targets": data.target_names,
+            "target_norm": data.norm.to_dict(),
+            "interval_scale": result.interval_scale.tolist(),
+            "time_safe": data.time_safe,
+            "bank": {"location": bank, "manifest": manifest.to_dict(), "fingerprint": data.snapshot.fingerprint},
+        },
+    )
+    ids = data.snapshot.item_ids
+    _write_json(out_dir / SPLITS, {s: [ids[i] for i in idx] for s, idx in data.splits.items()})
+    _write_json(
+        out_dir / METRICS,
+        {
+            "best_epoch": result.best_epoch,
+            "seconds_per_epoch": result.seconds_per_epoch,
+            "history": [asdict(h) for h in result.history],
+            "metrics": metrics_to_dict(result.metrics),
+        },
+    )
+
+
+@dataclass
+class Run:
+    """A trained predictor and everything needed to use it on its bank."""
+
+    path: Path
+    model: PopularityModel
+    model_config: ModelConfig
+    train_config: TrainConfig
+    targets: list[str]
+    norm: TargetNorm
+    interval_scale: np.ndarray
+    time_safe: bool
+    manifest: Manifest
+    bank_location: str
+    split_ids: dict[str, list[str]]
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        path = Path(path)
+        for name in (WEIGHTS, CONFIG, SPLITS):
+            if not (path / name).exists():
+                raise RunError(f"{path} is not a run directory: {name} is missing")
+        cfg = json.loads((path / CONFIG).read_text())
+        if cfg.get("format") != RUN_FORMAT:
+            raise RunError(f"{path}: run format {cfg.get('format')} is not supported")
+        model_config = ModelConfig.from_dict(cfg["model"])
+        model = PopularityModel(model_config)
+        state = load_file(str(path / WEIGHTS))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RunError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+        model.eval()
+        return cls(
+            path=path,
+            model=model,
+            model_config=model_config,
+            train_config=TrainConfig.from_dict(cfg["train"]),
+            targets=list(cfg["targets"]),
+            norm=TargetNorm.from_dict(cfg["target_norm"]),
+            interval_scale=np.asarray(cfg["interval_scale"], np.float32),
+            time_safe=bool(cfg["time_safe"]),
+            manifest=Manifest.from_dict(cfg["bank"]["manifest"]),
+            bank_location=cfg["bank"]["location"],
+            split_ids=json.loads((path / SPLITS).read_text()),
+        )
+
+    def splits_in(self, snapshot: BankSnapshot) -> dict[str, np.ndarray]:
+        """The run's splits as snapshot indices; items since removed from the bank are dropped."""
+        pos = snapshot.index_of()
+        return {
+            s: np.array(sorted(pos[i] for i in ids if i in pos), dtype=np.int64)
+            for s, ids in self.split_ids.items()
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        p = self.path / METRICS
+        return json.loads(p.read_text()) if p.exists() else {}

@@ -1,0 +1,195 @@
+"""Using a trained run: metrics on a split of its bank, and scoring new uploads.
+
+Scoring encodes new items exactly as the builder does, retrieves their neighbours
+among the run's training items (never the item itself, even when it is in the bank),
+and predicts a mean with an interval per target. An item that cannot be scored keeps
+its row, with the reason in `status`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mvpp.media import MediaError, decode_frames
+from mvpp.memory_bank.builder import BankBuilder, BuildItem
+from mvpp.memory_bank.metadata import inverse_transform
+from mvpp.memory_bank.schema import BankPoint
+from mvpp.predictor.dataset import ItemFeatures, make_batch
+from mvpp.predictor.metrics import Metrics
+from mvpp.predictor.run import Run
+from mvpp.predictor.training import predict_split, prepare, scaled_interval, split_metrics
+from mvpp.retriever.bulk import bulk_topk
+from mvpp.retriever.snapshot import BankSnapshot
+
+logger = logging.getLogger(__name__)
+
+TOP_NEIGHBOURS = 3
+
+
+def evaluate(run: Run, snapshot: BankSnapshot, split: str = "test") -> dict[str, Metrics]:
+    """Metrics of the run on one of its splits, computed over the whole split."""
+    cfg = copy.deepcopy(run.train_config)
+    cfg.targets = list(run.targets)
+    cfg.time_safe = run.time_safe
+    splits = run.splits_in(snapshot)
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; the run has {sorted(splits)}")
+    data = prepare(snapshot, cfg, splits=splits, norm=run.norm)
+    pred = predict_split(run.model, data, split, cfg)
+    return split_metrics(data, split, pred, run.interval_scale, cfg.interval)
+
+
+@dataclass
+class ScoreRow:
+    item_id: str
+    status: str = "ok"
+    predictions: dict[str, dict[str, float]] = field(default_factory=dict)
+    neighbours: list[tuple[str, float]] = field(default_factory=list)
+
+    def flat(self, targets: list[str], transform: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"item_id": self.item_id, "status": self.status}
+        for t in targets:
+            p = self.predictions.get(t, {})
+            for key in ("pred", "lower", "upper"):
+                row[f"{t}_{key}"] = p.get(key, math.nan)
+            row[f"{t}_count"] = (
+                inverse_transform(p["pred"], transform) if "pred" in p else math.nan
+            )
+        for j in range(TOP_NEIGHBOURS):
+            nid, sim = self.neighbours[j] if j < len(self.neighbours) else (None, math.nan)
+            row[f"neighbour_{j + 1}"] = nid
+            row[f"neighbour_{j + 1}_sim"] = sim
+        return row
+
+
+class Scorer:
+    """Scores new items with a run, its bank snapshot and the bank's encoders."""
+
+    def __init__(self, run: Run, snapshot: BankSnapshot, builder: BankBuilder) -> None:
+        self.run = run
+        self.snapshot = snapshot
+        self.builder = builder
+        cfg = copy.deepcopy(run.train_config)
+        cfg.targets = list(run.targets)
+        cfg.time_safe = run.time_safe
+        self.cfg = cfg
+        self.data = prepare(snapshot, cfg, splits=run.splits_in(snapshot), norm=run.norm)
+        self.train_idx = self.data.splits["train"]
+        self.pos_in_train = {snapshot.item_ids[i]: p for p, i in enumerate(self.train_idx)}
+
+    def score(
+        self,
+        items: list[BuildItem],
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[ScoreRow]:
+        rows: list[ScoreRow] = []
+        for lo in range(0, len(items), batch_size):
+            chunk = items[lo : lo + batch_size]
+            rows.extend(self._score_chunk(chunk))
+            if progress:
+                progress(len(chunk))
+        return rows
+
+    def _score_chunk(self, items: list[BuildItem]) -> list[ScoreRow]:
+        rows = [ScoreRow(it.item_id) for it in items]
+        ready: list[tuple[int, BuildItem, Any]] = []
+        settings = self.builder.settings
+        for i, item in enumerate(items):
+            clip = None
+            if item.video is not None:
+                try:
+                    clip = decode_frames(item.video, settings.n_frames, settings.frame_max_side)
+                except MediaError as exc:
+                    rows[i].status = f"failed: {exc.reason}"
+                    continue
+            if clip is None and not item.title:
+                rows[i].status = "failed: no text and no video"
+                continue
+            ready.append((i, item, clip))
+        if not ready:
+            return rows
+        try:
+            points = self.builder.encode([(item, clip) for _, item, clip in ready])
+        except Exception as exc:  # an encoder failure fails this chunk, not the run
+            logger.exception("encoding failed")
+            for i, _, _ in ready:
+                rows[i].status = f"failed: encoding error ({type(exc).__name__}: {exc})"
+            return rows
+        pred, nb_idx, nb_sim = self._predict(points)
+        mean = self.run.norm.inverse(pred.mean.numpy())
+        lower, upper = scaled_interval(pred, self.run.norm, self.run.interval_scale)
+        for j, (i, _, _) in enumerate(ready):
+            row = rows[i]
+            for t, name in enumerate(self.run.targets):
+                row.predictions[name] = {
+                    "pred": float(mean[j, t]),
+                    "lower": float(lower[j, t]),
+                    "upper": float(upper[j, t]),
+                }
+            row.neighbours = [
+                (self.snapshot.item_ids[n], float(s))
+                for n, s in zip(nb_idx[j], nb_sim[j], strict=True)
+                if n >= 0
+            ][:TOP_NEIGHBOURS]
+            if not row.neighbours:
+                row.status = "ok (no neighbours)"
+        return rows
+
+    def _predict(self, points: list[BankPoint]):
+        snap = self.snapshot
+        d = snap.retrieval.shape[1]
+        queries = np.zeros((len(points), d), np.float32)
+        has_q = np.zeros(len(points), bool)
+        for j, p in enumerate(points):
+            if p.retrieval is not None:
+                queries[j], has_q[j] = p.retrieval, True
+        own = np.array([self.pos_in_train.get(p.item_id, -1) for p in points], dtype=np.int64)
+        q_time = np.array(
+            [p.published_ts if p.published_ts is not None else np.nan for p in points], np.float64
+        )
+        nb = bulk_topk(
+            queries,
+            snap.retrieval[self.train_idx],
+            self.cfg.k,
+            key_mask=snap.has_retrieval[self.train_idx],
+            query_key_index=own,
+            query_time=q_time if self.run.time_safe else None,
+            key_time=snap.published_ts[self.train_idx] if self.run.time_safe else None,
+        )
+        nb.indices[~has_q] = -1
+        nb.scores[~has_q] = -np.inf
+        nb_idx = np.where(nb.indices >= 0, self.train_idx[np.maximum(nb.indices, 0)], -1)
+        feats = self._features(points)
+        batch = make_batch(self.data.table, feats, nb_idx, nb.scores)
+        q = ((1 - self.cfg.interval) / 2, 1 - (1 - self.cfg.interval) / 2)
+        pred = self.run.model.predict(batch, n_samples=self.cfg.mc_samples, quantiles=q, seed=self.cfg.seed)
+        return pred, nb_idx, nb.scores
+
+    def _features(self, points: list[BankPoint]) -> ItemFeatures:
+        snap = self.snapshot
+        n_tok = max(snap.tokens.shape[1], 1)
+        n_frm = max(snap.frames.shape[1], self.builder.settings.n_frames if snap.frames.shape[1] else 0)
+        b = len(points)
+        tokens = torch.zeros(b, snap.tokens.shape[1] or n_tok, snap.tokens.shape[2])
+        frames = torch.zeros(b, n_frm, snap.frames.shape[2])
+        token_len = torch.zeros(b, dtype=torch.long)
+        frame_len = torch.zeros(b, dtype=torch.long)
+        for j, p in enumerate(points):
+            if p.tokens is not None and len(p.tokens):
+                n = min(len(p.tokens), tokens.shape[1])
+                tokens[j, :n] = torch.from_numpy(np.asarray(p.tokens[:n], np.float32))
+                token_len[j] = n
+            if p.frames is not None and len(p.frames) and n_frm:
+                n = min(len(p.frames), n_frm)
+                frames[j, :n] = torch.from_numpy(np.asarray(p.frames[:n], np.float32))
+                frame_len[j] = n
+        return ItemFeatures(tokens, token_len, frames, frame_len)

@@ -1,0 +1,327 @@
+"""Training the predictor on a bank snapshot, with retrieval per the protocol.
+
+AdamW, KL warm-up, early stopping on validation nMSE (mean over targets), then a
+calibration of the interval width on the validation split so that the nominal
+coverage holds on held-out data.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from mvpp.predictor.config import ModelConfig
+from mvpp.predictor.dataset import (
+    FeatureTable,
+    SplitConfig,
+    TargetNorm,
+    make_batch,
+    make_splits,
+    split_neighbours,
+)
+from mvpp.predictor.metrics import Metrics, regression_metrics
+from mvpp.predictor.model import PopularityModel, Prediction
+from mvpp.retriever.bulk import Neighbours
+from mvpp.retriever.snapshot import BankSnapshot
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model's own hyper-parameters."""
+
+    k: int = 10
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    lambda_kl: float = 1e-3
+    kl_warmup_epochs: int = 5
+    patience: int = 5
+    grad_clip: float = 5.0
+    loss: str = "gaussian_nll"
+    seed: int = 0
+    targets: list[str] = field(default_factory=list)  # empty: every label of the bank
+    split_by_time: bool = False
+    time_safe: bool | None = None  # None: on whenever the bank has publish times
+    interval: float = 0.9
+    mc_samples: int = 64
+    calibrate_interval: bool = True
+    eval_batch_size: int = 512
+    threads: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_nmse: float
+    val_src: float
+    seconds: float
+
+
+@dataclass
+class PreparedData:
+    """A snapshot restricted to the chosen targets, split, with neighbours."""
+
+    snapshot: BankSnapshot
+    target_idx: list[int]
+    splits: dict[str, np.ndarray]
+    neighbours: dict[str, Neighbours]
+    norm: TargetNorm
+    table: FeatureTable
+    time_safe: bool
+
+    @property
+    def target_names(self) -> list[str]:
+        return [self.snapshot.label_names[i] for i in self.target_idx]
+
+    def targets(self, idx: np.ndarray) -> np.ndarray:
+        return self.snapshot.targets[idx][:, self.target_idx]
+
+
+def resolve_targets(snapshot: BankSnapshot, wanted: list[str]) -> list[int]:
+    if not snapshot.label_names:
+        raise ValueError("the bank has no labelled items: build it with --label-col")
+    if not wanted:
+        return list(range(len(snapshot.label_names)))
+    missing = [t for t in wanted if t not in snapshot.label_names]
+    if missing:
+        raise ValueError(
+            f"target(s) {missing} not in the bank; it has {snapshot.label_names}"
+        )
+    return [snapshot.label_names.index(t) for t in wanted]
+
+
+def prepare(
+    snapshot: BankSnapshot,
+    cfg: TrainConfig,
+    splits: dict[str, np.ndarray] | None = None,
+    norm: TargetNorm | None = None,
+) -> PreparedData:
+    target_idx = resolve_targets(snapshot, cfg.targets)
+    # Restrict "labelled" to the chosen targets by viewing only those columns.
+    view = copy.copy(snapshot)
+    view.targets = snapshot.targets[:, target_idx]
+    view.label_names = [snapshot.label_names[i] for i in target_idx]
+    has_time = bool(np.isfinite(snapshot.published_ts).any())
+    time_safe = has_time if cfg.time_safe is None else cfg.time_safe
+    if time_safe and not has_time:
+        raise ValueError("--time-safe needs publish times: build the bank with --time-col")
+    if cfg.split_by_time and not has_time:
+        raise ValueError("--split-by-time needs publish times: build the bank with --time-col")
+    if splits is None:
+        splits = make_splits(view, SplitConfig(seed=cfg.seed, by_time=cfg.split_by_time))
+    if len(splits["train"]) == 0:
+        raise ValueError("no labelled training items in the bank")
+    neighbours = split_neighbours(view, splits, cfg.k, time_safe)
+    norm = norm or TargetNorm.fit(view.targets[splits["train"]])
+    table = FeatureTable(view, norm)
+    return PreparedData(view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe)
+
+
+def model_config_for(data: PreparedData, base: ModelConfig | None = None) -> ModelConfig:
+    """The model config with input sizes and modality switches fitted to the bank."""
+    snap = data.snapshot
+    cfg = copy.deepcopy(base) if base else ModelConfig()
+    cfg.d_token = max(1, snap.tokens.shape[2])
+    cfg.d_frame = max(1, snap.frames.shape[2])
+    cfg.n_targets = len(data.target_idx)
+    # A modality absent from the whole bank has nothing to learn from.
+    if snap.frames.shape[1] == 0:
+        cfg.use_frames = False
+    if snap.tokens.shape[1] == 0:
+        cfg.use_text = False
+    return ModelConfig.from_dict(cfg.to_dict())
+
+
+def iterate_batches(
+    data: PreparedData, split: str, batch_size: int, rng: np.random.Generator | None = None
+):
+    """Yields (positions within the split, ModelBatch, targets (B, T) normalised)."""
+    idx = data.splits[split]
+    order = rng.permutation(len(idx)) if rng is not None else np.arange(len(idx))
+    nb = data.neighbours[split]
+    for lo in range(0, len(idx), batch_size):
+        pos = order[lo : lo + batch_size]
+        items = torch.from_numpy(idx[pos])
+        batch = make_batch(data.table, data.table.items(items), nb.indices[pos], nb.scores[pos])
+        yield pos, batch, data.table.targets[items]
+
+
+def predict_split(
+    model: PopularityModel,
+    data: PreparedData,
+    split: str,
+    cfg: TrainConfig,
+    mc_samples: int | None = None,
+) -> Prediction:
+    """Predictions (normalised scale) for every item of a split, in split order."""
+    parts: list[Prediction] = []
+    samples = cfg.mc_samples if mc_samples is None else mc_samples
+    q = ((1 - cfg.interval) / 2, 1 - (1 - cfg.interval) / 2)
+    model.eval()
+    for _, batch, _ in iterate_batches(data, split, cfg.eval_batch_size):
+        parts.append(model.predict(batch, n_samples=samples, quantiles=q, seed=cfg.seed))
+    if not parts:
+        t = len(data.target_idx)
+        empty = torch.zeros(0, t)
+        return Prediction(empty, empty, empty, empty, q)
+    return Prediction(
+        torch.cat([p.mean for p in parts]),
+        torch.cat([p.std for p in parts]),
+        torch.cat([p.lower for p in parts]),
+        torch.cat([p.upper for p in parts]),
+        q,
+    )
+
+
+def split_metrics(
+    data: PreparedData,
+    split: str,
+    pred: Prediction,
+    interval_scale: np.ndarray | None = None,
+    interval: float | None = None,
+) -> dict[str, Metrics]:
+    """Metrics per target on the original target scale (e.g. log2 counts)."""
+    y = data.targets(data.splits[split])
+    mean = data.norm.inverse(pred.mean.numpy())
+    lower, upper = scaled_interval(pred, data.norm, interval_scale)
+    out = {}
+    for j, name in enumerate(data.target_names):
+        out[name] = regression_metrics(y[:, j], mean[:, j], lower[:, j], upper[:, j], interval)
+    return out
+
+
+def scaled_interval(
+    pred: Prediction, norm: TargetNorm, scale: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Interval bounds on the target scale, widened or narrowed about the mean by `scale`."""
+    mean = pred.mean.numpy()
+    lo, hi = pred.lower.numpy(), pred.upper.numpy()
+    if scale is not None:
+        lo = mean - (mean - lo) * scale
+        hi = mean + (hi - mean) * scale
+    return norm.inverse(lo), norm.inverse(hi)
+
+
+def calibrate_scale(data: PreparedData, pred: Prediction, level: float) -> np.ndarray:
+    """Per-target factor s so that [mean - s*(mean-lo), mean + s*(hi-mean)] covers `level`
+    of the validation targets (split-conformal on the model's own interval shape)."""
+    y = data.norm.forward(data.targets(data.splits["val"]))
+    mean, lo, hi = pred.mean.numpy(), pred.lower.numpy(), pred.upper.numpy()
+    scales = np.ones(y.shape[1], np.float32)
+    for j in range(y.shape[1]):
+        ok = ~np.isnan(y[:, j])
+        if ok.sum() < 20:
+            continue
+        r = y[ok, j] - mean[ok, j]
+        half = np.where(r >= 0, hi[ok, j] - mean[ok, j], mean[ok, j] - lo[ok, j])
+        ratio = np.abs(r) / np.maximum(half, 1e-6)
+        n = len(ratio)
+        rank = min(n - 1, int(math.ceil((n + 1) * level)) - 1)
+        scales[j] = float(np.sort(ratio)[rank])
+    return scales
+
+
+ProgressFn = Callable[[str, dict], None]
+
+
+@dataclass
+class TrainResult:
+    model: PopularityModel
+    model_config: ModelConfig
+    data: PreparedData
+    history: list[EpochLog]
+    best_epoch: int
+    interval_scale: np.ndarray
+    metrics: dict[str, dict[str, Metrics]]  # split -> target -> metrics
+    seconds_per_epoch: float
+
+
+def train(
+    snapshot: BankSnapshot,
+    cfg: TrainConfig,
+    model_cfg: ModelConfig | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train on the snapshot; returns the best model (by validation nMSE) and metrics."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    notify = progress or (lambda event, info: None)
+    data = prepare(snapshot, cfg)
+    mcfg = model_config_for(data, model_cfg)
+    model = PopularityModel(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_batches = math.ceil(len(data.splits["train"]) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * n_batches), pct_start=0.1
+    )
+    notify("start", {"epochs": cfg.epochs, "batches": n_batches, "splits": {k: len(v) for k, v in data.splits.items()}})
+    best = (math.inf, -1, copy.deepcopy(model.state_dict()))
+    history: list[EpochLog] = []
+    train_seconds = []
+    bad_epochs = 0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        warm = min(1.0, (epoch + 1) / max(1, cfg.kl_warmup_epochs))
+        model.train()
+        losses = []
+        for _, batch, y in iterate_batches(data, "train", cfg.batch_size, rng):
+            out = model(batch)
+            loss, _parts = model.loss(out, y, ~torch.isnan(y), cfg.lambda_kl * warm, cfg.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            notify("step", {"loss": losses[-1]})
+        train_seconds.append(time.perf_counter() - t0)
+        val = split_metrics(data, "val", predict_split(model, data, "val", cfg, mc_samples=0))
+        val_nmse = float(np.nanmean([m.nmse for m in val.values()]))
+        val_src = float(np.nanmean([m.src for m in val.values()]))
+        log = EpochLog(epoch + 1, float(np.mean(losses)), val_nmse, val_src, time.perf_counter() - t0)
+        history.append(log)
+        notify("epoch", asdict(log))
+        if val_nmse < best[0]:
+            best = (val_nmse, epoch + 1, copy.deepcopy(model.state_dict()))
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break
+    model.load_state_dict(best[2])
+    model.eval()
+    val_pred = predict_split(model, data, "val", cfg)
+    scale = (
+        calibrate_scale(data, val_pred, cfg.interval)
+        if cfg.calibrate_interval
+        else np.ones(len(data.target_idx), np.float32)
+    )
+    metrics = {}
+    for split in ("val", "test"):
+        pred = val_pred if split == "val" else predict_split(model, data, split, cfg)
+        metrics[split] = split_metrics(data, split, pred, scale, cfg.interval)
+    return TrainResult(
+        model, mcfg, data, history, best[1], scale, metrics, float(np.mean(train_seconds))
+    )
