@@ -187,11 +187,13 @@ def _decode_even(container, stream, info: Probe, n_frames: int, max_side: int) -
                 break
     except av.error.FFmpegError:
         damaged = True
-    if t_idx < n_frames and last_t < TRUNCATION_TOLERANCE * duration:
+    # A frame covers [t, t + 1/fps): compare where the last one ends, not where it starts.
+    last_end = last_t + (1.0 / info.fps if info.fps else 0.0)
+    if t_idx < n_frames and last_end < TRUNCATION_TOLERANCE * duration:
         # The header promises more than the file holds: a cut-off or damaged file.
         raise MediaError(
             container.name,
-            f"truncated or corrupt: frames end at {last_t:.2f} s of {duration:.2f} s"
+            f"truncated or corrupt: frames end at {last_end:.2f} s of {duration:.2f} s"
             + (" (decoder error)" if damaged else ""),
         )
     return picked

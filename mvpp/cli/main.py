@@ -1,0 +1,302 @@
+"""`mvpp`: train the predictor on a bank, evaluate a run, score new uploads."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mvpp.cli.common import (
+    EXIT_ITEMS_FAILED,
+    ApiKeyOpt,
+    BankOpt,
+    CollectionOpt,
+    DeviceOpt,
+    UrlOpt,
+    VerboseOpt,
+    console,
+    encoder_spec,
+    fail,
+    friendly_errors,
+    location,
+    out,
+    progress_bar,
+    setup_logging,
+    store_for,
+)
+from mvpp.config import BuildSettings
+from mvpp.memory_bank.builder import BankBuilder, plan_items
+from mvpp.memory_bank.encoders.profiles import load_encoders
+from mvpp.memory_bank.metadata import ColumnMap, load_metadata
+from mvpp.predictor.config import ModelConfig
+from mvpp.predictor.metrics import Metrics
+from mvpp.predictor.run import Run, RunError, save_run
+from mvpp.predictor.scoring import Scorer, evaluate
+from mvpp.predictor.training import TrainConfig, train
+from mvpp.retriever.snapshot import read_snapshot
+
+app = typer.Typer(
+    help="Train, evaluate and apply the mvpp popularity predictor.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+# Bank arrays for training are cached inside the embedded bank's folder.
+CACHE_DIRNAME = "cache"
+
+
+def _cache_dir(bank_path: Path) -> Path:
+    return bank_path / CACHE_DIRNAME
+
+
+def metrics_table(title: str, metrics: dict[str, Metrics]) -> Table:
+    table = Table(title=title)
+    for col in ("target", "n", "nMSE", "MAE", "SRC", "R²", "coverage"):
+        table.add_column(col, justify="left" if col == "target" else "right")
+    for name, m in metrics.items():
+        cov = "" if m.coverage is None else f"{m.coverage:.3f} ({m.interval:.0%})"
+        table.add_row(name, str(m.n), f"{m.nmse:.4f}", f"{m.mae:.4f}", f"{m.src:.4f}", f"{m.r2:.4f}", cov)
+    return table
+
+
+@app.command("train")
+def train_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/latest"),
+    k: Annotated[int, typer.Option("--k", help="Neighbours retrieved per item (0 = no retrieval).", min=0)] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs.", min=1)] = 30,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per step.", min=1)] = 256,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, one-cycle).")] = 1e-3,
+    lambda_kl: Annotated[float, typer.Option("--lambda-kl", help="Weight of the KL term after warm-up.")] = 1e-3,
+    kl_warmup: Annotated[int, typer.Option("--kl-warmup", help="Epochs of linear KL warm-up.")] = 5,
+    patience: Annotated[int, typer.Option("--patience", help="Early stopping patience (epochs).")] = 5,
+    alpha: Annotated[float, typer.Option("--alpha", help="Bipolar attention alpha in [0, 1].")] = 0.5,
+    d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the training.")] = 0,
+    target: Annotated[
+        list[str] | None, typer.Option("--target", help="Label(s) to predict [default: all labels of the bank].")
+    ] = None,
+    loss: Annotated[str, typer.Option("--loss", help="gaussian_nll or mse.")] = "gaussian_nll",
+    split_by_time: Annotated[
+        bool, typer.Option("--split-by-time", help="Train on the earliest 80%, test on the latest 10%.")
+    ] = False,
+    time_safe: Annotated[
+        bool | None,
+        typer.Option(
+            "--time-safe/--no-time-safe",
+            help="Retrieve only items published before the query [default: on when the bank has times].",
+        ),
+    ] = None,
+    no_retrieval: Annotated[bool, typer.Option("--no-retrieval", help="Ablation: no retrieved neighbours.")] = False,
+    no_poe: Annotated[bool, typer.Option("--no-poe", help="Ablation: concatenation instead of PoE.")] = False,
+    no_interaction: Annotated[
+        bool, typer.Option("--no-interaction", help="Ablation: no label interaction.")
+    ] = False,
+    no_positive: Annotated[bool, typer.Option("--no-positive", help="Ablation: no positive attention.")] = False,
+    no_negative: Annotated[bool, typer.Option("--no-negative", help="Ablation: no negative attention.")] = False,
+    no_frames: Annotated[bool, typer.Option("--no-frames", help="Ablation: drop the visual modality.")] = False,
+    no_text: Annotated[bool, typer.Option("--no-text", help="Ablation: drop the text modality.")] = False,
+    bank: BankOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "mvpp",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train the predictor on the bank's labelled items, with retrieval."""
+    setup_logging(verbose)
+    if not 0.0 <= alpha <= 1.0:
+        fail("--alpha must lie in [0, 1]")
+    if loss not in ("gaussian_nll", "mse"):
+        fail("--loss must be gaussian_nll or mse")
+    cfg = TrainConfig(
+        k=k, epochs=epochs, batch_size=batch_size, lr=lr, lambda_kl=lambda_kl,
+        kl_warmup_epochs=kl_warmup, patience=patience, seed=seed, targets=target or [],
+        loss=loss, split_by_time=split_by_time, time_safe=time_safe,
+    )
+    mcfg = ModelConfig(
+        d_model=d_model, alpha=alpha, use_retrieval=not no_retrieval and k > 0,
+        use_poe=not no_poe, use_label_interaction=not no_interaction,
+        use_positive_attention=not no_positive, use_negative_attention=not no_negative,
+        use_frames=not no_frames, use_text=not no_text,
+    )
+    loc = location(bank, qdrant_url, api_key, collection)
+    with friendly_errors(), store_for(loc) as store:
+        if store.manifest is None:
+            fail(f"no bank at {loc.describe()}: build one with `mvpp-bank build`")
+        manifest = store.manifest
+        with console.status("reading the bank"):
+            snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
+        with progress_bar() as bar:
+            task = bar.add_task("training", total=None, rate="", status="")
+            state = {"epoch": 0}
+
+            def on_event(event: str, info: dict) -> None:
+                if event == "start":
+                    bar.update(task, total=info["epochs"] * info["batches"])
+                    console.print(f"items per split: {info['splits']}")
+                elif event == "step":
+                    bar.update(task, advance=1, status=f"epoch {state['epoch'] + 1} loss {info['loss']:.4f}")
+                elif event == "epoch":
+                    state["epoch"] = info["epoch"]
+                    console.print(
+                        f"epoch {info['epoch']:3d}  loss {info['train_loss']:.4f}  "
+                        f"val nMSE {info['val_nmse']:.4f}  val SRC {info['val_src']:.4f}  "
+                        f"({info['seconds']:.1f} s)"
+                    )
+
+            result = train(snapshot, cfg, mcfg, on_event)
+        save_run(result, cfg, out_dir, manifest, loc.describe())
+    console.print(f"best epoch {result.best_epoch}; {result.seconds_per_epoch:.1f} s per epoch")
+    for split in ("val", "test"):
+        out.print(metrics_table(f"{split} ({out_dir})", result.metrics[split]))
+    console.print(f"run saved to {out_dir}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Option("--run", help="Run directory written by `mvpp train`.")],
+    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    bank: BankOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "mvpp",
+    verbose: VerboseOpt = False,
+) -> None:
+    """nMSE, MAE, Spearman SRC, R² and interval coverage of a run on a whole split."""
+    setup_logging(verbose)
+    loc = location(bank, qdrant_url, api_key, collection)
+    with friendly_errors(), store_for(loc) as store:
+        try:
+            run = Run.load(run_dir)
+        except RunError as exc:
+            fail(str(exc))
+        if store.manifest is None:
+            fail(f"no bank at {loc.describe()}")
+        run.manifest.check_compatible(store.manifest)
+        snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
+        metrics = evaluate(run, snapshot, split)
+    if as_json:
+        out.print_json(json.dumps({name: m.to_dict() for name, m in metrics.items()}))
+    else:
+        out.print(metrics_table(f"{split} ({run_dir})", metrics))
+
+
+@app.command("score")
+def score_cmd(
+    videos_dir: Annotated[Path | None, typer.Argument(help="Folder of new videos (ids = file stems).")] = None,
+    run_dir: Annotated[Path, typer.Option("--run", help="Run directory written by `mvpp train`.")] = Path("runs/latest"),
+    out_file: Annotated[Path, typer.Option("--out", help="Output table: .parquet or .csv.")] = Path("scores.parquet"),
+    meta: Annotated[Path | None, typer.Option("--meta", help="Metadata of the new items (.csv/.parquet/.jsonl).")] = None,
+    id_col: Annotated[str, typer.Option("--id-col", help="Id column of the metadata.")] = "id",
+    text_col: Annotated[list[str] | None, typer.Option("--text-col", help="Text column(s) [default: title].")] = None,
+    time_col: Annotated[str | None, typer.Option("--time-col", help="Publish time column.")] = None,
+    video_col: Annotated[str | None, typer.Option("--video-col", help="Video path column.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Items scored together.", min=1)] = 32,
+    bank: BankOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "mvpp",
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Predict popularity of new uploads: mean, 5-95% interval, top-3 neighbours.
+
+    Every input item gets a row; items that cannot be scored carry the reason in
+    `status`. Exit code 1 if any item failed.
+    """
+    setup_logging(verbose)
+    if out_file.suffix.lower() not in (".parquet", ".csv"):
+        fail("--out must end in .parquet or .csv")
+    if videos_dir is None and meta is None:
+        fail("give a VIDEOS_DIR, a --meta table, or both")
+    loc = location(bank, qdrant_url, api_key, collection)
+    with friendly_errors(), store_for(loc) as store:
+        try:
+            run = Run.load(run_dir)
+        except RunError as exc:
+            fail(str(exc))
+        if store.manifest is None:
+            fail(f"no bank at {loc.describe()}")
+        run.manifest.check_compatible(store.manifest)
+        rows = None
+        if meta is not None:
+            columns = ColumnMap(
+                id_col=id_col, text_cols=text_col or ["title"], time_col=time_col,
+                video_col=video_col, require_text=bool(text_col),
+            )
+            rows = load_metadata(meta, columns)
+        items, plan_failures = plan_items(videos_dir, rows)
+        snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
+        spec = encoder_spec(None, store.manifest.profile)
+        settings = BuildSettings(n_frames=store.manifest.n_frames, max_tokens=store.manifest.max_tokens)
+        builder = BankBuilder(store, load_encoders(spec, device=device), settings)
+        scorer = Scorer(run, snapshot, builder)
+        with progress_bar() as bar:
+            task = bar.add_task("scoring", total=len(items), rate="", status="")
+            scored = scorer.score(items, batch_size, lambda n: bar.update(task, advance=n))
+    flat = [r.flat(run.targets, run.manifest.label_transform) for r in scored]
+    for f in plan_failures:
+        flat.append({"item_id": f.item_id, "status": f"failed: {f.reason}"})
+    _write_table(flat, out_file)
+    n_failed = sum(1 for r in flat if str(r["status"]).startswith("failed"))
+    _print_scores(flat, run.targets)
+    console.print(f"{len(flat)} rows written to {out_file} ({n_failed} failed)")
+    if n_failed:
+        raise typer.Exit(EXIT_ITEMS_FAILED)
+
+
+def _write_table(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for r in rows:
+        columns += [c for c in r if c not in columns]
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
+    if path.suffix.lower() == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+
+
+def _print_scores(rows: list[dict], targets: list[str], limit: int = 10) -> None:
+    table = Table(title=f"first {min(limit, len(rows))} of {len(rows)} scored items")
+    table.add_column("item id")
+    for t in targets:
+        table.add_column(f"{t} (5%-95%)", justify="right")
+        table.add_column(f"{t} count", justify="right")
+    table.add_column("top neighbours")
+    table.add_column("status")
+    for r in rows[:limit]:
+        cells = [str(r["item_id"])]
+        for t in targets:
+            p = r.get(f"{t}_pred")
+            if p is None or (isinstance(p, float) and math.isnan(p)):
+                cells += ["", ""]
+            else:
+                cells += [f"{p:.2f} ({r[f'{t}_lower']:.2f}-{r[f'{t}_upper']:.2f})", f"{r[f'{t}_count']:.0f}"]
+        nbs = [
+            f"{r.get(f'neighbour_{j}')} ({r.get(f'neighbour_{j}_sim'):.2f})"
+            for j in (1, 2, 3)
+            if r.get(f"neighbour_{j}")
+        ]
+        cells += [", ".join(nbs), str(r["status"])]
+        table.add_row(*cells)
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

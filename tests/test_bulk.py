@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import numpy as np
+
+from mvpp.predictor.metrics import regression_metrics, spearman
+from mvpp.retriever.bulk import bulk_topk
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_bulk_matches_brute_force_and_excludes_self():
+    rng = np.random.default_rng(0)
+    keys = _unit(rng, 300, 16)
+    nb = bulk_topk(keys, keys, 5, query_key_index=np.arange(300), block=64)
+    sims = keys @ keys.T
+    np.fill_diagonal(sims, -np.inf)
+    expect = np.argsort(-sims, axis=1)[:, :5]
+    assert (nb.indices == expect).all()
+    assert (nb.indices != np.arange(300)[:, None]).all()
+    np.testing.assert_allclose(nb.scores, np.take_along_axis(sims, expect, 1), rtol=1e-5)
+
+
+def test_key_mask_and_fewer_keys_than_k():
+    rng = np.random.default_rng(1)
+    keys = _unit(rng, 10, 8)
+    mask = np.zeros(10, bool)
+    mask[[2, 5]] = True
+    nb = bulk_topk(keys[:3], keys, 4, key_mask=mask)
+    assert set(nb.indices[0, :2]) == {2, 5}
+    assert (nb.indices[:, 2:] == -1).all() and np.isinf(nb.scores[:, 2:]).all()
+
+
+def test_time_filter_never_returns_the_future():
+    rng = np.random.default_rng(2)
+    keys = _unit(rng, 200, 8)
+    key_time = rng.uniform(0, 100, 200)
+    q_time = rng.uniform(0, 100, 50)
+    q_time[0] = np.nan  # undated query: no time filter
+    nb = bulk_topk(keys[:50], keys, 10, query_time=q_time, key_time=key_time)
+    for i in range(1, 50):
+        got = nb.indices[i][nb.indices[i] >= 0]
+        assert (key_time[got] < q_time[i]).all()
+    assert (nb.indices[0] >= 0).all()
+
+
+def test_k_zero_and_empty_bank():
+    q = np.ones((3, 4), np.float32) / 2
+    assert bulk_topk(q, np.zeros((0, 4), np.float32), 5).indices.shape == (3, 5)
+    assert (bulk_topk(q, np.zeros((0, 4), np.float32), 5).indices == -1).all()
+    assert bulk_topk(q, q, 0).indices.shape == (3, 0)
+
+
+def test_metrics_by_hand():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    p = np.array([1.5, 2.0, 2.5, 5.0])
+    m = regression_metrics(y, p, lower=y - 0.1, upper=y + 0.1, interval=0.9)
+    mse = np.mean((y - p) ** 2)
+    assert m.nmse == np.float64(mse / np.var(y))
+    assert m.mae == np.mean(np.abs(y - p))
+    assert m.r2 == 1 - m.nmse
+    assert m.coverage == 1.0
+    assert abs(spearman(y, p) - 1.0) < 1e-12
+    assert abs(spearman(y, -p) + 1.0) < 1e-12
+    # ties get average ranks
+    assert abs(spearman(np.array([1, 2, 2, 3.0]), np.array([1, 2, 3, 4.0])) - 0.9486833) < 1e-6
+    # NaN targets are left out
+    assert regression_metrics(np.array([1, np.nan, 3.0]), np.array([1, 100, 3.0])).nmse == 0.0
