@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mvpp.demo
+	$(PY) -m mvpp.cli.demo
 
 test: $(STAMP)
 	$(PY) -m ruff check mvpp tests benchmarks

@@ -264,7 +264,7 @@ class BankBuilder:
         per_item_frames: list[np.ndarray | None] = []
         prompts: list[str] = []
         captions_out: list[list[str]] = []
-        for (item, clip), title in zip(items, titles, strict=True):
+        for (_item, clip), title in zip(items, titles, strict=True):
             caps = next(caption_lists) if clip is not None else []
             per_item_frames.append(next(frame_feats) if clip is not None else None)
             captions_out.append(caps)
