@@ -1,0 +1,189 @@
+"""Text encoder on top of sentence-transformers.
+
+One forward pass gives both outputs the bank stores per item: the pooled
+sentence vector (the retrieval vector, pooled exactly as the model's own
+sentence-transformers pipeline pools) and the contextual token embeddings of
+the text (the predictor's token features).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import (
+    EncoderUnavailableError,
+    l2_normalize,
+    load_cache_first,
+    looks_like_local_path,
+    resolve_device,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SentenceTextEncoder"]
+
+# Titles and frame captions are short; a cap keeps the cost of the odd very long
+# description bounded (UAE-Large-V1 would otherwise accept 512 tokens).
+DEFAULT_MAX_SEQ_LENGTH = 256
+
+
+class SentenceTextEncoder:
+    """A sentence-transformers model as a `TextEncoder`.
+
+    Args:
+        model_id_or_path: hub id (e.g. "WhereIsAI/UAE-Large-V1") or a local folder
+            saved by `SentenceTransformer.save`.
+        device: torch device; default CUDA when available (run in fp16 there), else CPU.
+        model_id: the id recorded in the bank manifest; defaults to `model_id_or_path`.
+            Give a stable name when the path differs between machines.
+        max_seq_length: cap on the transformer's input length (tokens).
+    """
+
+    def __init__(
+        self,
+        model_id_or_path: str | Path,
+        device: str | None = None,
+        *,
+        model_id: str | None = None,
+        max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    ) -> None:
+        source = str(model_id_or_path)
+        self.model_id: str = model_id or source
+        self.device: str = resolve_device(device)
+        self._model = _load_sentence_transformer(source, self.device)
+
+        import torch
+
+        if self.device.startswith("cuda"):
+            self._model.half()
+        current = self._model.max_seq_length
+        if current is None or current > max_seq_length:
+            self._model.max_seq_length = max_seq_length
+        self.max_seq_length: int | None = self._model.max_seq_length
+
+        tokenizer = self._model.tokenizer
+        # [UNK] stands for a real word of the text, so it stays; [CLS]/[SEP]/<s>/</s>/[PAD] go.
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        special.discard(getattr(tokenizer, "unk_token_id", None))
+        self._special_ids = torch.tensor(sorted(special), dtype=torch.long)
+
+        try:
+            pooled, tokens = self._run(["dimension probe"], max_tokens=1, batch_size=1)
+        except Exception as exc:
+            raise EncoderUnavailableError(
+                source, f"model loaded but a test encode failed: {exc}"
+            ) from exc
+        self.dim: int = int(pooled.shape[1])
+        self.token_dim: int = int(tokens[0].shape[1])
+        logger.info(
+            "text encoder %s on %s: dim=%d token_dim=%d max_seq_length=%s",
+            self.model_id,
+            self.device,
+            self.dim,
+            self.token_dim,
+            self.max_seq_length,
+        )
+
+    def __repr__(self) -> str:
+        return f"SentenceTextEncoder(model_id={self.model_id!r}, dim={self.dim}, device={self.device!r})"
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Pooled sentence vectors, (B, dim) float32, L2-normalised."""
+        texts = _check_texts(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self._model.encode(
+            texts,
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        # Renormalise in float32: on CUDA the model (and its normalisation) runs in fp16.
+        return l2_normalize(vectors)
+
+    def encode_tokens(
+        self, texts: Sequence[str], max_tokens: int = 32, batch_size: int = 64
+    ) -> list[np.ndarray]:
+        """Per text the (n_i, token_dim) float32 output token embeddings.
+
+        Special tokens and padding are dropped and at most the first `max_tokens`
+        tokens are kept; an empty text gives a (0, token_dim) array.
+        """
+        return self.encode_both(texts, max_tokens=max_tokens, batch_size=batch_size)[1]
+
+    def encode_both(
+        self, texts: Sequence[str], max_tokens: int = 32, batch_size: int = 64
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`encode(texts)` and `encode_tokens(texts, max_tokens)` from one transformer pass."""
+        texts = _check_texts(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32), []
+        return self._run(texts, max_tokens=max_tokens, batch_size=batch_size)
+
+    def _run(
+        self, texts: list[str], max_tokens: int, batch_size: int
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        import torch
+
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        # output_value=None returns every output of the pipeline per text (token
+        # embeddings, input ids, attention mask and the pooled vector) from one pass.
+        outputs: list[dict[str, Any]] = self._model.encode(
+            texts, batch_size=batch_size, output_value=None, show_progress_bar=False
+        )
+        pooled = torch.stack([out["sentence_embedding"] for out in outputs]).float()
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1).cpu().numpy()
+
+        tokens: list[np.ndarray] = []
+        for out in outputs:
+            ids = out["input_ids"].cpu()
+            keep = out["attention_mask"].cpu().bool() & ~torch.isin(ids, self._special_ids)
+            emb = out["token_embeddings"].float().cpu()[keep][:max_tokens]
+            tokens.append(np.ascontiguousarray(emb.numpy(), dtype=np.float32))
+        return pooled.astype(np.float32, copy=False), tokens
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("expected a list of texts, got a single string")
+    checked: list[str] = []
+    for i, text in enumerate(texts):
+        if text is None:
+            checked.append("")
+        elif isinstance(text, str):
+            checked.append(text)
+        else:
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    return checked
+
+
+def _load_sentence_transformer(source: str, device: str) -> Any:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise EncoderUnavailableError(
+            source, f"sentence-transformers is not installed ({exc})"
+        ) from exc
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        try:
+            return SentenceTransformer(str(path), device=device, local_files_only=True)
+        except Exception as exc:
+            raise EncoderUnavailableError(
+                source, f"cannot load the local model folder ({exc})"
+            ) from exc
+    if looks_like_local_path(source):
+        what = "is not a model folder" if path.exists() else "does not exist"
+        raise EncoderUnavailableError(source, f"local path {path} {what}")
+    return load_cache_first(
+        source,
+        lambda local_only: SentenceTransformer(source, device=device, local_files_only=local_only),
+    )
