@@ -1,0 +1,134 @@
+"""Hyper-parameters and ablation switches of the popularity predictor."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Names of the PoE experts, in the order the model stacks them.
+EXPERT_ORDER: tuple[str, ...] = ("V", "T", "V_r", "T_r", "L_r", "M")
+
+#: Label-interaction pairs (target representation, retrieved representation).
+INTERACTION_PAIRS: tuple[tuple[str, str], ...] = (
+    ("V", "V_r"),
+    ("V", "T_r"),
+    ("T", "V_r"),
+    ("T", "T_r"),
+    ("V", "L_r"),
+    ("T", "L_r"),
+)
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of `PopularityModel`; the model has no other constants."""
+
+    # Input feature sizes; set from the bank's manifest.
+    d_frame: int = 512
+    d_token: int = 384
+    # Widths.
+    d_model: int = 128
+    d_z: int = 64
+    expert_hidden: int = 128
+    decoder_hidden: int = 128
+    decoder_layers: int = 2
+    # Targets and metadata.
+    n_targets: int = 1
+    n_meta_numeric: int = 0
+    # Categorical metadata: category ids are 1..cardinality, 0 is the unknown bucket.
+    meta_cardinalities: list[int] = field(default_factory=list)
+    meta_embed_dim: int = 16
+    # Bipolar attention: positive scale alpha, negative scale -(1 - alpha).
+    alpha: float = 0.5
+    alpha_learnable: bool = False
+    # Retrieval softmax temperature. Cosine similarities of neighbours usually
+    # span a few tenths, so 0.1 makes the weights neither uniform nor one-hot.
+    tau_init: float = 0.1
+    tau_learnable: bool = True
+    dropout: float = 0.1
+    # Log-variance ranges: clamping keeps precisions and the NLL finite.
+    expert_logvar_min: float = -6.0
+    expert_logvar_max: float = 6.0
+    logvar_min: float = -7.0
+    logvar_max: float = 5.0
+    # Ablation switches.
+    use_retrieval: bool = True
+    use_positive_attention: bool = True
+    use_negative_attention: bool = True
+    use_poe: bool = True
+    use_label_interaction: bool = True
+    use_frames: bool = True
+    use_text: bool = True
+    use_meta: bool = True
+    use_label_embedding: bool = True
+
+    def __post_init__(self) -> None:
+        self.meta_cardinalities = [int(c) for c in self.meta_cardinalities]
+        for name in (
+            "d_frame",
+            "d_token",
+            "d_model",
+            "d_z",
+            "expert_hidden",
+            "decoder_hidden",
+            "n_targets",
+            "meta_embed_dim",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.decoder_layers < 0:
+            raise ValueError("ModelConfig.decoder_layers must be >= 0")
+        if self.n_meta_numeric < 0:
+            raise ValueError("ModelConfig.n_meta_numeric must be >= 0")
+        if any(c <= 0 for c in self.meta_cardinalities):
+            raise ValueError("ModelConfig.meta_cardinalities must all be positive")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"ModelConfig.alpha must lie in [0, 1], got {self.alpha}")
+        if self.tau_init <= 0.0:
+            raise ValueError(f"ModelConfig.tau_init must be positive, got {self.tau_init}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
+        if self.expert_logvar_min >= self.expert_logvar_max or self.logvar_min >= self.logvar_max:
+            raise ValueError("ModelConfig log-variance ranges must have min < max")
+        if not self.expert_names:
+            raise ValueError("ModelConfig switches leave no representation to encode")
+
+    @property
+    def has_meta(self) -> bool:
+        """Whether a metadata expert exists (configured and switched on)."""
+        return self.use_meta and (self.n_meta_numeric > 0 or len(self.meta_cardinalities) > 0)
+
+    @property
+    def expert_names(self) -> list[str]:
+        """Representations the model builds, in `EXPERT_ORDER`."""
+        on = {
+            "V": self.use_frames,
+            "T": self.use_text,
+            "V_r": self.use_retrieval and self.use_frames,
+            "T_r": self.use_retrieval and self.use_text,
+            "L_r": self.use_retrieval and self.use_label_embedding,
+            "M": self.has_meta,
+        }
+        return [name for name in EXPERT_ORDER if on[name]]
+
+    @property
+    def interaction_pairs(self) -> list[tuple[str, str]]:
+        """Label-interaction pairs whose two sides both exist."""
+        if not self.use_label_interaction:
+            return []
+        names = set(self.expert_names)
+        return [(a, b) for a, b in INTERACTION_PAIRS if a in names and b in names]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown keys are an error so stale checkpoints fail loudly."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {unknown}")
+        return cls(**data)

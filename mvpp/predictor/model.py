@@ -1,0 +1,750 @@
+"""Retrieval-augmented popularity predictor (see DESIGN.md, "The predictor").
+
+Shapes: B batch, L frames, n tokens, k neighbours, d model width, T targets,
+E experts. Masks are bool, True = valid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from mvpp.predictor.config import ModelConfig
+
+__all__ = [
+    "AttentivePooling",
+    "BipolarCrossModalAttention",
+    "Decoder",
+    "ExpertHead",
+    "LabelInteraction",
+    "MetadataEncoder",
+    "ModelBatch",
+    "ModelOutput",
+    "NeighbourAggregator",
+    "PopularityModel",
+    "Prediction",
+    "ProductOfExperts",
+    "Projection",
+    "masked_softmax",
+    "popularity_loss",
+]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class ModelBatch:
+    """Model inputs for one batch; padded positions may hold any value, even NaN."""
+
+    frames: Tensor  # (B, L, d_frame)
+    frame_mask: Tensor  # (B, L) bool
+    tokens: Tensor  # (B, n, d_token)
+    token_mask: Tensor  # (B, n) bool
+    nb_frames: Tensor  # (B, k, L, d_frame)
+    nb_frame_mask: Tensor  # (B, k, L) bool
+    nb_tokens: Tensor  # (B, k, n, d_token)
+    nb_token_mask: Tensor  # (B, k, n) bool
+    nb_sim: Tensor  # (B, k) cosine similarity
+    nb_mask: Tensor  # (B, k) bool
+    nb_labels: Tensor  # (B, k, T)
+    nb_label_mask: Tensor  # (B, k, T) bool
+    meta_numeric: Tensor | None = None  # (B, M)
+    meta_numeric_mask: Tensor | None = None  # (B, M) bool
+    meta_categorical: Tensor | None = None  # (B, C) long, 0 = unknown
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.frames.shape[0])
+
+    def to(self, device: torch.device | str) -> ModelBatch:
+        """Copy of the batch on `device`."""
+        moved = {
+            f.name: (None if (v := getattr(self, f.name)) is None else v.to(device))
+            for f in fields(self)
+        }
+        return ModelBatch(**moved)
+
+
+@dataclass
+class ModelOutput:
+    """Forward result. Without PoE the posterior is a point mass: z_logvar is -inf, kl is 0."""
+
+    mu_y: Tensor  # (B, T)
+    logvar_y: Tensor  # (B, T)
+    z_mu: Tensor  # (B, d_z)
+    z_logvar: Tensor  # (B, d_z)
+    kl: Tensor  # (B,)
+    expert_mask: Tensor  # (B, E) bool, experts in `PopularityModel.expert_names` order
+    neighbour_weights: Tensor  # (B, k) retrieval softmax a_j (zeros when retrieval is off)
+
+
+@dataclass
+class Prediction:
+    """Point prediction with a predictive interval."""
+
+    mean: Tensor  # (B, T) mu_y at z = posterior mean
+    std: Tensor  # (B, T) predictive std (aleatoric + spread over z)
+    lower: Tensor  # (B, T)
+    upper: Tensor  # (B, T)
+    quantiles: tuple[float, float]
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Softmax over valid entries; a slice with no valid entry gives all zeros.
+
+    Filling with the dtype minimum instead of -inf keeps fully masked slices
+    finite (uniform before the final multiply), so no NaN reaches gradients.
+    """
+    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(filled, dim=dim) * mask
+
+
+def _zero_invalid(x: Tensor, mask: Tensor) -> Tensor:
+    # `where` rather than multiply so NaN / inf padding cannot leak through.
+    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# ------------------------------------------------------------------------ modules
+
+
+class Projection(nn.Module):
+    """X = ReLU(E W): per-position projection of frame or token features to d.
+
+    Only valid positions are projected (padded ones come out as zeros): this
+    skips the bulk of the work on padded neighbour tokens and keeps NaN padding
+    out of the weight gradients.
+    """
+
+    def __init__(self, d_in: int, d_model: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_model)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        # x (..., d_in), mask (...) -> (..., d)
+        dtype = self.linear.weight.dtype  # banks may store float16
+        d_out = self.linear.out_features
+        if mask.numel() == 0 or bool(mask.all()):
+            return torch.relu(self.linear(x.to(dtype)))
+        idx = mask.reshape(-1).nonzero().squeeze(1)  # (N_valid,)
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, idx).to(dtype)  # (N_valid, d_in)
+        out = torch.relu(self.linear(rows))
+        full = out.new_zeros(mask.numel(), d_out).index_copy(0, idx, out)
+        return full.view(*mask.shape, d_out)
+
+
+class NeighbourAggregator(nn.Module):
+    """Similarity-weighted aggregation of neighbour sequences and labels."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_targets: int,
+        tau_init: float,
+        tau_learnable: bool,
+        use_label_embedding: bool,
+    ) -> None:
+        super().__init__()
+        log_tau = torch.tensor(math.log(tau_init))
+        if tau_learnable:
+            # log parametrisation keeps tau > 0 under any update
+            self.log_tau = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_tau", log_tau)
+        # Labels enter with their mask so a missing label is not read as 0.
+        self.label_embed = nn.Linear(2 * n_targets, d_model) if use_label_embedding else None
+
+    @property
+    def tau(self) -> Tensor:
+        return self.log_tau.exp()
+
+    def weights(self, sim: Tensor, nb_mask: Tensor) -> Tensor:
+        """a_j = softmax_j(s_j / tau) over valid neighbours: (B, k) -> (B, k)."""
+        return masked_softmax(sim.to(self.log_tau.dtype) / self.tau, nb_mask, dim=-1)
+
+    @staticmethod
+    def aggregate(x: Tensor, mask: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Position-wise weighted sum over neighbours.
+
+        x (B, k, P, d), mask (B, k, P), a (B, k) -> (B, P, d), (B, P).
+        Weights are re-normalised per position over the neighbours that have
+        that position, so padding never shifts the average.
+        """
+        w = a.unsqueeze(-1) * mask  # (B, k, P)
+        total = w.sum(dim=1)  # (B, P)
+        valid = total > 0
+        w = w / torch.where(valid, total, torch.ones_like(total)).unsqueeze(1)
+        return torch.einsum("bkp,bkpd->bpd", w, x), valid
+
+    def label_embedding(
+        self, labels: Tensor, label_mask: Tensor, a: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """L_r = sum_j a_j ReLU(w_l y_j + b_l): (B, k, T), (B, k, T), (B, k) -> (B, d), (B,)."""
+        if self.label_embed is None:
+            raise RuntimeError("label embedding is switched off")
+        y = _zero_invalid(labels.to(a.dtype).unsqueeze(-1), label_mask).squeeze(-1)  # (B, k, T)
+        e = torch.relu(
+            self.label_embed(torch.cat([y, label_mask.to(y.dtype)], dim=-1))
+        )  # (B, k, d)
+        has = label_mask.any(dim=-1)  # (B, k)
+        out, valid = self.aggregate(e.unsqueeze(2), has.unsqueeze(2), a)  # (B, 1, d), (B, 1)
+        return out.squeeze(1), valid.squeeze(1)
+
+    def forward(
+        self,
+        sim: Tensor,
+        nb_mask: Tensor,
+        seqs: Sequence[tuple[Tensor, Tensor]],
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Weights and aggregated sequences: each (x (B,k,P,d), mask (B,k,P)) -> ((B,P,d), (B,P))."""
+        a = self.weights(sim, nb_mask)
+        return a, [self.aggregate(x, m, a) for x, m in seqs]
+
+
+class BipolarCrossModalAttention(nn.Module):
+    """MMRA bipolar cross-modal attention between a frame sequence and a token sequence.
+
+    Positive: T_P = softmax(alpha S_vt) V_t; negative: T_N = softmax(-(1 - alpha) S_vt) V_t,
+    with S_vt = Q_v K_t^T / sqrt(d); V_P, V_N swap the roles. Fusion:
+    T~ = ReLU(X_t + [V_P, V_N] W_1) W_2 and V~ = ReLU(X_v + [T_P, T_N] W_1') W_2'.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        alpha: float,
+        alpha_learnable: bool,
+        use_positive: bool,
+        use_negative: bool,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.use_positive = use_positive
+        self.use_negative = use_negative
+        self.scale = 1.0 / math.sqrt(d_model)
+        if alpha_learnable:
+            # logit parametrisation keeps alpha in (0, 1); the ends are pulled in to stay finite
+            a = min(max(alpha, 1e-4), 1.0 - 1e-4)
+            self.alpha_logit = nn.Parameter(torch.tensor(math.log(a / (1.0 - a))))
+        else:
+            self.register_buffer("alpha_fixed", torch.tensor(float(alpha)))
+        self.q_v = nn.Linear(d_model, d_model)
+        self.k_v = nn.Linear(d_model, d_model)
+        self.v_v = nn.Linear(d_model, d_model)
+        self.q_t = nn.Linear(d_model, d_model)
+        self.k_t = nn.Linear(d_model, d_model)
+        self.v_t = nn.Linear(d_model, d_model)
+        n_branches = int(use_positive) + int(use_negative)
+        # W_1 has zero width (absent) when both branches are off.
+        self.w1_v = nn.Linear(n_branches * d_model, d_model) if n_branches else None
+        self.w2_v = nn.Linear(d_model, d_model)
+        self.w1_t = nn.Linear(n_branches * d_model, d_model) if n_branches else None
+        self.w2_t = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def alpha(self) -> Tensor:
+        if hasattr(self, "alpha_logit"):
+            return torch.sigmoid(self.alpha_logit)
+        return self.alpha_fixed
+
+    def scores(self, x_v: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        """S_vt = Q_v K_t^T / sqrt(d) (B, L, n) and S_tv = Q_t K_v^T / sqrt(d) (B, n, L)."""
+        s_vt = self.q_v(x_v) @ self.k_t(x_t).transpose(1, 2) * self.scale
+        s_tv = self.q_t(x_t) @ self.k_v(x_v).transpose(1, 2) * self.scale
+        return s_vt, s_tv
+
+    def attention_weights(
+        self, x_v: Tensor, frame_mask: Tensor, x_t: Tensor, token_mask: Tensor
+    ) -> dict[str, Tensor]:
+        """All four weight matrices, keys masked.
+
+        "text_pos"/"text_neg" (B, L, n): frames attending to tokens (give T_P, T_N);
+        "frame_pos"/"frame_neg" (B, n, L): tokens attending to frames (give V_P, V_N).
+        """
+        s_vt, s_tv = self.scores(x_v, x_t)
+        alpha = self.alpha
+        km_t = token_mask.unsqueeze(1)  # (B, 1, n)
+        km_v = frame_mask.unsqueeze(1)  # (B, 1, L)
+        return {
+            "text_pos": masked_softmax(alpha * s_vt, km_t, dim=-1),
+            "text_neg": masked_softmax(-(1.0 - alpha) * s_vt, km_t, dim=-1),
+            "frame_pos": masked_softmax(alpha * s_tv, km_v, dim=-1),
+            "frame_neg": masked_softmax(-(1.0 - alpha) * s_tv, km_v, dim=-1),
+        }
+
+    def forward(
+        self, x_v: Tensor, frame_mask: Tensor, x_t: Tensor, token_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(B, L, d), (B, L), (B, n, d), (B, n) -> V~ (B, L, d), T~ (B, n, d).
+
+        An item lacking one modality keeps the other's projection unchanged.
+        """
+        w = self.attention_weights(x_v, frame_mask, x_t, token_mask)
+        val_t = self.v_t(x_t)  # (B, n, d)
+        val_v = self.v_v(x_v)  # (B, L, d)
+        text_parts: list[Tensor] = []  # text gathered at frame positions, (B, L, d) each
+        frame_parts: list[Tensor] = []  # frames gathered at token positions, (B, n, d) each
+        if self.use_positive:
+            text_parts.append(w["text_pos"] @ val_t)
+            frame_parts.append(w["frame_pos"] @ val_v)
+        if self.use_negative:
+            text_parts.append(w["text_neg"] @ val_t)
+            frame_parts.append(w["frame_neg"] @ val_v)
+        pre_v, pre_t = x_v, x_t
+        if self.w1_v is not None and self.w1_t is not None:
+            pre_v = x_v + self.w1_v(torch.cat(text_parts, dim=-1))
+            pre_t = x_t + self.w1_t(torch.cat(frame_parts, dim=-1))
+        v_fused = self.dropout(self.w2_v(torch.relu(pre_v)))  # (B, L, d)
+        t_fused = self.dropout(self.w2_t(torch.relu(pre_t)))  # (B, n, d)
+        both = (frame_mask.any(dim=1) & token_mask.any(dim=1)).view(-1, 1, 1)  # (B, 1, 1)
+        return torch.where(both, v_fused, x_v), torch.where(both, t_fused, x_t)
+
+
+class AttentivePooling(nn.Module):
+    """Masked attentive pooling: (B, n, d) + (B, n) -> (B, d) and availability (B,)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(d_model, d_model)
+        self.score = nn.Linear(d_model, 1)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.score(torch.tanh(self.hidden(x))).squeeze(-1)  # (B, n)
+        w = masked_softmax(s, mask, dim=-1)  # (B, n)
+        return torch.einsum("bn,bnd->bd", w, x), mask.any(dim=-1)
+
+
+class ExpertHead(nn.Module):
+    """Gaussian expert q_e(z | e): (B, d) -> mu (B, d_z), logvar (B, d_z)."""
+
+    def __init__(
+        self, d_model: int, hidden: int, d_z: int, logvar_min: float, logvar_max: float
+    ) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, 2 * d_z))
+        self.logvar_min = logvar_min
+        self.logvar_max = logvar_max
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.net(x).chunk(2, dim=-1)
+        return mu, logvar.clamp(self.logvar_min, self.logvar_max)
+
+
+class ProductOfExperts(nn.Module):
+    """Precision-weighted product of available Gaussian experts and the N(0, I) prior.
+
+    precision = 1 + sum_e avail_e exp(-logvar_e); mu = sum_e avail_e mu_e exp(-logvar_e) / precision.
+    """
+
+    def forward(
+        self, experts: Sequence[tuple[Tensor, Tensor]], available: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """experts: E pairs of (B, d_z); available (B, E) -> mu, logvar (B, d_z)."""
+        if len(experts) == 0:
+            raise ValueError("ProductOfExperts needs at least one expert (the prior is implicit)")
+        mu = torch.stack([m for m, _ in experts], dim=1)  # (B, E, d_z)
+        logvar = torch.stack([lv for _, lv in experts], dim=1)  # (B, E, d_z)
+        # where, not multiply: a dropped expert's values (even inf) must not matter
+        prec_e = torch.where(available.unsqueeze(-1), torch.exp(-logvar), torch.zeros_like(logvar))
+        mu_e = torch.where(available.unsqueeze(-1), mu, torch.zeros_like(mu))
+        precision = 1.0 + prec_e.sum(dim=1)  # (B, d_z); the prior contributes precision 1, mean 0
+        fused_mu = (mu_e * prec_e).sum(dim=1) / precision
+        return fused_mu, -torch.log(precision)
+
+
+class MetadataEncoder(nn.Module):
+    """Numeric features (with missing mask) and categorical embeddings -> (B, d)."""
+
+    def __init__(
+        self,
+        n_numeric: int,
+        cardinalities: Sequence[int],
+        embed_dim: int,
+        d_model: int,
+    ) -> None:
+        super().__init__()
+        self.n_numeric = n_numeric
+        self.n_categorical = len(cardinalities)
+        self.embedding: nn.Embedding | None = None
+        if cardinalities:
+            sizes = torch.tensor([c + 1 for c in cardinalities])  # +1: bucket 0 is unknown
+            offsets = torch.cumsum(sizes, 0) - sizes
+            self.register_buffer("cardinality", sizes - 1, persistent=False)
+            self.register_buffer("offsets", offsets, persistent=False)
+            # one table for all columns keeps the lookup a single vectorised gather
+            self.embedding = nn.Embedding(int(sizes.sum()), embed_dim)
+        in_dim = 2 * n_numeric + self.n_categorical * embed_dim
+        self.net = nn.Sequential(nn.Linear(in_dim, d_model), nn.ReLU())
+
+    def forward(
+        self,
+        numeric: Tensor | None,
+        numeric_mask: Tensor | None,
+        categorical: Tensor | None,
+        batch_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        """(B, M), (B, M), (B, C) -> (B, d), availability (B,)."""
+        device = self.net[0].weight.device
+        dtype = self.net[0].weight.dtype
+        parts: list[Tensor] = []
+        avail = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        if self.n_numeric:
+            if numeric is None:
+                x = torch.zeros(batch_size, self.n_numeric, dtype=dtype, device=device)
+                m = torch.zeros(batch_size, self.n_numeric, dtype=torch.bool, device=device)
+            else:
+                m = (
+                    torch.isfinite(numeric)
+                    if numeric_mask is None
+                    else numeric_mask.bool() & torch.isfinite(numeric)
+                )
+                x = torch.where(m, numeric.to(dtype), torch.zeros((), dtype=dtype, device=device))
+            parts += [x, m.to(dtype)]
+            avail = avail | m.any(dim=-1)
+        if self.embedding is not None:
+            if categorical is None:
+                c = torch.zeros(batch_size, self.n_categorical, dtype=torch.long, device=device)
+            else:
+                c = categorical.long()
+                c = torch.where((c < 0) | (c > self.cardinality), torch.zeros_like(c), c)
+            parts.append(self.embedding(c + self.offsets).flatten(1))  # (B, C * e)
+            avail = avail | (c > 0).any(dim=-1)
+        return self.net(torch.cat(parts, dim=-1)), avail
+
+
+class LabelInteraction(nn.Module):
+    """Element-wise products of target and retrieved representations, zeroed where either is missing."""
+
+    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
+        super().__init__()
+        self.pairs = list(pairs)
+
+    def forward(self, reps: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        """reps: name -> ((B, d), (B,)) -> (B, len(pairs) * d)."""
+        out = []
+        for a, b in self.pairs:
+            (xa, ma), (xb, mb) = reps[a], reps[b]
+            prod = xa * xb
+            out.append(torch.where((ma & mb).unsqueeze(-1), prod, torch.zeros_like(prod)))
+        return torch.cat(out, dim=-1)
+
+
+class Decoder(nn.Module):
+    """MLP([z, interactions]) -> mu_y (B, T), logvar_y (B, T) clamped to the config range."""
+
+    def __init__(
+        self,
+        d_in: int,
+        hidden: int,
+        n_layers: int,
+        n_targets: int,
+        dropout: float,
+        logvar_min: float,
+        logvar_max: float,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = d_in
+        for _ in range(n_layers):
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, 2 * n_targets))
+        self.net = nn.Sequential(*layers)
+        self.logvar_min = logvar_min
+        self.logvar_max = logvar_max
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.net(x).chunk(2, dim=-1)
+        return mu, logvar.clamp(self.logvar_min, self.logvar_max)
+
+
+# -------------------------------------------------------------------------- model
+
+
+@dataclass
+class _Encoding:
+    z_mu: Tensor  # (B, d_z)
+    z_logvar: Tensor  # (B, d_z)
+    interactions: Tensor  # (B, P * d)
+    expert_mask: Tensor  # (B, E)
+    neighbour_weights: Tensor  # (B, k)
+
+
+def popularity_loss(
+    output: ModelOutput,
+    target: Tensor,
+    target_mask: Tensor,
+    kl_weight: float,
+    kind: str = "gaussian_nll",
+) -> tuple[Tensor, dict[str, float]]:
+    """Masked reconstruction loss + kl_weight * batch-mean KL.
+
+    target, target_mask (B, T); masked targets (even NaN) contribute nothing.
+    """
+    mask = target_mask.bool() & torch.isfinite(target)
+    y = torch.where(mask, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    sq = (y - output.mu_y) ** 2  # (B, T)
+    if kind == "gaussian_nll":
+        per = 0.5 * (math.log(2.0 * math.pi) + output.logvar_y + sq * torch.exp(-output.logvar_y))
+    elif kind == "mse":
+        per = sq
+    else:
+        raise ValueError(f"unknown loss kind {kind!r}; expected 'gaussian_nll' or 'mse'")
+    per = torch.where(mask, per, torch.zeros_like(per))
+    recon = per.sum() / mask.sum().clamp_min(1)
+    kl = output.kl.mean() if output.kl.numel() else output.kl.sum()
+    total = recon + kl_weight * kl
+    parts = {
+        "total": float(total.detach()),
+        "recon": float(recon.detach()),
+        "kl": float(kl.detach()),
+    }
+    return total, parts
+
+
+class PopularityModel(nn.Module):
+    """Retrieval-augmented multimodal popularity predictor with a PoE latent."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        d = c.d_model
+        self.expert_names: list[str] = c.expert_names
+        both = c.use_frames and c.use_text
+
+        def attention() -> BipolarCrossModalAttention:
+            return BipolarCrossModalAttention(
+                d,
+                c.alpha,
+                c.alpha_learnable,
+                c.use_positive_attention,
+                c.use_negative_attention,
+                c.dropout,
+            )
+
+        # Neighbours share the target's projections: retrieved and target features live in one space.
+        self.frame_proj = Projection(c.d_frame, d) if c.use_frames else None
+        self.token_proj = Projection(c.d_token, d) if c.use_text else None
+        # dropout on per-item sequences, after aggregation: (B, k, n, d) tensors are too big for it
+        self.seq_dropout = nn.Dropout(c.dropout)
+        self.target_attention = attention() if both else None
+        self.pool = nn.ModuleDict()
+        for name in ("V", "T", "V_r", "T_r"):
+            if name in self.expert_names:
+                self.pool[name] = AttentivePooling(d)
+        self.aggregator: NeighbourAggregator | None = None
+        self.retrieved_attention: BipolarCrossModalAttention | None = None
+        if c.use_retrieval:
+            self.aggregator = NeighbourAggregator(
+                d, c.n_targets, c.tau_init, c.tau_learnable, c.use_label_embedding
+            )
+            self.retrieved_attention = attention() if both else None
+        self.meta = (
+            MetadataEncoder(c.n_meta_numeric, c.meta_cardinalities, c.meta_embed_dim, d)
+            if c.has_meta
+            else None
+        )
+        self.experts = nn.ModuleDict()
+        self.poe: ProductOfExperts | None = None
+        self.concat_fusion: nn.Linear | None = None
+        if c.use_poe:
+            for name in self.expert_names:
+                self.experts[name] = ExpertHead(
+                    d, c.expert_hidden, c.d_z, c.expert_logvar_min, c.expert_logvar_max
+                )
+            self.poe = ProductOfExperts()
+        else:
+            # availability flags ride along so a missing representation differs from a zero one
+            n_exp = len(self.expert_names)
+            self.concat_fusion = nn.Linear(n_exp * d + n_exp, c.d_z)
+        pairs = c.interaction_pairs
+        self.interaction = LabelInteraction(pairs)
+        self.decoder = Decoder(
+            c.d_z + len(pairs) * d,
+            c.decoder_hidden,
+            c.decoder_layers,
+            c.n_targets,
+            c.dropout,
+            c.logvar_min,
+            c.logvar_max,
+        )
+
+    # ----------------------------------------------------------------- encoder
+
+    def _pair(
+        self,
+        attn: BipolarCrossModalAttention | None,
+        x_v: Tensor | None,
+        m_v: Tensor | None,
+        x_t: Tensor | None,
+        m_t: Tensor | None,
+        names: tuple[str, str],
+        reps: dict[str, tuple[Tensor, Tensor]],
+    ) -> None:
+        # cross-modal fusion, then pooling of each side into one vector;
+        # attention exists only when both modalities are switched on
+        if attn is not None and x_v is not None and x_t is not None:
+            assert m_v is not None and m_t is not None
+            x_v, x_t = attn(x_v, m_v, x_t, m_t)
+        if x_v is not None and m_v is not None:
+            reps[names[0]] = self.pool[names[0]](x_v, m_v)
+        if x_t is not None and m_t is not None:
+            reps[names[1]] = self.pool[names[1]](x_t, m_t)
+
+    def encode(self, batch: ModelBatch) -> _Encoding:
+        """Everything up to (and including) the posterior over z."""
+        c = self.config
+        bsz = batch.batch_size
+        ref = self.decoder.net[-1].weight  # dtype / device of the model
+        reps: dict[str, tuple[Tensor, Tensor]] = {}
+
+        # target pair
+        x_v = m_v = x_t = m_t = None
+        if self.frame_proj is not None:
+            m_v = batch.frame_mask.bool()
+            x_v = self.seq_dropout(self.frame_proj(batch.frames, m_v))  # (B, L, d)
+        if self.token_proj is not None:
+            m_t = batch.token_mask.bool()
+            x_t = self.seq_dropout(self.token_proj(batch.tokens, m_t))  # (B, n, d)
+        self._pair(self.target_attention, x_v, m_v, x_t, m_t, ("V", "T"), reps)
+
+        # retrieved pair
+        k = int(batch.nb_sim.shape[1])
+        a = torch.zeros(bsz, k, dtype=ref.dtype, device=ref.device)
+        if self.aggregator is not None:
+            nb_mask = batch.nb_mask.bool()
+            a = self.aggregator.weights(batch.nb_sim, nb_mask)  # (B, k)
+            r_v = mr_v = r_t = mr_t = None
+            if self.frame_proj is not None:
+                nm = batch.nb_frame_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, L)
+                x = self.frame_proj(batch.nb_frames, nm)  # (B, k, L, d)
+                r_v, mr_v = self.aggregator.aggregate(x, nm, a)  # (B, L, d), (B, L)
+                r_v = self.seq_dropout(r_v)
+            if self.token_proj is not None:
+                nm = batch.nb_token_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, n)
+                x = self.token_proj(batch.nb_tokens, nm)  # (B, k, n, d)
+                r_t, mr_t = self.aggregator.aggregate(x, nm, a)  # (B, n, d), (B, n)
+                r_t = self.seq_dropout(r_t)
+            self._pair(self.retrieved_attention, r_v, mr_v, r_t, mr_t, ("V_r", "T_r"), reps)
+            if c.use_label_embedding:
+                lm = batch.nb_label_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, T)
+                reps["L_r"] = self.aggregator.label_embedding(batch.nb_labels, lm, a)
+
+        if self.meta is not None:
+            reps["M"] = self.meta(
+                batch.meta_numeric, batch.meta_numeric_mask, batch.meta_categorical, bsz
+            )
+
+        expert_mask = torch.stack([reps[n][1] for n in self.expert_names], dim=1)  # (B, E)
+        if self.poe is not None:
+            heads = [self.experts[n](reps[n][0]) for n in self.expert_names]
+            z_mu, z_logvar = self.poe(heads, expert_mask)
+        else:
+            assert self.concat_fusion is not None
+            flat = [
+                torch.where(reps[n][1].unsqueeze(-1), reps[n][0], torch.zeros_like(reps[n][0]))
+                for n in self.expert_names
+            ]
+            z_mu = self.concat_fusion(torch.cat([*flat, expert_mask.to(ref.dtype)], dim=-1))
+            z_logvar = torch.full_like(z_mu, float("-inf"))
+        interactions = (
+            self.interaction(reps)
+            if self.interaction.pairs
+            else torch.zeros(bsz, 0, dtype=z_mu.dtype, device=z_mu.device)
+        )
+        return _Encoding(z_mu, z_logvar, interactions, expert_mask, a)
+
+    # ----------------------------------------------------------------- forward
+
+    def kl(self, z_mu: Tensor, z_logvar: Tensor) -> Tensor:
+        """KL(q(z|x) || N(0, I)) per item: (B, d_z) -> (B,); zero without PoE."""
+        if self.poe is None:
+            return torch.zeros(z_mu.shape[0], dtype=z_mu.dtype, device=z_mu.device)
+        return 0.5 * (torch.exp(z_logvar) + z_mu**2 - 1.0 - z_logvar).sum(dim=-1)
+
+    def decode(self, z: Tensor, interactions: Tensor) -> tuple[Tensor, Tensor]:
+        """(..., d_z), (..., P * d) -> mu_y, logvar_y (..., T)."""
+        return self.decoder(torch.cat([z, interactions], dim=-1))
+
+    def forward(self, batch: ModelBatch) -> ModelOutput:
+        enc = self.encode(batch)
+        z = enc.z_mu
+        if self.training and self.poe is not None:
+            z = z + torch.exp(0.5 * enc.z_logvar) * torch.randn_like(z)
+        mu_y, logvar_y = self.decode(z, enc.interactions)
+        return ModelOutput(
+            mu_y=mu_y,
+            logvar_y=logvar_y,
+            z_mu=enc.z_mu,
+            z_logvar=enc.z_logvar,
+            kl=self.kl(enc.z_mu, enc.z_logvar),
+            expert_mask=enc.expert_mask,
+            neighbour_weights=enc.neighbour_weights,
+        )
+
+    def loss(
+        self,
+        output: ModelOutput,
+        target: Tensor,
+        target_mask: Tensor,
+        kl_weight: float,
+        kind: str = "gaussian_nll",
+    ) -> tuple[Tensor, dict[str, float]]:
+        """See `popularity_loss`."""
+        return popularity_loss(output, target, target_mask, kl_weight, kind)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        batch: ModelBatch,
+        n_samples: int = 100,
+        quantiles: tuple[float, float] = (0.05, 0.95),
+        seed: int = 0,
+    ) -> Prediction:
+        """Mean and interval, in eval mode.
+
+        Draws z from the posterior, then y ~ N(mu_y(z), sigma_y(z)^2), and takes
+        empirical quantiles; with n_samples = 0 the interval is Gaussian in sigma_y at z = mu.
+        """
+        lo_q, hi_q = quantiles
+        if not 0.0 < lo_q < hi_q < 1.0:
+            raise ValueError(f"quantiles must satisfy 0 < lo < hi < 1, got {quantiles}")
+        was_training = self.training
+        self.eval()
+        try:
+            enc = self.encode(batch)
+            mean, logvar = self.decode(enc.z_mu, enc.interactions)  # (B, T)
+            if n_samples <= 0:
+                std = torch.exp(0.5 * logvar)
+                normal = torch.distributions.Normal(0.0, 1.0)
+                q = normal.icdf(torch.tensor([lo_q, hi_q], dtype=mean.dtype, device=mean.device))
+                return Prediction(mean, std, mean + q[0] * std, mean + q[1] * std, quantiles)
+            gen = torch.Generator(device=mean.device).manual_seed(seed)
+            s, bsz = n_samples, mean.shape[0]
+            z_mu = enc.z_mu.expand(s, *enc.z_mu.shape)  # (S, B, d_z)
+            z_std = torch.exp(0.5 * enc.z_logvar)  # zero for the point-mass posterior
+            eps = torch.randn(z_mu.shape, generator=gen, dtype=z_mu.dtype, device=z_mu.device)
+            z = z_mu + z_std * eps
+            inter = enc.interactions.expand(s, *enc.interactions.shape)  # (S, B, P * d)
+            mu_s, logvar_s = self.decode(z.reshape(s * bsz, -1), inter.reshape(s * bsz, -1))
+            mu_s = mu_s.view(s, bsz, -1)  # (S, B, T)
+            var_s = torch.exp(logvar_s).view(s, bsz, -1)
+            eps_y = torch.randn(mu_s.shape, generator=gen, dtype=mu_s.dtype, device=mu_s.device)
+            y = mu_s + var_s.sqrt() * eps_y  # (S, B, T)
+            qs = torch.quantile(
+                y, torch.tensor([lo_q, hi_q], dtype=y.dtype, device=y.device), dim=0
+            )
+            # law of total variance: aleatoric part + spread of mu_y over z
+            std = (var_s.mean(dim=0) + mu_s.var(dim=0, unbiased=False)).sqrt()
+            return Prediction(mean, std, qs[0], qs[1], quantiles)
+        finally:
+            self.train(was_training)
