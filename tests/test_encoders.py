@@ -368,6 +368,8 @@ def test_profiles_and_overrides() -> None:
     assert spec.text_model == "/m/text" and spec.captioner_model is None
     assert spec.frame_pretrained is None and spec.max_tokens == 16
     assert EncoderSpec.from_profile("full", text_model=None, frame_model="ViT-B-32") == full
+    assert EncoderSpec.from_profile("full", captioner_model=None).captioner_model is None
+    assert EncoderSpec.from_profile("full", frame_pretrained=None).frame_pretrained is None
     assert EncoderSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="unknown encoder profile"):
         EncoderSpec.from_profile("huge")

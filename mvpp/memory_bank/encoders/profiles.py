@@ -40,6 +40,9 @@ FULL_FRAME_PRETRAINED = "laion2b_s34b_b79k"
 
 PROFILES: tuple[str, ...] = ("full", "lite")
 
+# Override fields for which None is a value of its own rather than "not given".
+_NULLABLE = frozenset({"captioner_model", "frame_pretrained"})
+
 # Values that switch the captioner off when given as an override.
 _NO_CAPTIONER = {"", "none", "off", "false", "no"}
 
@@ -109,9 +112,9 @@ class EncoderSpec:
     def from_profile(cls, name: str = "full", **overrides: Any) -> EncoderSpec:
         """A named profile with some fields replaced.
 
-        Overrides that are None are ignored (so unset CLI options can be passed
-        through as is); to switch the captioner off pass `captioner_model="none"`.
-        Changing `frame_model` without giving `frame_pretrained` clears the profile's
+        `captioner_model=None` (or "none") switches the captioner off and
+        `frame_pretrained=None` drops the pretrained tag; None for the other fields
+        (which cannot be empty) is ignored. Changing `frame_model` without giving `frame_pretrained` clears the profile's
         pretrained tag, since a tag belongs to one architecture (local folders and
         "hf-hub:" models carry their own weights).
         """
@@ -127,7 +130,9 @@ class EncoderSpec:
                 f"unknown encoder override(s) {sorted(unknown)}; allowed: {', '.join(cls.OVERRIDABLE)}"
             )
         changes = {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items() if v is not None
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in overrides.items()
+            if v is not None or k in _NULLABLE
         }
         if isinstance(changes.get("captioner_model"), str) and (
             changes["captioner_model"].strip().lower() in _NO_CAPTIONER
