@@ -1,0 +1,292 @@
+"""The storage interface of a bank, shared by the embedded and the server backend.
+
+Conventions every backend follows:
+
+- One point per item, keyed by `point_id(item_id)`; re-upserting an item replaces it.
+- Named vectors: `retrieval` (dense, cosine), `frames` and `text` (multivectors, cosine,
+  MaxSim comparator, stored as float16). A point without a retrieval vector, frames or
+  tokens (None, or zero rows) has no such named vector, and searches on it never return
+  the point. Reads give None for a vector that is absent or was not requested.
+- Cosine vectors are stored unit-normalised, row by row for multivectors: what comes back
+  from `get` / `scroll` is the L2-normalised (and, for multivectors, float16-rounded) input.
+- Scores: `retrieval` searches return the cosine similarity. Multivector searches
+  (`frames`, `text`) return the MaxSim score divided by the number of (non-zero) query rows,
+  i.e. the mean over query rows of the best cosine against the point's rows, so a perfect
+  match scores 1.0 whatever the number of rows.
+- Multivectors are not HNSW-indexed (a graph over every frame / token row would cost far
+  more to build than it saves): multivector searches are exact scans. `retrieval` searches
+  use HNSW once the engine has built it, or an exact scan with `exact=True`.
+- Filters: `published_before` keeps only points with a known `published_ts` < t, so items of
+  unknown time never leak into a "no peeking at the future" search.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from ..schema import (
+    FRAMES,
+    RETRIEVAL,
+    TEXT,
+    BankPoint,
+    Hit,
+    Manifest,
+    SearchFilter,
+)
+
+log = logging.getLogger(__name__)
+
+VECTOR_NAMES = (RETRIEVAL, FRAMES, TEXT)
+MULTIVECTOR_NAMES = (FRAMES, TEXT)
+
+# Points per engine call: large enough to amortise the per-call cost (WAL append, locking),
+# small enough that the Python lists built for one call stay a few tens of MB.
+UPSERT_BATCH = 256
+
+
+class BankBusyError(RuntimeError):
+    """The bank's folder is held by another process (one writer per embedded bank)."""
+
+
+class NotABankError(ValueError):
+    """A folder or collection that exists and holds something other than an mvpp bank."""
+
+
+class BankNotInitialisedError(RuntimeError):
+    """A write on a bank that has no manifest yet: call `init(manifest)` first."""
+
+
+def merge_manifest(stored: Manifest, requested: Manifest) -> tuple[Manifest, bool]:
+    """The manifest to keep when an existing bank is opened with `requested`.
+
+    Raises BankMismatchError when the encoders or dimensions disagree. Otherwise the stored
+    manifest wins, with label names extended by the new ones (order kept). Returns the
+    manifest and whether it changed.
+    """
+    stored.check_compatible(requested)
+    new_labels = [n for n in requested.label_names if n not in stored.label_names]
+    if not new_labels:
+        return stored, False
+    merged = Manifest.from_dict(stored.to_dict())
+    merged.label_names = list(stored.label_names) + new_labels
+    return merged, True
+
+
+def vector_dims(manifest: Manifest) -> dict[str, int]:
+    return {RETRIEVAL: manifest.retrieval_dim, FRAMES: manifest.frame_dim, TEXT: manifest.token_dim}
+
+
+def point_vectors(point: BankPoint, dims: dict[str, int]) -> dict[str, list[Any]]:
+    """The named vectors a point has, as the nested lists the engines take.
+
+    Lists rather than numpy arrays: both engines walk their input element by element, and
+    walking a numpy array creates one numpy scalar per element, which made building a
+    point with a 32 x 384 multivector about twice as slow as `tolist()` first.
+    """
+    vectors: dict[str, list[Any]] = {}
+    if point.retrieval is not None:
+        retrieval = np.asarray(point.retrieval, dtype=np.float32)
+        if retrieval.shape != (dims[RETRIEVAL],):
+            raise ValueError(
+                f"item {point.item_id!r}: retrieval vector has shape {retrieval.shape}, "
+                f"the bank expects ({dims[RETRIEVAL]},)"
+            )
+        vectors[RETRIEVAL] = retrieval.tolist()
+    for name, value in ((FRAMES, point.frames), (TEXT, point.tokens)):
+        if value is None:
+            continue
+        arr = np.asarray(value)
+        if arr.ndim != 2 or arr.shape[1] != dims[name]:
+            raise ValueError(
+                f"item {point.item_id!r}: {name} has shape {arr.shape}, "
+                f"the bank expects (rows, {dims[name]})"
+            )
+        if arr.shape[0] == 0:
+            continue  # an empty multivector is stored as no vector at all
+        vectors[name] = arr.tolist()
+    return vectors
+
+
+def prepare_query(query: np.ndarray, using: str, dims: dict[str, int]) -> tuple[list[Any], int]:
+    """Validate a query and return (list form, number of rows the score is divided by)."""
+    if using not in VECTOR_NAMES:
+        raise ValueError(f"unknown vector {using!r}; expected one of {VECTOR_NAMES}")
+    q = np.asarray(query, dtype=np.float32)
+    if using == RETRIEVAL:
+        if q.shape != (dims[RETRIEVAL],):
+            raise ValueError(
+                f"a {RETRIEVAL} query must have shape ({dims[RETRIEVAL]},), got {q.shape}"
+            )
+        return q.tolist(), 1
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dims[using]:
+        raise ValueError(f"a {using} query must have shape (rows, {dims[using]}), got {q.shape}")
+    # all-zero rows are padding: they match nothing and would only dilute the mean
+    q = q[np.any(q != 0, axis=1)]
+    return q.tolist(), int(q.shape[0])
+
+
+def as_array(value: Any, multivector: bool) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.asarray(value, dtype=np.float32)
+    if multivector and arr.ndim == 1:
+        arr = arr.reshape(0 if arr.size == 0 else 1, -1)
+    return arr
+
+
+def record_to_point(payload: dict[str, Any] | None, vectors: Any) -> BankPoint:
+    vecs = vectors if isinstance(vectors, dict) else {}
+    return BankPoint.from_payload(
+        payload or {},
+        retrieval=as_array(vecs.get(RETRIEVAL), multivector=False),
+        frames=as_array(vecs.get(FRAMES), multivector=True),
+        tokens=as_array(vecs.get(TEXT), multivector=True),
+    )
+
+
+def check_vector_names(vectors: Iterable[str]) -> tuple[str, ...]:
+    names = tuple(vectors)
+    for name in names:
+        if name not in VECTOR_NAMES:
+            raise ValueError(f"unknown vector {name!r}; expected some of {VECTOR_NAMES}")
+    return names
+
+
+def chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+class BankStore(ABC):
+    """One bank (collection or shard): points, their vectors and payloads, and the manifest.
+
+    Use as a context manager, or call `close()`; writes are durable once `upsert` returns.
+    """
+
+    backend: str  # "embedded" | "server"
+    location: str  # folder or URL, for display
+
+    # -- manifest -----------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def manifest(self) -> Manifest | None:
+        """The stored manifest, or None for a new empty bank."""
+
+    @abstractmethod
+    def init(self, manifest: Manifest) -> None:
+        """Create the bank with `manifest`, or check an existing bank against it.
+
+        An existing bank keeps its manifest, extended with new label names; encoders or
+        dimensions that differ raise BankMismatchError naming both values.
+        """
+
+    # -- writes -------------------------------------------------------------------------
+
+    @abstractmethod
+    def upsert(self, points: list[BankPoint]) -> None:
+        """Insert or replace points (durable once this returns)."""
+
+    def optimize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Build the search indexes now (HNSW, segment merges) rather than lazily.
+
+        Call once after a large build: the embedded engine has no background optimiser, so
+        until then `retrieval` searches scan every vector. A no-op for a server, which
+        optimises in the background.
+        """
+
+    # -- reads --------------------------------------------------------------------------
+
+    @abstractmethod
+    def hashes(self, item_ids: list[str]) -> dict[str, str]:
+        """Stored content hashes of those items that exist."""
+
+    @abstractmethod
+    def count(self, flt: SearchFilter | None = None) -> int:
+        """Number of points (matching `flt`)."""
+
+    @abstractmethod
+    def scroll(
+        self,
+        vectors: tuple[str, ...] = (RETRIEVAL,),
+        flt: SearchFilter | None = None,
+        batch_size: int = 512,
+    ) -> Iterator[BankPoint]:
+        """Every point (matching `flt`) with the requested vectors as float32 arrays,
+        in point id order."""
+
+    @abstractmethod
+    def get(
+        self, item_ids: list[str], vectors: tuple[str, ...] = (RETRIEVAL,)
+    ) -> list[BankPoint | None]:
+        """The points of `item_ids`, in order; None for an item not in the bank."""
+
+    @abstractmethod
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        using: str = RETRIEVAL,
+        flt: SearchFilter | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        """Top-k points by `using`: query (D,) for `retrieval`, (m, d) for `frames` / `text`."""
+
+    @abstractmethod
+    def search_batch(
+        self,
+        queries: list[np.ndarray],
+        k: int,
+        using: str = RETRIEVAL,
+        flts: list[SearchFilter | None] | None = None,
+        exact: bool = False,
+    ) -> list[list[Hit]]:
+        """`search` for many queries in one engine call; one list of hits per query."""
+
+    # -- housekeeping -------------------------------------------------------------------
+
+    @abstractmethod
+    def size_bytes(self) -> int | None:
+        """Disk usage of an embedded bank; None when the bank lives on a server."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Persist segments now (shortens the write-ahead log replayed on open)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the bank; the store object is unusable afterwards."""
+
+    def __enter__(self) -> BankStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.backend}: {self.location})"
+
+    # -- shared helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _check_flts(
+        queries: Sequence[np.ndarray], flts: list[SearchFilter | None] | None
+    ) -> list[SearchFilter | None]:
+        if flts is None:
+            return [None] * len(queries)
+        if len(flts) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(flts)} filters")
+        return list(flts)
