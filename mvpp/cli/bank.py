@@ -153,7 +153,10 @@ def build(
                 counts = {"indexed": 0, "unchanged": 0, "failed": 0}
 
                 def on_progress(n: int, status: str) -> None:
-                    counts[status] = counts.get(status, 0) + n
+                    if status not in counts:  # a phase, not an item count
+                        bar.update(task, status=status)
+                        return
+                    counts[status] += n
                     elapsed = bar.tasks[task].elapsed or 0.0
                     rate = counts["indexed"] / elapsed if elapsed > 0 else 0.0
                     bar.update(

@@ -28,6 +28,10 @@ from mvpp.memory_bank.store.base import BankStore
 
 logger = logging.getLogger(__name__)
 
+# Below this many points a full scan answers a query in about a millisecond, so the
+# search index is not worth its build time.
+INDEX_MIN_POINTS = 5000
+
 # Bytes read from each end of a video for its fingerprint: cheap, and catches truncation
 # and re-encodes without reading whole files on every rebuild.
 FINGERPRINT_BYTES = 1 << 20
@@ -243,6 +247,9 @@ class BankBuilder:
                             ready.append((item, h, result))
                     self._index_batch(ready, sink, report, progress)
             self.store.flush()
+            if report.indexed and self.store.count() >= INDEX_MIN_POINTS:
+                progress(0, "building the search index")
+                self.store.optimize()
         finally:
             sink.close()
         report.elapsed_s = time.perf_counter() - start
