@@ -260,14 +260,19 @@ def train(
     cfg: TrainConfig,
     model_cfg: ModelConfig | None = None,
     progress: ProgressFn | None = None,
+    data: PreparedData | None = None,
 ) -> TrainResult:
-    """Train on the snapshot; returns the best model (by validation nMSE) and metrics."""
+    """Train on the snapshot; returns the best model (by validation nMSE) and metrics.
+
+    `data` reuses splits and neighbours prepared earlier (benchmarks compare several
+    models on exactly the same data).
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     notify = progress or (lambda event, info: None)
-    data = prepare(snapshot, cfg)
+    data = data or prepare(snapshot, cfg)
     mcfg = model_config_for(data, model_cfg)
     model = PopularityModel(mcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
