@@ -74,9 +74,20 @@ def build(
     time_col: Annotated[
         str | None, typer.Option("--time-col", help="Publish time column (ISO or unix).")
     ] = None,
+    observed_col: Annotated[
+        str | None,
+        typer.Option(
+            "--observed-col",
+            help="When the labels were observed (e.g. scrape time): gives the post's age.",
+        ),
+    ] = None,
     meta_col: Annotated[
         list[str] | None,
-        typer.Option("--meta-col", help="Extra metadata column kept in the payload; repeatable."),
+        typer.Option(
+            "--meta-col",
+            help="Metadata column (numeric or categorical, e.g. followers, creator id) kept in "
+            "the payload and used by the predictor's metadata expert; repeatable.",
+        ),
     ] = None,
     video_col: Annotated[
         str | None,
@@ -134,6 +145,7 @@ def build(
                 text_cols=text_col or ["title"],
                 label_cols=label_col or [],
                 time_col=time_col,
+                observed_col=observed_col,
                 meta_cols=meta_col or [],
                 video_col=video_col,
                 require_text=bool(text_col),

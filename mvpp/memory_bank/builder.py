@@ -185,6 +185,8 @@ class BankBuilder:
             "max_tokens": manifest.max_tokens,
             "transform": manifest.label_transform,
         }
+        if meta and meta.observed_at:  # only when given, so older banks keep their hashes
+            parts["observed"] = meta.observed_at
         return content_hash(parts)
 
     # -- the build ------------------------------------------------------------------
@@ -294,6 +296,8 @@ class BankBuilder:
                     metadata=dict(meta.metadata) if meta else {},
                     duration_s=clip.duration_s if clip is not None else None,
                     video=str(item.video) if item.video else None,
+                    observed_at=meta.observed_at if meta else None,
+                    observed_ts=meta.observed_ts if meta else None,
                 )
             )
         return points

@@ -18,7 +18,12 @@ from typing import Any
 
 LABEL_TRANSFORMS = ("log2p1", "log2", "log1p", "none")
 
-_COUNT_RE = re.compile(r"^\s*([-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+)\s*([kKmMbB]?)\s*$")
+# A number, an optional K / M / B multiplier and an optional unit word ("3 videos").
+_COUNT_RE = re.compile(
+    r"^\s*([-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+)\s*([kKmMbB]?)(?:\s+[^\W\d_]+)?\s*$"
+)
+# mm:ss or hh:mm:ss, optionally with fractional seconds.
+_DURATION_RE = re.compile(r"^\s*(\d+):([0-5]?\d)(?::([0-5]?\d))?(\.\d+)?\s*$")
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9}
 
 
@@ -27,7 +32,7 @@ class MetadataError(ValueError):
 
 
 def parse_count(value: Any) -> float | None:
-    """'541.2K' -> 541200.0, '1,203' -> 1203.0, '' / None / NaN -> None.
+    """'541.2K' -> 541200.0, '1,203' -> 1203.0, '3 videos' -> 3.0, '' / None / NaN -> None.
 
     Raises ValueError for text that is not a number.
     """
@@ -45,6 +50,23 @@ def parse_count(value: Any) -> float | None:
         raise ValueError(f"not a number: {text!r}")
     number, suffix = match.groups()
     return float(number.replace(",", "")) * _SUFFIX[suffix.lower()]
+
+
+def parse_duration(value: Any) -> float | None:
+    """'00:31' -> 31.0, '1:02:03' -> 3723.0 seconds; plain numbers are seconds already.
+
+    '' / None / NaN -> None; raises ValueError for anything else.
+    """
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            a, b, c, frac = match.groups()
+            h, m, sec = (0, int(a), int(b)) if c is None else (int(a), int(b), int(c))
+            return float(h * 3600 + m * 60 + sec) + (float(frac) if frac else 0.0)
+    try:
+        return parse_count(value)
+    except ValueError:
+        raise ValueError(f"not a duration: {value!r}") from None
 
 
 def transform_label(value: float, kind: str) -> float:
@@ -118,6 +140,8 @@ class ColumnMap:
     text_cols: list[str] = field(default_factory=lambda: ["title"])
     label_cols: list[str] = field(default_factory=list)
     time_col: str | None = None
+    # When the labels were observed (scrape time); parsed like the publish time.
+    observed_col: str | None = None
     meta_cols: list[str] = field(default_factory=list)
     video_col: str | None = None
     # The default text column may be absent (a labels-only table); named ones may not.
@@ -133,6 +157,8 @@ class MetaRow:
     labels: dict[str, float] = field(default_factory=dict)
     published_at: str | None = None
     published_ts: float | None = None
+    observed_at: str | None = None
+    observed_ts: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     video: str | None = None
     problems: list[str] = field(default_factory=list)
@@ -172,11 +198,12 @@ def _is_missing(value: Any) -> bool:
 
 
 def _meta_value(value: Any) -> Any:
-    """Numbers (human-formatted too) become floats; other values stay strings."""
+    """Numbers (human-formatted too, durations as seconds) become floats; other values
+    stay strings."""
     if _is_missing(value):
         return None
     try:
-        return parse_count(value)
+        return parse_duration(value)
     except ValueError:
         return str(value).strip()
 
@@ -186,7 +213,7 @@ def parse_rows(rows: list[dict[str, Any]], columns: ColumnMap, source: str = "")
     if rows:
         present = set(rows[0].keys())
         wanted = [columns.id_col, *columns.label_cols, *columns.meta_cols]
-        wanted += [c for c in (columns.time_col, columns.video_col) if c]
+        wanted += [c for c in (columns.time_col, columns.observed_col, columns.video_col) if c]
         if columns.require_text:
             wanted += columns.text_cols
         missing = [c for c in wanted if c not in present]
@@ -225,6 +252,11 @@ def parse_rows(rows: list[dict[str, Any]], columns: ColumnMap, source: str = "")
                 rec.published_at, rec.published_ts = parse_time(row.get(columns.time_col))
             except ValueError as exc:
                 rec.problems.append(f"time {columns.time_col!r}: {exc}")
+        if columns.observed_col:
+            try:
+                rec.observed_at, rec.observed_ts = parse_time(row.get(columns.observed_col))
+            except ValueError as exc:
+                rec.problems.append(f"time {columns.observed_col!r}: {exc}")
         for col in columns.meta_cols:
             rec.metadata[col] = _meta_value(row.get(col))
         if columns.video_col and not _is_missing(row.get(columns.video_col)):

@@ -121,6 +121,9 @@ class BankPoint:
     split: str | None = None
     duration_s: float | None = None
     video: str | None = None
+    # When the labels were observed (e.g. scrape time): the post's age at observation.
+    observed_at: str | None = None
+    observed_ts: float | None = None
 
     @property
     def labelled(self) -> bool:
@@ -147,6 +150,8 @@ class BankPoint:
             "split": self.split,
             "duration_s": self.duration_s,
             "video": self.video,
+            "observed_at": self.observed_at,
+            "observed_ts": self.observed_ts,
         }
 
     @classmethod
@@ -173,6 +178,8 @@ class BankPoint:
             split=payload.get("split"),
             duration_s=payload.get("duration_s"),
             video=payload.get("video"),
+            observed_at=payload.get("observed_at"),
+            observed_ts=payload.get("observed_ts"),
         )
 
 

@@ -21,7 +21,7 @@ from mvpp.memory_bank.store.base import BankStore
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -31,7 +31,8 @@ class BankSnapshot:
     retrieval: (N, D) float32, zero rows where has_retrieval is False.
     targets: (N, T) float32, NaN where a target is missing; label_names: the T names.
     frames: (N, L, d_v) float16 + frame_len (N,); tokens: (N, n, d_t) float16 + token_len.
-    published_ts: (N,) float64, NaN when unknown.
+    published_ts: (N,) float64, NaN when unknown; observed_ts: (N,) float64, when the labels
+    were observed (NaN when unknown); duration_s: (N,) float64, the video file's duration.
     """
 
     item_ids: list[str]
@@ -49,6 +50,13 @@ class BankSnapshot:
     raw_labels: list[dict] = field(default_factory=list)
     duration_s: np.ndarray | None = None
     fingerprint: str = ""
+    observed_ts: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        # Optional per-item times and durations are NaN arrays rather than None.
+        for name in ("duration_s", "observed_ts"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.full(len(self.item_ids), np.nan, np.float64))
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -64,7 +72,7 @@ class BankSnapshot:
 
     _ARRAYS = (
         "retrieval", "has_retrieval", "targets", "published_ts",
-        "frames", "frame_len", "tokens", "token_len", "duration_s",
+        "frames", "frame_len", "tokens", "token_len", "duration_s", "observed_ts",
     )
 
     def save(self, folder: Path) -> None:
@@ -151,6 +159,7 @@ def snapshot_from_points(points: list[BankPoint], manifest: Manifest) -> BankSna
     targets = np.full((n, len(label_names)), np.nan, np.float32)
     published = np.full(n, np.nan, np.float64)
     duration = np.full(n, np.nan, np.float64)
+    observed = np.full(n, np.nan, np.float64)
     frame_len = np.zeros(n, np.int32)
     token_len = np.zeros(n, np.int32)
     for i, p in enumerate(points):
@@ -164,6 +173,8 @@ def snapshot_from_points(points: list[BankPoint], manifest: Manifest) -> BankSna
             published[i] = p.published_ts
         if p.duration_s is not None:
             duration[i] = p.duration_s
+        if p.observed_ts is not None:
+            observed[i] = p.observed_ts
         frame_len[i] = 0 if p.frames is None else len(p.frames)
         token_len[i] = 0 if p.tokens is None else min(len(p.tokens), manifest.max_tokens)
     max_l = int(frame_len.max()) if n else 0
@@ -190,4 +201,5 @@ def snapshot_from_points(points: list[BankPoint], manifest: Manifest) -> BankSna
         metadata=[p.metadata for p in points],
         raw_labels=[p.labels for p in points],
         duration_s=duration,
+        observed_ts=observed,
     )
