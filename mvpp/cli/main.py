@@ -31,8 +31,9 @@ from mvpp.cli.common import (
 from mvpp.config import BuildSettings
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.profiles import load_encoders
-from mvpp.memory_bank.metadata import ColumnMap, load_metadata
+from mvpp.memory_bank.metadata import ColumnMap, parse_rows, read_table
 from mvpp.predictor.config import ModelConfig
+from mvpp.predictor.features import DEFAULT_MIN_COUNT
 from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run, RunError, save_run
 from mvpp.predictor.scoring import Scorer, evaluate
@@ -76,6 +77,9 @@ def train_cmd(
     patience: Annotated[int, typer.Option("--patience", help="Early stopping patience (epochs).")] = 5,
     alpha: Annotated[float, typer.Option("--alpha", help="Bipolar attention alpha in [0, 1].")] = 0.5,
     d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 128,
+    dropout: Annotated[
+        float | None, typer.Option("--dropout", help="Dropout rate in [0, 1) [default: model's].")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the training.")] = 0,
     target: Annotated[
         list[str] | None, typer.Option("--target", help="Label(s) to predict [default: all labels of the bank].")
@@ -100,6 +104,28 @@ def train_cmd(
     no_negative: Annotated[bool, typer.Option("--no-negative", help="Ablation: no negative attention.")] = False,
     no_frames: Annotated[bool, typer.Option("--no-frames", help="Ablation: drop the visual modality.")] = False,
     no_text: Annotated[bool, typer.Option("--no-text", help="Ablation: drop the text modality.")] = False,
+    no_meta: Annotated[
+        bool, typer.Option("--no-meta", help="Ablation: no metadata expert (metadata, duration, times).")
+    ] = False,
+    meta_col: Annotated[
+        list[str] | None,
+        typer.Option("--meta-col", help="Metadata column(s) of the bank to use [default: all]."),
+    ] = None,
+    meta_categorical: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--meta-categorical",
+            help="Metadata column to treat as categories even if numeric (e.g. a creator id).",
+        ),
+    ] = None,
+    meta_min_count: Annotated[
+        int,
+        typer.Option(
+            "--meta-min-count",
+            help="Categories seen fewer times in training go to the unknown bucket.",
+            min=1,
+        ),
+    ] = DEFAULT_MIN_COUNT,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
@@ -112,24 +138,32 @@ def train_cmd(
         fail("--alpha must lie in [0, 1]")
     if loss not in ("gaussian_nll", "mse"):
         fail("--loss must be gaussian_nll or mse")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        fail("--dropout must lie in [0, 1)")
     cfg = TrainConfig(
         k=k, epochs=epochs, batch_size=batch_size, lr=lr, lambda_kl=lambda_kl,
         kl_warmup_epochs=kl_warmup, patience=patience, seed=seed, targets=target or [],
         loss=loss, split_by_time=split_by_time, time_safe=time_safe,
+        meta_cols=meta_col or [], meta_categorical=meta_categorical or [],
+        meta_min_count=meta_min_count,
     )
     mcfg = ModelConfig(
         d_model=d_model, alpha=alpha, use_retrieval=not no_retrieval and k > 0,
         use_poe=not no_poe, use_label_interaction=not no_interaction,
         use_positive_attention=not no_positive, use_negative_attention=not no_negative,
-        use_frames=not no_frames, use_text=not no_text,
+        use_frames=not no_frames, use_text=not no_text, use_meta=not no_meta,
     )
+    if dropout is not None:
+        mcfg.dropout = dropout
     loc = location(bank, qdrant_url, api_key, collection)
-    with friendly_errors(), store_for(loc) as store:
-        if store.manifest is None:
-            fail(f"no bank at {loc.describe()}: build one with `mvpp-bank build`")
-        manifest = store.manifest
-        with console.status("reading the bank"):
-            snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
+    with friendly_errors():
+        # The bank is read once and closed: training never holds it open.
+        with store_for(loc) as store:
+            if store.manifest is None:
+                fail(f"no bank at {loc.describe()}: build one with `mvpp-bank build`")
+            manifest = store.manifest
+            with console.status("reading the bank"):
+                snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
         with progress_bar() as bar:
             task = bar.add_task("training", total=None, rate="", status="")
             state = {"epoch": 0}
@@ -195,6 +229,13 @@ def score_cmd(
     id_col: Annotated[str, typer.Option("--id-col", help="Id column of the metadata.")] = "id",
     text_col: Annotated[list[str] | None, typer.Option("--text-col", help="Text column(s) [default: title].")] = None,
     time_col: Annotated[str | None, typer.Option("--time-col", help="Publish time column.")] = None,
+    observed_col: Annotated[
+        str | None, typer.Option("--observed-col", help="Time the counts are predicted for.")
+    ] = None,
+    meta_col: Annotated[
+        list[str] | None,
+        typer.Option("--meta-col", help="Metadata column(s) [default: those the run was trained on]."),
+    ] = None,
     video_col: Annotated[str | None, typer.Option("--video-col", help="Video path column.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items scored together.", min=1)] = 32,
     bank: BankOpt = None,
@@ -225,11 +266,17 @@ def score_cmd(
         run.manifest.check_compatible(store.manifest)
         rows = None
         if meta is not None:
+            raw = read_table(meta)
+            present = set(raw[0]) if raw else set()
+            # The run's metadata columns are read where the table has them; absent ones are
+            # missing values (masked), not an error.
+            wanted = meta_col or (run.featurizer.columns if run.featurizer else [])
             columns = ColumnMap(
                 id_col=id_col, text_cols=text_col or ["title"], time_col=time_col,
-                video_col=video_col, require_text=bool(text_col),
+                observed_col=observed_col, video_col=video_col, require_text=bool(text_col),
+                meta_cols=[c for c in wanted if c in present or meta_col],
             )
-            rows = load_metadata(meta, columns)
+            rows = parse_rows(raw, columns, source=str(meta))
         items, plan_failures = plan_items(videos_dir, rows)
         snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
         spec = encoder_spec(None, store.manifest.profile)

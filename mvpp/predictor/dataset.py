@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mvpp.predictor.model import ModelBatch
+from mvpp.predictor.features import MetaFeaturizer
+from mvpp.predictor.model import ModelBatch, PopularityModel
 from mvpp.retriever.bulk import Neighbours, bulk_topk
 from mvpp.retriever.snapshot import BankSnapshot
 
@@ -124,23 +125,67 @@ class ItemFeatures:
     frames: torch.Tensor
     frame_len: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Metadata expert inputs (see features.MetaFeaturizer); None without metadata features.
+    meta_numeric: torch.Tensor | None = None  # (B, M) float
+    meta_numeric_mask: torch.Tensor | None = None  # (B, M) bool
+    meta_categorical: torch.Tensor | None = None  # (B, C) long, 0 = unknown
 
 
 class FeatureTable:
     """The snapshot's features as tensors, for fast gathering by index."""
 
-    def __init__(self, snapshot: BankSnapshot, norm: TargetNorm) -> None:
+    def __init__(
+        self, snapshot: BankSnapshot, norm: TargetNorm, featurizer: MetaFeaturizer | None = None
+    ) -> None:
         self.tokens = torch.from_numpy(snapshot.tokens)  # (N, n, d_t) float16
         self.token_len = torch.from_numpy(snapshot.token_len.astype(np.int64))
         self.frames = torch.from_numpy(snapshot.frames)  # (N, L, d_v) float16
         self.frame_len = torch.from_numpy(snapshot.frame_len.astype(np.int64))
         self.targets = torch.from_numpy(norm.forward(snapshot.targets).astype(np.float32))  # (N, T)
         self.n_targets = snapshot.targets.shape[1]
+        self.meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if featurizer is not None and featurizer.n_features:
+            num, mask, cat = featurizer.transform_snapshot(snapshot)
+            self.meta = (torch.from_numpy(num), torch.from_numpy(mask), torch.from_numpy(cat))
+
+    # Set by `refresh_projection`: every item's projected frames / tokens.
+    proj_frames: torch.Tensor | None = None  # (N, L, d)
+    proj_tokens: torch.Tensor | None = None  # (N, n, d)
+
+    @torch.no_grad()
+    def refresh_projection(self, model: PopularityModel, chunk: int = 4096) -> None:
+        """Project every item once with the model's current weights.
+
+        Neighbours then come from this table instead of being projected again in every
+        batch (each item is a neighbour of about k others per epoch). Used as is for
+        evaluation (exact) and, refreshed every few steps, for training, where the
+        neighbour side then lags the weights slightly and passes no gradient.
+        """
+        n = self.tokens.shape[0]
+        frames, tokens = [], []
+        for lo in range(0, n, chunk):
+            sl = slice(lo, lo + chunk)
+            f_mask = _length_mask(self.frame_len[sl], self.frames.shape[1])
+            t_mask = _length_mask(self.token_len[sl], self.tokens.shape[1])
+            x_v, x_t = model.project_items(self.frames[sl], f_mask, self.tokens[sl], t_mask)
+            frames.append(x_v)
+            tokens.append(x_t)
+        self.proj_frames = torch.cat(frames) if frames and frames[0] is not None else None
+        self.proj_tokens = torch.cat(tokens) if tokens and tokens[0] is not None else None
+
+    def clear_projection(self) -> None:
+        self.proj_frames = self.proj_tokens = None
 
     def items(self, idx: torch.Tensor) -> ItemFeatures:
-        return ItemFeatures(
+        feats = ItemFeatures(
             self.tokens[idx].float(), self.token_len[idx], self.frames[idx].float(), self.frame_len[idx]
         )
+        if self.meta is not None:
+            num, mask, cat = self.meta
+            feats.meta_numeric, feats.meta_numeric_mask, feats.meta_categorical = (
+                num[idx], mask[idx], cat[idx]
+            )
+        return feats
 
 
 def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -162,9 +207,17 @@ def make_batch(
     valid = idx >= 0
     safe = idx.clamp(min=0)
     n_tok, n_frm = table.tokens.shape[1], table.frames.shape[1]
-    nb_tokens = table.tokens[safe].float()  # (B, k, n, d_t)
+    projected = table.proj_tokens is not None or table.proj_frames is not None
+    tok_src = table.proj_tokens if table.proj_tokens is not None else table.tokens
+    frm_src = table.proj_frames if table.proj_frames is not None else table.frames
+    if projected:
+        # A switched-off modality keeps its raw table only for shapes: never read.
+        tok_src = tok_src if table.proj_tokens is not None else tok_src[:, :0]
+        frm_src = frm_src if table.proj_frames is not None else frm_src[:, :0]
+        n_tok, n_frm = tok_src.shape[1], frm_src.shape[1]
+    nb_tokens = tok_src[safe].float()  # (B, k, n, d_t or d)
     nb_token_len = torch.where(valid, table.token_len[safe], 0)
-    nb_frames = table.frames[safe].float()  # (B, k, L, d_v)
+    nb_frames = frm_src[safe].float()  # (B, k, L, d_v or d)
     nb_frame_len = torch.where(valid, table.frame_len[safe], 0)
     nb_labels = table.targets[safe]  # (B, k, T)
     nb_label_mask = valid.unsqueeze(-1) & ~torch.isnan(nb_labels)
@@ -182,4 +235,8 @@ def make_batch(
         nb_mask=valid,
         nb_labels=torch.nan_to_num(nb_labels, nan=0.0),
         nb_label_mask=nb_label_mask,
+        meta_numeric=query.meta_numeric,
+        meta_numeric_mask=query.meta_numeric_mask,
+        meta_categorical=query.meta_categorical,
+        projected_neighbours=projected,
     )

@@ -56,6 +56,9 @@ class ModelBatch:
     meta_numeric: Tensor | None = None  # (B, M)
     meta_numeric_mask: Tensor | None = None  # (B, M) bool
     meta_categorical: Tensor | None = None  # (B, C) long, 0 = unknown
+    # True when nb_frames / nb_tokens already hold projected features (B, k, ., d_model),
+    # taken from a table made by `PopularityModel.project_items`.
+    projected_neighbours: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -64,7 +67,7 @@ class ModelBatch:
     def to(self, device: torch.device | str) -> ModelBatch:
         """Copy of the batch on `device`."""
         moved = {
-            f.name: (None if (v := getattr(self, f.name)) is None else v.to(device))
+            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v)
             for f in fields(self)
         }
         return ModelBatch(**moved)
@@ -626,12 +629,20 @@ class PopularityModel(nn.Module):
             r_v = mr_v = r_t = mr_t = None
             if self.frame_proj is not None:
                 nm = batch.nb_frame_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, L)
-                x = self.frame_proj(batch.nb_frames, nm)  # (B, k, L, d)
+                x = (
+                    _zero_invalid(batch.nb_frames, nm)
+                    if batch.projected_neighbours
+                    else self.frame_proj(batch.nb_frames, nm)
+                )  # (B, k, L, d)
                 r_v, mr_v = self.aggregator.aggregate(x, nm, a)  # (B, L, d), (B, L)
                 r_v = self.seq_dropout(r_v)
             if self.token_proj is not None:
                 nm = batch.nb_token_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, n)
-                x = self.token_proj(batch.nb_tokens, nm)  # (B, k, n, d)
+                x = (
+                    _zero_invalid(batch.nb_tokens, nm)
+                    if batch.projected_neighbours
+                    else self.token_proj(batch.nb_tokens, nm)
+                )  # (B, k, n, d)
                 r_t, mr_t = self.aggregator.aggregate(x, nm, a)  # (B, n, d), (B, n)
                 r_t = self.seq_dropout(r_t)
             self._pair(self.retrieved_attention, r_v, mr_v, r_t, mr_t, ("V_r", "T_r"), reps)
@@ -662,6 +673,16 @@ class PopularityModel(nn.Module):
             else torch.zeros(bsz, 0, dtype=z_mu.dtype, device=z_mu.device)
         )
         return _Encoding(z_mu, z_logvar, interactions, expert_mask, a)
+
+    @torch.no_grad()
+    def project_items(
+        self, frames: Tensor, frame_mask: Tensor, tokens: Tensor, token_mask: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Projected frames (N, L, d) and tokens (N, n, d) of bank items, for use as
+        neighbours with `ModelBatch.projected_neighbours`; None for a switched-off modality."""
+        x_v = self.frame_proj(frames, frame_mask.bool()) if self.frame_proj is not None else None
+        x_t = self.token_proj(tokens, token_mask.bool()) if self.token_proj is not None else None
+        return x_v, x_t
 
     # ----------------------------------------------------------------- forward
 

@@ -26,8 +26,9 @@ from mvpp.predictor.dataset import (
     make_splits,
     split_neighbours,
 )
+from mvpp.predictor.features import DEFAULT_MIN_COUNT, MetaFeaturizer
 from mvpp.predictor.metrics import Metrics, regression_metrics
-from mvpp.predictor.model import PopularityModel, Prediction
+from mvpp.predictor.model import ModelBatch, PopularityModel, Prediction
 from mvpp.retriever.bulk import Neighbours
 from mvpp.retriever.snapshot import BankSnapshot
 
@@ -57,6 +58,16 @@ class TrainConfig:
     calibrate_interval: bool = True
     eval_batch_size: int = 512
     threads: int | None = None
+    # Neighbours' projected features come from a table refreshed every this many steps
+    # instead of being projected in every batch (several times faster on CPU; the
+    # neighbour side then passes no gradient). 0 projects every neighbour every step.
+    projection_refresh_steps: int = 20
+    # Metadata expert inputs (features.MetaFeaturizer): the bank's metadata columns to use
+    # (empty: all), columns to treat as categories even when numeric (e.g. a creator id),
+    # and the training count below which a category goes to the unknown bucket.
+    meta_cols: list[str] = field(default_factory=list)
+    meta_categorical: list[str] = field(default_factory=list)
+    meta_min_count: int = DEFAULT_MIN_COUNT
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +98,7 @@ class PreparedData:
     norm: TargetNorm
     table: FeatureTable
     time_safe: bool
+    featurizer: MetaFeaturizer | None = None
 
     @property
     def target_names(self) -> list[str]:
@@ -114,7 +126,13 @@ def prepare(
     cfg: TrainConfig,
     splits: dict[str, np.ndarray] | None = None,
     norm: TargetNorm | None = None,
+    meta: MetaFeaturizer | str | None = "fit",
 ) -> PreparedData:
+    """Targets, splits, neighbours, normalisation and feature table of a snapshot.
+
+    meta: "fit" fits the metadata features on the training split; a MetaFeaturizer (a
+    saved run's) is used as is; None means no metadata features.
+    """
     target_idx = resolve_targets(snapshot, cfg.targets)
     # Restrict "labelled" to the chosen targets by viewing only those columns.
     view = copy.copy(snapshot)
@@ -132,8 +150,20 @@ def prepare(
         raise ValueError("no labelled training items in the bank")
     neighbours = split_neighbours(view, splits, cfg.k, time_safe)
     norm = norm or TargetNorm.fit(view.targets[splits["train"]])
-    table = FeatureTable(view, norm)
-    return PreparedData(view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe)
+    if isinstance(meta, str):
+        if meta != "fit":
+            raise ValueError(f"meta must be 'fit', a MetaFeaturizer or None, not {meta!r}")
+        meta = MetaFeaturizer.fit_snapshot(
+            view,
+            splits["train"],
+            columns=cfg.meta_cols or None,
+            categorical=cfg.meta_categorical,
+            min_count=cfg.meta_min_count,
+        )
+    table = FeatureTable(view, norm, meta)
+    return PreparedData(
+        view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe, meta
+    )
 
 
 def model_config_for(data: PreparedData, base: ModelConfig | None = None) -> ModelConfig:
@@ -143,6 +173,9 @@ def model_config_for(data: PreparedData, base: ModelConfig | None = None) -> Mod
     cfg.d_token = max(1, snap.tokens.shape[2])
     cfg.d_frame = max(1, snap.frames.shape[2])
     cfg.n_targets = len(data.target_idx)
+    fz = data.featurizer
+    cfg.n_meta_numeric = fz.n_numeric if fz is not None else 0
+    cfg.meta_cardinalities = fz.cardinalities if fz is not None else []
     # A modality absent from the whole bank has nothing to learn from.
     if snap.frames.shape[1] == 0:
         cfg.use_frames = False
@@ -151,18 +184,23 @@ def model_config_for(data: PreparedData, base: ModelConfig | None = None) -> Mod
     return ModelConfig.from_dict(cfg.to_dict())
 
 
+def batch_for(data: PreparedData, split: str, pos: np.ndarray) -> tuple[ModelBatch, torch.Tensor]:
+    """The model batch and normalised targets (B, T) of split items at positions `pos`."""
+    items = torch.from_numpy(data.splits[split][pos])
+    nb = data.neighbours[split]
+    batch = make_batch(data.table, data.table.items(items), nb.indices[pos], nb.scores[pos])
+    return batch, data.table.targets[items]
+
+
 def iterate_batches(
     data: PreparedData, split: str, batch_size: int, rng: np.random.Generator | None = None
 ):
     """Yields (positions within the split, ModelBatch, targets (B, T) normalised)."""
-    idx = data.splits[split]
-    order = rng.permutation(len(idx)) if rng is not None else np.arange(len(idx))
-    nb = data.neighbours[split]
-    for lo in range(0, len(idx), batch_size):
+    n = len(data.splits[split])
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for lo in range(0, n, batch_size):
         pos = order[lo : lo + batch_size]
-        items = torch.from_numpy(idx[pos])
-        batch = make_batch(data.table, data.table.items(items), nb.indices[pos], nb.scores[pos])
-        yield pos, batch, data.table.targets[items]
+        yield (pos, *batch_for(data, split, pos))
 
 
 def predict_split(
@@ -177,6 +215,7 @@ def predict_split(
     samples = cfg.mc_samples if mc_samples is None else mc_samples
     q = ((1 - cfg.interval) / 2, 1 - (1 - cfg.interval) / 2)
     model.eval()
+    data.table.refresh_projection(model)  # exact: the current weights, no dropout
     for _, batch, _ in iterate_batches(data, split, cfg.eval_batch_size):
         parts.append(model.predict(batch, n_samples=samples, quantiles=q, seed=cfg.seed))
     if not parts:
@@ -272,7 +311,9 @@ def train(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     notify = progress or (lambda event, info: None)
-    data = data or prepare(snapshot, cfg)
+    data = data or prepare(
+        snapshot, cfg, meta="fit" if model_cfg is None or model_cfg.use_meta else None
+    )
     mcfg = model_config_for(data, model_cfg)
     model = PopularityModel(mcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -290,7 +331,12 @@ def train(
         warm = min(1.0, (epoch + 1) / max(1, cfg.kl_warmup_epochs))
         model.train()
         losses = []
-        for _, batch, y in iterate_batches(data, "train", cfg.batch_size, rng):
+        data.table.clear_projection()
+        order = rng.permutation(len(data.splits["train"]))
+        for step, lo in enumerate(range(0, len(order), cfg.batch_size)):
+            if cfg.projection_refresh_steps and step % cfg.projection_refresh_steps == 0:
+                data.table.refresh_projection(model)
+            batch, y = batch_for(data, "train", order[lo : lo + cfg.batch_size])
             out = model(batch)
             loss, _parts = model.loss(out, y, ~torch.isnan(y), cfg.lambda_kl * warm, cfg.loss)
             opt.zero_grad(set_to_none=True)

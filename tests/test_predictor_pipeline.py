@@ -1,0 +1,158 @@
+"""Train -> evaluate -> score on a small synthetic text bank, through the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mvpp.cli.demo_data import write_synthetic_titles
+from mvpp.cli.main import app
+from mvpp.config import BuildSettings
+from mvpp.memory_bank.builder import BankBuilder, BuildItem, plan_items
+from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
+from mvpp.memory_bank.metadata import ColumnMap, MetaRow, load_metadata
+from mvpp.memory_bank.store import open_store
+from mvpp.predictor.run import Run
+from mvpp.predictor.scoring import Scorer, evaluate
+from mvpp.retriever.snapshot import read_snapshot
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    return load_encoders(EncoderSpec.from_profile("lite"))
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory, encoders):
+    root = tmp_path_factory.mktemp("synthetic")
+    table = write_synthetic_titles(root / "titles.jsonl", n=800)
+    rows = load_metadata(table, ColumnMap(label_cols=["comments"]))
+    items, failures = plan_items(None, rows)
+    path = root / "bank"
+    with open_store(bank=path) as store:
+        report = BankBuilder(store, encoders, BuildSettings()).build(items, failures)
+    assert report.indexed == 800 and report.failed == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(bank, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    result = runner.invoke(
+        app,
+        ["train", "--bank", str(bank), "--k", "5", "--epochs", "8", "--batch-size", "64",
+         "--d-model", "32", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_training_learns_and_writes_a_safe_run(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "splits.json", "metrics.json"} <= names
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    test = metrics["test"]["comments"]
+    # topic words drive popularity: the model must beat the mean by a clear margin
+    assert test["nmse"] < 0.8
+    assert test["src"] > 0.4
+    splits = json.loads((run_dir / "splits.json").read_text())
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (640, 80, 80)
+    assert not set(splits["train"]) & set(splits["test"])
+
+
+def test_evaluate_matches_training_metrics(run_dir, bank):
+    result = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--bank", str(bank), "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)["comments"]
+    saved = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test"]["comments"]
+    assert got["n"] == saved["n"] == 80
+    assert got["nmse"] == pytest.approx(saved["nmse"], abs=1e-5)
+    assert got["coverage"] == pytest.approx(saved["coverage"], abs=1e-9)
+
+
+def test_run_reloads_to_identical_predictions(run_dir, bank, encoders):
+    run = Run.load(run_dir)
+    with open_store(bank=bank) as store:
+        snap = read_snapshot(store)
+        a = evaluate(run, snap, "val")
+        b = evaluate(Run.load(run_dir), snap, "val")
+    assert a["comments"].nmse == b["comments"].nmse
+
+
+def test_scoring_never_retrieves_the_item_itself(run_dir, bank, encoders):
+    run = Run.load(run_dir)
+    with open_store(bank=bank) as store:
+        snap = read_snapshot(store)
+        scorer = Scorer(run, snap, BankBuilder(store, encoders, BuildSettings()))
+        train_ids = run.split_ids["train"][:20]
+        titles = dict(zip(snap.item_ids, snap.titles, strict=True))
+        items = [BuildItem(i, MetaRow(i, title=titles[i])) for i in train_ids]
+        items.append(BuildItem("empty", MetaRow("empty", title="")))
+        rows = scorer.score(items, batch_size=8)
+    assert len(rows) == 21
+    for row in rows[:20]:
+        assert row.status == "ok"
+        assert row.neighbours and all(nid != row.item_id for nid, _ in row.neighbours)
+        p = row.predictions["comments"]
+        assert p["lower"] <= p["pred"] <= p["upper"]
+    assert rows[20].status.startswith("failed") and not rows[20].predictions
+
+
+def test_score_cli_keeps_every_row(run_dir, bank, tmp_path):
+    uploads = tmp_path / "uploads.jsonl"
+    uploads.write_text(
+        "\n".join(json.dumps(r) for r in [
+            {"id": "u1", "title": "cat kitten prank amazing"},
+            {"id": "u2", "title": "news today"},
+            {"id": "u3", "title": ""},
+        ])
+    )
+    out = tmp_path / "scores.parquet"
+    result = runner.invoke(
+        app, ["score", "--meta", str(uploads), "--run", str(run_dir), "--bank", str(bank), "--out", str(out)]
+    )
+    assert result.exit_code == 1, result.output  # one item has nothing to score
+    rows = pq.read_table(out).to_pylist()
+    assert [r["item_id"] for r in rows] == ["u1", "u2", "u3"]
+    u1, u2, u3 = rows
+    assert u1["status"] == "ok" and u1["neighbour_1"] and u1["neighbour_1_sim"] > 0
+    assert u1["comments_lower"] <= u1["comments_pred"] <= u1["comments_upper"]
+    assert u1["comments_count"] == pytest.approx(2 ** u1["comments_pred"] - 1, rel=1e-6)
+    # the synthetic data makes pranks far more commented than news
+    assert u1["comments_pred"] > u2["comments_pred"]
+    assert u3["status"].startswith("failed") and math.isnan(u3["comments_pred"])
+
+
+def test_empty_bank_k0_trains(bank, tmp_path):
+    out = tmp_path / "r0"
+    result = runner.invoke(
+        app, ["train", "--bank", str(bank), "--k", "0", "--epochs", "2", "--d-model", "16", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["use_retrieval"] is False
+
+
+def test_missing_run_is_a_clear_error(bank, tmp_path):
+    result = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "nope"), "--bank", str(bank)])
+    assert result.exit_code == 2
+    assert "not a run directory" in result.output
+
+
+def test_seeded_training_is_reproducible(bank, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        runner.invoke(app, ["train", "--bank", str(bank), "--k", "3", "--epochs", "1", "--d-model", "16",
+                            "--out", str(out), "--seed", "3"])
+        outs.append(json.loads((out / "metrics.json").read_text())["metrics"]["test"]["comments"]["nmse"])
+    assert outs[0] == pytest.approx(outs[1], abs=1e-6)
+    assert torch.get_num_threads() >= 1 and np.isfinite(outs[0])
