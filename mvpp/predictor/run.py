@@ -3,7 +3,8 @@
 RUN_DIR/
   model.safetensors   weights (no pickles anywhere)
   config.json         model + training config, target names and normalisation,
-                      interval calibration, the bank's manifest and location
+                      interval calibration, metadata features (their training
+                      statistics and vocabularies), the bank's manifest and location
   splits.json         item ids of train / val / test
   metrics.json        per-split, per-target metrics and the epoch history
 """
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from mvpp.memory_bank.schema import Manifest
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.dataset import TargetNorm
+from mvpp.predictor.features import MetaFeaturizer
 from mvpp.predictor.model import PopularityModel
 from mvpp.predictor.training import TrainConfig, TrainResult
 from mvpp.retriever.snapshot import BankSnapshot
@@ -63,6 +65,7 @@ def save_run(
             "target_norm": data.norm.to_dict(),
             "interval_scale": result.interval_scale.tolist(),
             "time_safe": data.time_safe,
+            "meta_features": data.featurizer.to_dict() if data.featurizer is not None else None,
             "bank": {"location": bank, "manifest": manifest.to_dict(), "fingerprint": data.snapshot.fingerprint},
         },
     )
@@ -94,6 +97,7 @@ class Run:
     manifest: Manifest
     bank_location: str
     split_ids: dict[str, list[str]]
+    featurizer: MetaFeaturizer | None = None
 
     @classmethod
     def load(cls, path: Path) -> Run:
@@ -123,6 +127,9 @@ class Run:
             manifest=Manifest.from_dict(cfg["bank"]["manifest"]),
             bank_location=cfg["bank"]["location"],
             split_ids=json.loads((path / SPLITS).read_text()),
+            featurizer=MetaFeaturizer.from_dict(cfg["meta_features"])
+            if cfg.get("meta_features")
+            else None,
         )
 
     def splits_in(self, snapshot: BankSnapshot) -> dict[str, np.ndarray]:

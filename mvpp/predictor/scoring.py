@@ -42,7 +42,7 @@ def evaluate(run: Run, snapshot: BankSnapshot, split: str = "test") -> dict[str,
     splits = run.splits_in(snapshot)
     if split not in splits:
         raise ValueError(f"unknown split {split!r}; the run has {sorted(splits)}")
-    data = prepare(snapshot, cfg, splits=splits, norm=run.norm)
+    data = prepare(snapshot, cfg, splits=splits, norm=run.norm, meta=run.featurizer)
     pred = predict_split(run.model, data, split, cfg)
     return split_metrics(data, split, pred, run.interval_scale, cfg.interval)
 
@@ -81,7 +81,9 @@ class Scorer:
         cfg.targets = list(run.targets)
         cfg.time_safe = run.time_safe
         self.cfg = cfg
-        self.data = prepare(snapshot, cfg, splits=run.splits_in(snapshot), norm=run.norm)
+        self.data = prepare(
+            snapshot, cfg, splits=run.splits_in(snapshot), norm=run.norm, meta=run.featurizer
+        )
         self.train_idx = self.data.splits["train"]
         self.pos_in_train = {snapshot.item_ids[i]: p for p, i in enumerate(self.train_idx)}
 
@@ -192,4 +194,16 @@ class Scorer:
                 n = min(len(p.frames), n_frm)
                 frames[j, :n] = torch.from_numpy(np.asarray(p.frames[:n], np.float32))
                 frame_len[j] = n
-        return ItemFeatures(tokens, token_len, frames, frame_len)
+        feats = ItemFeatures(tokens, token_len, frames, frame_len)
+        fz = self.run.featurizer
+        if fz is not None and fz.n_features:
+            num, mask, cat = fz.transform(
+                [p.metadata for p in points],
+                [p.duration_s for p in points],
+                [p.published_ts for p in points],
+                [p.observed_ts for p in points],
+            )
+            feats.meta_numeric = torch.from_numpy(num)
+            feats.meta_numeric_mask = torch.from_numpy(mask)
+            feats.meta_categorical = torch.from_numpy(cat)
+        return feats
