@@ -35,7 +35,7 @@ from mvpp.memory_bank.metadata import ColumnMap, parse_rows, read_table
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.features import DEFAULT_MIN_COUNT
 from mvpp.predictor.metrics import Metrics
-from mvpp.predictor.run import Run, RunError, save_run
+from mvpp.predictor.run import Run, save_run
 from mvpp.predictor.scoring import Scorer, evaluate
 from mvpp.predictor.training import TrainConfig, train
 from mvpp.retriever.snapshot import read_snapshot
@@ -205,10 +205,7 @@ def evaluate_cmd(
     setup_logging(verbose)
     loc = location(bank, qdrant_url, api_key, collection)
     with friendly_errors(), store_for(loc) as store:
-        try:
-            run = Run.load(run_dir)
-        except RunError as exc:
-            fail(str(exc))
+        run = Run.load(run_dir)  # a RunError is a ValueError: one red line, exit 2
         if store.manifest is None:
             fail(f"no bank at {loc.describe()}")
         run.manifest.check_compatible(store.manifest)
@@ -257,10 +254,7 @@ def score_cmd(
         fail("give a VIDEOS_DIR, a --meta table, or both")
     loc = location(bank, qdrant_url, api_key, collection)
     with friendly_errors(), store_for(loc) as store:
-        try:
-            run = Run.load(run_dir)
-        except RunError as exc:
-            fail(str(exc))
+        run = Run.load(run_dir)  # a RunError is a ValueError: one red line, exit 2
         if store.manifest is None:
             fail(f"no bank at {loc.describe()}")
         run.manifest.check_compatible(store.manifest)
