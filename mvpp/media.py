@@ -122,6 +122,19 @@ def _resize(frame: np.ndarray, max_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
 
 
+def _same_size(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """Frames resized to the first one's size: a stream may change resolution midway."""
+    h, w = frames[0].shape[:2]
+    if all(f.shape[:2] == (h, w) for f in frames):
+        return frames
+    from PIL import Image
+
+    return [
+        f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR))
+        for f in frames
+    ]
+
+
 def decode_frames(path: Path | str, n_frames: int = 10, max_side: int = 384) -> Clip:
     """Decode `n_frames` frames evenly spaced over the clip.
 
@@ -147,7 +160,7 @@ def decode_frames(path: Path | str, n_frames: int = 10, max_side: int = 384) -> 
         container.close()
     if not frames:
         raise MediaError(path, "no decodable frames")
-    arr = np.stack(frames)
+    arr = np.stack(_same_size(frames))
     mask = np.zeros(n_frames, dtype=bool)
     mask[: len(frames)] = True
     return Clip(str(path), arr, mask, info.duration_s, info.fps, info.width, info.height)

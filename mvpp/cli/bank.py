@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from mvpp.cli.common import (
     EXIT_ITEMS_FAILED,
@@ -29,6 +31,7 @@ from mvpp.cli.common import (
     location,
     out,
     progress_bar,
+    quiet_model_loading,
     setup_logging,
     store_for,
 )
@@ -157,6 +160,7 @@ def build(
             spec = encoder_spec(
                 profile, bank_profile, text_model, captioner_model, frame_model, frame_pretrained
             )
+            quiet_model_loading()
             encoders = load_encoders(spec, device=device)
             builder = BankBuilder(store, encoders, settings)
             total = len(items) + len(plan_failures)
@@ -180,7 +184,7 @@ def build(
                     )
 
                 report = builder.build(items, plan_failures, failures_file, on_progress)
-    table = Table(title=f"bank {loc.describe()}")
+    table = Table(title=Text(f"bank {loc.describe()}"))
     table.add_column("indexed", justify="right")
     table.add_column("unchanged", justify="right")
     table.add_column("failed", justify="right")
@@ -197,10 +201,10 @@ def build(
     if report.failed:
         shown = report.failures[:10]
         for f in shown:
-            console.print(f"  [red]failed[/] {f.item_id}: {f.reason}")
+            console.print(f"  [red]failed[/] {escape(f.item_id)}: {escape(f.reason)}")
         if report.failed > len(shown):
             console.print(f"  ... and {report.failed - len(shown)} more")
-        console.print(f"failures written to {failures_file}")
+        console.print(f"failures written to {escape(str(failures_file))}")
         raise typer.Exit(EXIT_ITEMS_FAILED)
 
 
@@ -238,6 +242,7 @@ def query(
         spec = encoder_spec(
             profile, store.manifest.profile, text_model, captioner_model, frame_model, frame_pretrained
         )
+        quiet_model_loading()
         retriever = Retriever(store, load_encoders(spec, device=device))
         flt = SearchFilter(labelled_only=True) if labelled_only else None
         hits = retriever.query(Query(clip=clip, title=title or ""), k=k, flt=flt)
@@ -256,23 +261,23 @@ def query(
         ]
         out.print_json(json.dumps(rows, ensure_ascii=False))
         return
-    table = Table(title=f"{len(hits)} nearest in {loc.describe()}")
+    table = Table(title=Text(f"{len(hits)} nearest in {loc.describe()}"))
     table.add_column("#", justify="right")
-    table.add_column("item id")
+    table.add_column("item id", overflow="fold")
     table.add_column("similarity", justify="right")
     table.add_column("title", overflow="fold", max_width=50)
     table.add_column("first caption", overflow="fold", max_width=40)
-    table.add_column("labels")
+    table.add_column("labels", overflow="fold")
     for rank, h in enumerate(hits, 1):
         caps = h.payload.get("captions") or []
         labels = h.payload.get("labels") or {}
-        table.add_row(
+        table.add_row(  # Text: titles and ids are shown as written, never read as markup
             str(rank),
-            h.item_id,
+            Text(h.item_id),
             f"{h.score:.4f}",
-            h.payload.get("title") or "",
-            caps[0] if caps else "",
-            ", ".join(f"{k_}={v:g}" for k_, v in labels.items()),
+            Text(h.payload.get("title") or ""),
+            Text(caps[0] if caps else ""),
+            Text(", ".join(f"{k_}={v:g}" for k_, v in labels.items())),
         )
     out.print(table)
 
@@ -307,7 +312,7 @@ def info(
     if as_json:
         out.print_json(json.dumps(data))
         return
-    table = Table(title=f"bank {data['location']}", show_header=False)
+    table = Table(title=Text(f"bank {data['location']}"), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for key in (
@@ -316,7 +321,7 @@ def info(
         "n_frames", "max_tokens", "label_names", "label_transform", "schema_version",
     ):
         value = data[key]
-        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+        table.add_row(key, Text(", ".join(value) if isinstance(value, list) else str(value)))
     size = data["size_bytes"]
     table.add_row("size on disk", "n/a (server)" if size is None else f"{size / 1e6:.1f} MB")
     out.print(table)

@@ -7,11 +7,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,7 +29,13 @@ from mvpp.memory_bank.encoders.base import EncoderUnavailableError
 from mvpp.memory_bank.encoders.profiles import EncoderSpec
 from mvpp.memory_bank.metadata import MetadataError
 from mvpp.memory_bank.schema import BankMismatchError
-from mvpp.memory_bank.store import BankStore, open_store
+from mvpp.memory_bank.store import (
+    BankBusyError,
+    BankNotInitialisedError,
+    BankStore,
+    NotABankError,
+    open_store,
+)
 
 console = Console(stderr=True)
 out = Console()
@@ -42,7 +49,11 @@ BankOpt = Annotated[
 ]
 UrlOpt = Annotated[
     str | None,
-    typer.Option("--qdrant-url", help="Qdrant server URL; overrides --bank [env MVPP_QDRANT_URL]."),
+    typer.Option(
+        "--qdrant-url",
+        help="Qdrant server URL, or local:PATH for qdrant-client's local mode (no server); "
+        "overrides --bank [env MVPP_QDRANT_URL].",
+    ),
 ]
 ApiKeyOpt = Annotated[
     str | None, typer.Option("--api-key", help="Qdrant API key [env QDRANT_API_KEY].")
@@ -128,8 +139,29 @@ def encoder_spec(
         raise typer.BadParameter(str(exc), param_hint="--profile") from exc
 
 
+def quiet_model_loading() -> None:
+    """Hide the per-model "Loading weights" bars of transformers unless logging is verbose.
+
+    Call before encoders load. Download bars of the Hugging Face hub stay.
+    """
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if set_hook is not None:  # transformers 5; older versions only have a global switch
+        set_hook(_silent_tqdm)
+
+
+def _silent_tqdm(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return factory(*args, **{**kwargs, "disable": True})
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # one logical line (the terminal wraps it), whatever the console's width
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -141,10 +173,12 @@ def friendly_errors() -> Iterator[None]:
     except (
         EncoderUnavailableError,
         BankMismatchError,
+        BankBusyError,
+        NotABankError,
+        BankNotInitialisedError,
         MetadataError,
         MediaError,
-        FileNotFoundError,
-        ConnectionError,
+        OSError,  # file not found, permission denied, connection refused, ...
         ValueError,
     ) as exc:
         fail(str(exc))

@@ -101,41 +101,52 @@ def plan_items(
 
     A row names its video through its video column (relative to `videos_dir`),
     otherwise the file whose stem equals the id. Rows without a video are text-only;
-    videos without a row are unlabelled.
+    videos without a row are unlabelled. Files no video column names are ids by their
+    stem: when several share a stem, the first (in path order) is that id's video and
+    each other one is a duplicate-id failure.
     """
+    rows = meta_rows or []
+    named = {_row_video(row.video, videos_dir).resolve() for row in rows if row.video}
+    by_stem: dict[str, list[Path]] = {}
+    for path in list_videos(videos_dir) if videos_dir is not None else []:
+        if path.resolve() not in named:
+            by_stem.setdefault(path.stem, []).append(path)
     failures: list[Failure] = []
-    videos: dict[str, Path] = {}
-    if videos_dir is not None:
-        for path in list_videos(videos_dir):
-            stem = path.stem
-            if stem in videos:
-                failures.append(
-                    Failure(stem, f"duplicate id: also {videos[stem].name}", str(path))
-                )
-                continue
-            videos[stem] = path
     items: list[BuildItem] = []
-    used: set[str] = set()
-    for row in meta_rows or []:
+    for row in rows:
         if row.problems:
             failures.append(Failure(row.item_id, "; ".join(row.problems)))
             continue
         video: Path | None = None
         if row.video:
-            video = (videos_dir / row.video) if videos_dir else Path(row.video)
+            video = _row_video(row.video, videos_dir)
             if not video.exists():
                 failures.append(Failure(row.item_id, f"video file not found: {video}", str(video)))
                 continue
-            used.add(video.stem)
-        elif row.item_id in videos:
-            video = videos[row.item_id]
-            used.add(row.item_id)
+        elif row.item_id in by_stem:
+            video = by_stem[row.item_id][0]
         items.append(BuildItem(row.item_id, row, video))
-    ids_from_meta = {item.item_id for item in items} | {f.item_id for f in failures}
-    for stem, path in videos.items():
-        if stem not in used and stem not in ids_from_meta:
-            items.append(BuildItem(stem, None, path))
+    meta_ids = {row.item_id for row in rows}
+    for stem, paths in by_stem.items():
+        if stem not in meta_ids:
+            items.append(BuildItem(stem, None, paths[0]))
+        first = _relative(paths[0], videos_dir)
+        for path in paths[1:]:
+            failures.append(
+                Failure(stem, f"duplicate id: {first} has the same file name stem", str(path))
+            )
     return items, failures
+
+
+def _row_video(video: str, videos_dir: Path | None) -> Path:
+    return (videos_dir / video) if videos_dir is not None else Path(video)
+
+
+def _relative(path: Path, folder: Path | None) -> str:
+    try:
+        return str(path.relative_to(folder)) if folder is not None else str(path)
+    except ValueError:
+        return str(path)
 
 
 class BankBuilder:
@@ -262,6 +273,9 @@ class BankBuilder:
             return decode_frames(item.video, self.settings.n_frames, self.settings.frame_max_side)
         except MediaError as exc:
             return exc
+        except Exception as exc:  # an unforeseen decoder problem fails this item, not the batch
+            logger.debug("decoding %s", item.video, exc_info=True)
+            return MediaError(item.video, f"decoding failed ({type(exc).__name__}: {exc})")
 
     def encode(self, items: list[tuple[BuildItem, Clip | None]]) -> list[BankPoint]:
         """Encode items (with their decoded clips) into points; no store access."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 # Queries scored per block: bounds peak memory at block x n_keys floats.
 DEFAULT_BLOCK = 2048
@@ -52,6 +51,8 @@ def bulk_topk(
     qualifies only if published strictly before its query. Unknown times never qualify
     as "before" a known query time, so an undated key cannot leak the future.
     """
+    import torch  # here rather than at the top: `mvpp-bank` commands start without it
+
     n, m = len(queries), len(keys)
     k_eff = max(0, min(k, m))
     indices = np.full((n, k), -1, dtype=np.int64)

@@ -9,7 +9,7 @@ what the lite profile can offer for a bare clip.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +115,7 @@ def _with_exclusion(flt: SearchFilter | None, item_id: str | None) -> SearchFilt
     if item_id is None:
         return flt
     base = flt or SearchFilter()
-    return SearchFilter(
-        exclude_ids=[*base.exclude_ids, item_id],
-        labelled_only=base.labelled_only,
-        splits=base.splits,
-        published_before=base.published_before,
-        has_video=base.has_video,
-    )
+    return replace(base, exclude_ids=[*base.exclude_ids, item_id])
 
 
 __all__ = ["EncodedQuery", "Neighbours", "Query", "Retriever", "bulk_topk"]

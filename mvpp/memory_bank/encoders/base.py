@@ -36,6 +36,7 @@ __all__ = [
     "l2_normalize",
     "load_cache_first",
     "looks_like_local_path",
+    "require_cached_when_offline",
     "resolve_device",
 ]
 
@@ -140,6 +141,23 @@ def looks_like_local_path(name: str) -> bool:
         return True
     # Hub ids are "name" or "org/name"; anything deeper is a path.
     return name.count("/") > 1
+
+
+def require_cached_when_offline(repo_id: str) -> None:
+    """Offline, fail at once when the hub cache holds no copy of `repo_id`, before the
+    model libraries (seconds to import) are loaded only to find that out.
+
+    Ids without an organisation are left to the loader, which may map them to another
+    repository.
+    """
+    if not hub_offline() or "/" not in repo_id:
+        return
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id, local_files_only=True)
+    except Exception as exc:
+        raise EncoderUnavailableError(repo_id, "not in the local Hugging Face cache") from exc
 
 
 def load_cache_first(model: str, load: Callable[[bool], T]) -> T:

@@ -9,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from .base import EncoderUnavailableError, load_cache_first, looks_like_local_path, resolve_device
+from .base import (
+    EncoderUnavailableError,
+    load_cache_first,
+    looks_like_local_path,
+    require_cached_when_offline,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +91,9 @@ def _check_frame(frame: np.ndarray, index: int) -> np.ndarray:
 
 
 def _load_blip(source: str) -> tuple[Any, Any]:
+    path = Path(source).expanduser()
+    if not path.is_dir() and not looks_like_local_path(source):
+        require_cached_when_offline(source)
     try:
         from transformers import BlipForConditionalGeneration, BlipProcessor
     except ImportError as exc:  # pragma: no cover - a dependency of the package
@@ -95,7 +104,6 @@ def _load_blip(source: str) -> tuple[Any, Any]:
         model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=local_only)
         return processor, model
 
-    path = Path(source).expanduser()
     if path.is_dir():
         try:
             return load(str(path), True)

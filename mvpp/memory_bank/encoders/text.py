@@ -20,6 +20,7 @@ from .base import (
     l2_normalize,
     load_cache_first,
     looks_like_local_path,
+    require_cached_when_offline,
     resolve_device,
 )
 
@@ -165,6 +166,9 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 
 
 def _load_sentence_transformer(source: str, device: str) -> Any:
+    path = Path(source).expanduser()
+    if not path.is_dir() and not looks_like_local_path(source):
+        require_cached_when_offline(source)
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:  # pragma: no cover - a dependency of the package
@@ -172,7 +176,6 @@ def _load_sentence_transformer(source: str, device: str) -> Any:
             source, f"sentence-transformers is not installed ({exc})"
         ) from exc
 
-    path = Path(source).expanduser()
     if path.is_dir():
         try:
             return SentenceTransformer(str(path), device=device, local_files_only=True)

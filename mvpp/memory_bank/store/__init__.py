@@ -19,6 +19,7 @@ DEFAULT_BANK = Path("mvpp-bank")
 
 __all__ = [
     "DEFAULT_BANK",
+    "LOCAL_PREFIX",
     "BankBusyError",
     "BankNotInitialisedError",
     "BankStore",
@@ -37,6 +38,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# `--qdrant-url local:PATH`: the server backend on qdrant-client's local mode, no server.
+LOCAL_PREFIX = "local:"
+
+
 def open_store(
     bank: Path | None = None,
     qdrant_url: str | None = None,
@@ -44,9 +49,18 @@ def open_store(
     collection: str = "mvpp",
 ) -> BankStore:
     """Open a bank: on the Qdrant server at `qdrant_url` when given, else embedded at `bank`
-    (default ./mvpp-bank)."""
+    (default ./mvpp-bank).
+
+    `qdrant_url="local:PATH"` runs the server backend on qdrant-client's local mode with
+    its data in the folder PATH (one process at a time), without a server.
+    """
     if qdrant_url:
         from .server import ServerBankStore
 
+        if qdrant_url.startswith(LOCAL_PREFIX):
+            path = qdrant_url[len(LOCAL_PREFIX) :]
+            if not path:
+                raise ValueError("give a folder after 'local:', e.g. local:./qdrant-data")
+            return ServerBankStore(path=path, collection=collection)
         return ServerBankStore(url=qdrant_url, api_key=api_key, collection=collection)
     return EdgeBankStore(Path(bank) if bank is not None else DEFAULT_BANK)

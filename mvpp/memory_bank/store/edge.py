@@ -167,6 +167,10 @@ def _write_manifest(path: Path, manifest: Manifest) -> None:
         raise
 
 
+def _is_manifest_tmp(name: str) -> bool:
+    return name.startswith(".manifest-") and name.endswith(".json")
+
+
 def _load_shard(folder: Path) -> qe.EdgeShard:
     shard_path = folder / SHARD_DIR
     if not shard_path.is_dir():
@@ -235,21 +239,54 @@ class EdgeBankStore(BankStore):
             log.debug("opened bank %s (%s)", self.path, manifest.profile)
 
     def _check_free_folder(self) -> None:
+        """A folder without a manifest may hold only what an interrupted creation leaves
+        (the shard, a temporary manifest): `_create` clears that."""
         if not self.path.exists():
             return
         if not self.path.is_dir():
             raise NotABankError(f"{self.path} is a file, not a bank folder")
-        entries = sorted(p.name for p in self.path.iterdir())
-        if entries == [SHARD_DIR]:
-            raise NotABankError(
-                f"{self.path} holds a shard but no {MANIFEST_FILE}: an interrupted bank "
-                "creation. Delete the folder and build again."
-            )
-        if entries:
+        others = sorted(
+            p.name
+            for p in self.path.iterdir()
+            if p.name != SHARD_DIR and not _is_manifest_tmp(p.name)
+        )
+        if others:
             raise NotABankError(
                 f"{self.path} exists and is not an mvpp bank (no {MANIFEST_FILE}); "
                 "choose a new or empty folder"
             )
+
+    def _clear_interrupted_creation(self) -> None:
+        """Remove a shard left without a manifest by a creation killed midway.
+
+        The manifest is written before any point, so such a shard is empty; one that holds
+        points (a manifest deleted by hand) is left alone.
+        """
+        for tmp in self.path.glob(".manifest-*.json"):
+            tmp.unlink(missing_ok=True)
+        shard_path = self.path / SHARD_DIR
+        if not shard_path.exists():
+            return
+        try:
+            shard = _load_shard(self.path)  # BankBusyError if another process is creating it
+        except BankBusyError:
+            raise
+        except Exception as exc:
+            raise NotABankError(
+                f"{self.path} holds an unreadable shard but no {MANIFEST_FILE} ({exc}); "
+                "delete the folder and build again"
+            ) from exc
+        try:
+            n_points = int(shard.count(qe.CountRequest(exact=True)))
+        finally:
+            shard.close()
+        if n_points:
+            raise NotABankError(
+                f"{self.path} holds a shard with {n_points} points but no {MANIFEST_FILE}; "
+                "restore the manifest, or delete the folder and build again"
+            )
+        log.warning("bank %s: removing the empty shard of an interrupted creation", self.path)
+        shutil.rmtree(shard_path)
 
     def _shard(self) -> qe.EdgeShard | None:
         if self._closed:
@@ -287,6 +324,7 @@ class EdgeBankStore(BankStore):
     def _create(self, manifest: Manifest) -> None:
         """Create shard, payload indexes, then the manifest. Caller holds _OPEN_LOCK."""
         self._check_free_folder()
+        self._clear_interrupted_creation()
         self.path.mkdir(parents=True, exist_ok=True)
         shard = qe.EdgeShard.create(str(self.path / SHARD_DIR), edge_config(manifest))
         try:

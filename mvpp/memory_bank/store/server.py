@@ -31,6 +31,7 @@ from ..schema import (
 )
 from .base import (
     UPSERT_BATCH,
+    BankBusyError,
     BankNotInitialisedError,
     BankStore,
     NotABankError,
@@ -113,6 +114,21 @@ def server_filter(flt: SearchFilter | None) -> models.Filter | None:
     return models.Filter(must=must or None, must_not=must_not or None)
 
 
+def _local_client(path: str) -> QdrantClient:
+    if path == ":memory:":
+        return QdrantClient(location=":memory:")
+    try:
+        return QdrantClient(path=path)
+    except RuntimeError as exc:
+        # local mode locks its folder: one client (one process) at a time
+        if "already accessed" in str(exc):
+            raise BankBusyError(
+                f"the local Qdrant folder {path} is open in another client or process; close it "
+                "there, or share one bank through a Qdrant server (--qdrant-url)"
+            ) from exc
+        raise
+
+
 class ServerBankStore(BankStore):
     """A bank in a collection of a Qdrant server (or of qdrant-client's local mode)."""
 
@@ -130,11 +146,7 @@ class ServerBankStore(BankStore):
         self._local = path is not None
         if path is not None:
             self.location = f"{path}#{collection}"
-            self._client = (
-                QdrantClient(location=":memory:")
-                if path == ":memory:"
-                else QdrantClient(path=str(path))
-            )
+            self._client = _local_client(str(path))
         else:
             url = url or DEFAULT_URL
             self.location = f"{url}#{collection}"
