@@ -127,12 +127,18 @@ def baselines(data: PreparedData) -> dict[str, object]:
     f_tr = np.column_stack([x[tr], neighbour_features(data, "train")])
     f_va = np.column_stack([x[va], neighbour_features(data, "val")])
     f_te = np.column_stack([x[te], neighbour_features(data, "test")])
-    model = lgb.LGBMRegressor(
-        n_estimators=2000, learning_rate=0.03, num_leaves=31, subsample=0.8, subsample_freq=1,
-        colsample_bytree=0.5, min_child_samples=30, verbose=-1, n_jobs=2,
+    params = {
+        "objective": "regression", "learning_rate": 0.03, "num_leaves": 31, "bagging_fraction": 0.8,
+        "bagging_freq": 1, "feature_fraction": 0.5, "min_data_in_leaf": 30, "verbose": -1,
+        "num_threads": 2, "seed": 0,
+    }
+    train_set = lgb.Dataset(f_tr, y[tr])
+    booster = lgb.train(
+        params, train_set, num_boost_round=2000,
+        valid_sets=[lgb.Dataset(f_va, y[va], reference=train_set)],
+        callbacks=[lgb.early_stopping(100, verbose=False)],
     )
-    model.fit(f_tr, y[tr], eval_set=[(f_va, y[va])], callbacks=[lgb.early_stopping(100, verbose=False)])
-    out["LightGBM (embeddings + neighbour labels)"] = _metrics(y[te], model.predict(f_te))
+    out["LightGBM (embeddings + neighbour labels)"] = _metrics(y[te], booster.predict(f_te))
     return out
 
 
@@ -161,7 +167,7 @@ def main() -> None:
             results.setdefault(name, []).append(m)
         for name, switches in variants.items():
             t0 = time.perf_counter()
-            res = train(snapshot, cfg, replace(ModelConfig(), **switches), data=data)
+            res = train(snapshot, cfg, replace(ModelConfig(), **switches), _log_epochs(name), data=data)
             m = res.metrics["test"][data.target_names[0]]
             results.setdefault(name, []).append(m)
             epoch_s.append(res.seconds_per_epoch)
@@ -170,6 +176,18 @@ def main() -> None:
                 f"(best epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)"
             )
     report(results, epoch_s, len(args.seeds), args.json)
+
+
+def _log_epochs(name: str):
+    def on_event(event: str, info: dict) -> None:
+        if event == "epoch":
+            console.print(
+                f"  {name}: epoch {info['epoch']} val nMSE {info['val_nmse']:.4f} "
+                f"SRC {info['val_src']:.4f} ({info['seconds']:.0f} s)",
+                style="dim",
+            )
+
+    return on_event
 
 
 def report(results: dict[str, list], epoch_s: list[float], n_seeds: int, json_path: Path | None) -> None:
