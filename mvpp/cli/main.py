@@ -25,6 +25,7 @@ from mvpp.cli.common import (
     location,
     out,
     progress_bar,
+    quiet_model_loading,
     setup_logging,
     store_for,
 )
@@ -275,6 +276,7 @@ def score_cmd(
         snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
         spec = encoder_spec(None, store.manifest.profile)
         settings = BuildSettings(n_frames=store.manifest.n_frames, max_tokens=store.manifest.max_tokens)
+        quiet_model_loading()
         builder = BankBuilder(store, load_encoders(spec, device=device), settings)
         scorer = Scorer(run, snapshot, builder)
         with progress_bar() as bar:
