@@ -102,7 +102,7 @@ def predictor_part(work: Path, epochs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("demo-out"), help="working folder")
-    parser.add_argument("--epochs", type=int, default=20, help="training epochs")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
