@@ -99,13 +99,13 @@ def test_signed_column_is_not_logged():
 
 def test_missing_values_are_masked_not_zero_filled():
     train = [{"followers": 10.0}, {"followers": None}, {"followers": 1000.0}, {}]
-    fz = MetaFeaturizer.fit(train, derived=False)
+    fz = MetaFeaturizer.fit(train, derived=False, bins=0)
     assert fz.numeric[0].mean == pytest.approx(np.log1p([10.0, 1000.0]).mean())
     num, mask, _ = fz.transform([{"followers": None}, {}, {"followers": "n/a"}, {"followers": 10.0}])
     assert mask[:, 0].tolist() == [False, False, False, True]
     assert (num[~mask] == 0).all()
     # the model sees missing (mask False) differently from a real value that standardises to 0
-    enc = MetadataEncoder(1, [], 4, 8)
+    enc = MetadataEncoder(fz.n_numeric, [], 4, 8)
     _, avail = enc(torch.from_numpy(num), torch.from_numpy(mask), None, 4)
     assert avail.tolist() == [False, False, False, True]
 
@@ -152,7 +152,7 @@ def test_time_features_hour_weekday_age_duration():
     pub = [ts("2025-05-19T06:00:00"), ts("2025-05-24T18:00:00"), None]  # Monday, Saturday
     obs = [ts("2025-05-19T16:00:00"), None, ts("2025-05-29T00:00:00")]
     dur = [30.0, None, 120.0]
-    fz = MetaFeaturizer.fit([{}, {}, {}], dur, pub, obs)
+    fz = MetaFeaturizer.fit([{}, {}, {}], dur, pub, obs, bins=0)
     names = fz.feature_names
     assert names == ["duration_s", "age_h", "hour_sin", "hour_cos", "weekday"]
     assert fz.cardinalities == [7]
@@ -181,13 +181,38 @@ def test_no_times_no_time_features():
     assert MetaFeaturizer.fit([{}, {}]).n_features == 0
 
 
+def test_piecewise_quantile_encoding():
+    train = [{"followers": float(v)} for v in range(1, 101)]
+    fz = MetaFeaturizer.fit(train, derived=False, bins=4)
+    (f,) = fz.numeric
+    assert len(f.edges) == 5 and f.width == 5 and fz.n_numeric == 5
+    assert fz.numeric_columns == ["followers", "followers#1", "followers#2", "followers#3",
+                                  "followers#4"]
+    assert fz.value_columns == [0]
+    items = [{"followers": v} for v in (0.0, 1.0, 25.0, 50.0, 100.0, 1e9)] + [{}]
+    num, mask, _ = fz.transform(items)
+    pieces = num[:6, 1:]
+    assert ((pieces >= 0) & (pieces <= 1)).all()
+    # the pieces fill up in order as the value grows; beyond the training range they saturate
+    assert pieces[1].tolist() == [0, 0, 0, 0] and pieces[4].tolist() == [1, 1, 1, 1]
+    assert pieces[5].tolist() == [1, 1, 1, 1] and pieces[0].tolist() == [0, 0, 0, 0]
+    fill = pieces.sum(axis=1)
+    assert (np.diff(fill) >= 0).all() and 0 < fill[2] < fill[3] < 4
+    assert not mask[6].any() and (num[6] == 0).all() and mask[:6].all()
+    # the periodic hour gets no pieces; a constant column gets none either
+    pub = [ts("2025-05-19T06:00:00") + 3600 * i for i in range(10)]
+    fz2 = MetaFeaturizer.fit([{"c": 1.0}] * 10, None, pub, None, bins=4)
+    widths = {f.name: f.width for f in fz2.numeric}
+    assert widths == {"c": 1, "hour_sin": 1, "hour_cos": 1}
+
+
 # -- persistence and sizes ----------------------------------------------------------------
 
 
 def test_round_trip_through_json_and_model_sizes():
     train = [{"followers": float(10**i), "creator": "ab"[i % 2]} for i in range(6)]
     pub = [ts("2025-05-19T06:00:00") + 3600 * i for i in range(6)]
-    fz = MetaFeaturizer.fit(train, None, pub, None)
+    fz = MetaFeaturizer.fit(train, None, pub, None, bins=0)
     back = MetaFeaturizer.from_dict(json.loads(json.dumps(fz.to_dict())))
     assert back == fz
     items = [{"followers": 5.0, "creator": "b"}, {"creator": "q"}, {}]

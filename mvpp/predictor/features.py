@@ -3,7 +3,9 @@
 Sources, all fitted on the training split only:
 - numeric metadata columns (creator followers, music uses, duration written as mm:ss...):
   log1p when every training value is non-negative (counts), then standardised with the
-  training mean and std;
+  training mean and std, and also given as a piecewise-linear encoding over the training
+  quantiles (`bins` pieces: an MLP then fits non-monotone effects easily, and values
+  beyond the training range saturate instead of extrapolating, as in a tree);
 - categorical metadata columns (creator id, music id, any text value): a vocabulary of
   the training values seen at least `min_count` times; id 0 is the unknown bucket that
   takes unseen, rare and missing values;
@@ -42,6 +44,7 @@ NUMERIC_SHARE = 0.9
 # Standardised values are clipped to this many standard deviations.
 CLIP = 10.0
 DEFAULT_MIN_COUNT = 2
+DEFAULT_BINS = 8
 
 
 def _is_number(v: Any) -> bool:
@@ -77,6 +80,13 @@ class NumericFeature:
     log1p: bool
     mean: float = 0.0
     std: float = 1.0
+    # Quantile edges of the standardised training values; k + 1 edges give k encoded pieces.
+    edges: list[float] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        """Columns of this feature: the standardised value, then one per piece."""
+        return 1 + max(0, len(self.edges) - 1)
 
 
 @dataclass
@@ -140,12 +150,20 @@ class MetaFeaturizer:
     numeric: list[NumericFeature] = field(default_factory=list)
     categorical: list[CategoricalFeature] = field(default_factory=list)
     min_count: int = DEFAULT_MIN_COUNT
+    bins: int = DEFAULT_BINS
 
     # -- sizes -----------------------------------------------------------------------
 
     @property
     def n_numeric(self) -> int:
-        return len(self.numeric)
+        """Columns of the numeric output (each feature's value and its encoded pieces)."""
+        return sum(f.width for f in self.numeric)
+
+    @property
+    def value_columns(self) -> list[int]:
+        """Positions in the numeric output of each feature's standardised value."""
+        widths = [f.width for f in self.numeric]
+        return [int(c) for c in np.cumsum(widths) - widths] if widths else []
 
     @property
     def cardinalities(self) -> list[int]:
@@ -166,7 +184,13 @@ class MetaFeaturizer:
 
     @property
     def feature_names(self) -> list[str]:
+        """The features (one name per metadata input, not per output column)."""
         return [f.name for f in self.numeric] + [c.name for c in self.categorical]
+
+    @property
+    def numeric_columns(self) -> list[str]:
+        """Names of the numeric output columns: NAME, then NAME#1.. for the pieces."""
+        return [f.name if t == 0 else f"{f.name}#{t}" for f in self.numeric for t in range(f.width)]
 
     def model_sizes(self) -> dict[str, Any]:
         """The ModelConfig fields this featurizer implies."""
@@ -186,6 +210,7 @@ class MetaFeaturizer:
         categorical: Sequence[str] = (),
         min_count: int = DEFAULT_MIN_COUNT,
         derived: bool = True,
+        bins: int = DEFAULT_BINS,
     ) -> MetaFeaturizer:
         """Fit on training items.
 
@@ -195,6 +220,7 @@ class MetaFeaturizer:
         non-missing values are numbers. A column without any training value is left out,
         and so is a categorical column without any category seen `min_count` times.
         derived: add duration, age, post hour and weekday where the data has them.
+        bins: pieces of the quantile encoding of numeric features (0: values only).
         """
         if min_count < 1:
             raise ValueError("min_count must be >= 1")
@@ -218,7 +244,7 @@ class MetaFeaturizer:
                 x = np.array([_number(v) for v in values], np.float64)
                 x = x[np.isfinite(x)]
                 feat = NumericFeature(col, "meta", log1p=bool((x >= 0).all()))
-                numeric.append(_standardise(feat, x))
+                numeric.append(_standardise(feat, x, bins))
             else:
                 counts = Counter(k for k in map(category_key, values) if k is not None)
                 vocab = sorted(k for k, c in counts.items() if c >= min_count)
@@ -237,10 +263,12 @@ class MetaFeaturizer:
                 x = _raw_derived(source, dur, pub, obs)
                 x = x[np.isfinite(x)]
                 if len(x):
-                    numeric.append(_standardise(NumericFeature(name, source, log), x))
+                    # the hour is periodic already (sin, cos): no pieces
+                    pieces = 0 if source in (HOUR_SIN, HOUR_COS) else bins
+                    numeric.append(_standardise(NumericFeature(name, source, log), x, pieces))
             if np.isfinite(pub).any():
                 cats.append(CategoricalFeature("weekday", WEEKDAY, list(WEEKDAYS)))
-        return cls(numeric, cats, min_count)
+        return cls(numeric, cats, min_count, bins)
 
     @classmethod
     def fit_snapshot(cls, snapshot: Any, idx: np.ndarray, **kwargs: Any) -> MetaFeaturizer:
@@ -273,7 +301,7 @@ class MetaFeaturizer:
         obs = _as_array(observed_ts, n)
         numeric = np.zeros((n, self.n_numeric), np.float32)
         mask = np.zeros((n, self.n_numeric), bool)
-        for j, f in enumerate(self.numeric):
+        for j, f in zip(self.value_columns, self.numeric, strict=True):
             if f.source == "meta":
                 x = np.array([_number(m.get(f.name)) for m in metas], np.float64)
             else:
@@ -285,6 +313,11 @@ class MetaFeaturizer:
             ok = np.isfinite(z)
             numeric[:, j] = np.where(ok, z, 0.0)
             mask[:, j] = ok
+            for t in range(1, f.width):
+                lo, hi = f.edges[t - 1], f.edges[t]
+                piece = np.clip((z - lo) / (hi - lo), 0.0, 1.0)
+                numeric[:, j + t] = np.where(ok, piece, 0.0)
+                mask[:, j + t] = ok
         categorical = np.zeros((n, len(self.categorical)), np.int64)
         for j, c in enumerate(self.categorical):
             if c.source == WEEKDAY:
@@ -315,6 +348,7 @@ class MetaFeaturizer:
         return {
             "format": FORMAT,
             "min_count": self.min_count,
+            "bins": self.bins,
             "numeric": [asdict(f) for f in self.numeric],
             "categorical": [asdict(c) for c in self.categorical],
         }
@@ -327,17 +361,23 @@ class MetaFeaturizer:
             numeric=[NumericFeature(**f) for f in data["numeric"]],
             categorical=[CategoricalFeature(**c) for c in data["categorical"]],
             min_count=int(data["min_count"]),
+            bins=int(data.get("bins", 0)),
         )
 
 
-def _standardise(feat: NumericFeature, x: np.ndarray) -> NumericFeature:
-    """Training mean and std of the (log1p'd) finite values `x`."""
+def _standardise(feat: NumericFeature, x: np.ndarray, bins: int = 0) -> NumericFeature:
+    """Training mean and std of the (log1p'd) finite values `x`, and `bins` quantile pieces."""
     if feat.log1p:
         x = np.log1p(np.maximum(x, 0.0))
     if len(x):
         feat.mean = float(np.mean(x))
         std = float(np.std(x))
         feat.std = std if std > 1e-12 else 1.0
+        if bins > 1:
+            z = np.clip((x - feat.mean) / feat.std, -CLIP, CLIP)
+            edges = np.unique(np.quantile(z, np.linspace(0.0, 1.0, bins + 1)))
+            # fewer than two pieces say nothing the value does not
+            feat.edges = [float(e) for e in edges] if len(edges) >= 3 else []
     return feat
 
 
