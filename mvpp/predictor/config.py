@@ -62,6 +62,8 @@ class ModelConfig:
     use_text: bool = True
     use_meta: bool = True
     use_label_embedding: bool = True
+    # The label embedding also sees each neighbour's similarity (how far to trust its label).
+    label_similarity: bool = True
 
     def __post_init__(self) -> None:
         self.meta_cardinalities = [int(c) for c in self.meta_cardinalities]

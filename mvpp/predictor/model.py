@@ -153,6 +153,7 @@ class NeighbourAggregator(nn.Module):
         tau_init: float,
         tau_learnable: bool,
         use_label_embedding: bool,
+        label_similarity: bool = False,
     ) -> None:
         super().__init__()
         log_tau = torch.tensor(math.log(tau_init))
@@ -161,8 +162,12 @@ class NeighbourAggregator(nn.Module):
             self.log_tau = nn.Parameter(log_tau)
         else:
             self.register_buffer("log_tau", log_tau)
-        # Labels enter with their mask so a missing label is not read as 0.
-        self.label_embed = nn.Linear(2 * n_targets, d_model) if use_label_embedding else None
+        # Labels enter with their mask so a missing label is not read as 0. The neighbour's
+        # similarity may enter too: softmax weights are relative, so without it a label
+        # from a barely similar neighbour looks as trustworthy as one from a near copy.
+        self.label_similarity = label_similarity
+        d_in = 2 * n_targets + int(label_similarity)
+        self.label_embed = nn.Linear(d_in, d_model) if use_label_embedding else None
 
     @property
     def tau(self) -> Tensor:
@@ -187,15 +192,20 @@ class NeighbourAggregator(nn.Module):
         return torch.einsum("bkp,bkpd->bpd", w, x), valid
 
     def label_embedding(
-        self, labels: Tensor, label_mask: Tensor, a: Tensor
+        self, labels: Tensor, label_mask: Tensor, a: Tensor, sim: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """L_r = sum_j a_j ReLU(w_l y_j + b_l): (B, k, T), (B, k, T), (B, k) -> (B, d), (B,)."""
+        """L_r = sum_j a_j ReLU(w_l [y_j, s_j] + b_l): (B, k, T), (B, k, T), (B, k), (B, k)
+        -> (B, d), (B,). s_j is used only when the aggregator was built with it."""
         if self.label_embed is None:
             raise RuntimeError("label embedding is switched off")
         y = _zero_invalid(labels.to(a.dtype).unsqueeze(-1), label_mask).squeeze(-1)  # (B, k, T)
-        e = torch.relu(
-            self.label_embed(torch.cat([y, label_mask.to(y.dtype)], dim=-1))
-        )  # (B, k, d)
+        parts = [y, label_mask.to(y.dtype)]
+        if self.label_similarity:
+            if sim is None:
+                raise ValueError("this label embedding needs the neighbour similarities")
+            has = label_mask.any(dim=-1, keepdim=True)  # (B, k, 1)
+            parts.append(torch.where(has, sim.to(y.dtype).unsqueeze(-1), torch.zeros_like(y[..., :1])))
+        e = torch.relu(self.label_embed(torch.cat(parts, dim=-1)))  # (B, k, d)
         has = label_mask.any(dim=-1)  # (B, k)
         out, valid = self.aggregate(e.unsqueeze(2), has.unsqueeze(2), a)  # (B, 1, d), (B, 1)
         return out.squeeze(1), valid.squeeze(1)
@@ -548,7 +558,12 @@ class PopularityModel(nn.Module):
         self.retrieved_attention: BipolarCrossModalAttention | None = None
         if c.use_retrieval:
             self.aggregator = NeighbourAggregator(
-                d, c.n_targets, c.tau_init, c.tau_learnable, c.use_label_embedding
+                d,
+                c.n_targets,
+                c.tau_init,
+                c.tau_learnable,
+                c.use_label_embedding,
+                c.label_similarity,
             )
             self.retrieved_attention = attention() if both else None
         self.meta = (
@@ -648,7 +663,7 @@ class PopularityModel(nn.Module):
             self._pair(self.retrieved_attention, r_v, mr_v, r_t, mr_t, ("V_r", "T_r"), reps)
             if c.use_label_embedding:
                 lm = batch.nb_label_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, T)
-                reps["L_r"] = self.aggregator.label_embedding(batch.nb_labels, lm, a)
+                reps["L_r"] = self.aggregator.label_embedding(batch.nb_labels, lm, a, batch.nb_sim)
 
         if self.meta is not None:
             reps["M"] = self.meta(
