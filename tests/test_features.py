@@ -9,8 +9,15 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 import torch
+from conftest import shared_path
 
-from mvpp.memory_bank.metadata import ColumnMap, parse_count, parse_duration, parse_rows
+from mvpp.memory_bank.metadata import (
+    ColumnMap,
+    load_metadata,
+    parse_count,
+    parse_duration,
+    parse_rows,
+)
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.features import MetaFeaturizer, hour_of_day, weekday
 from mvpp.predictor.model import MetadataEncoder
@@ -234,3 +241,28 @@ def test_encoder_takes_featurizer_output():
     enc = MetadataEncoder(fz.n_numeric, fz.cardinalities, 4, 8)
     out, avail = enc(torch.from_numpy(num), torch.from_numpy(mask), torch.from_numpy(cat), 11)
     assert out.shape == (11, 8) and avail[:10].all() and not avail[10]
+
+
+def test_real_tiktok_table_parses_and_featurizes():
+    path = shared_path("tiktok_vn", "raw_data.csv")
+    cols = ColumnMap(
+        id_col="vid_id", text_cols=["vid_caption", "vid_hashtags"],
+        label_cols=["vid_nview", "vid_nlike", "vid_ncomment", "vid_nshare"],
+        time_col="vid_postTime", observed_col="vid_scrapeTime",
+        meta_cols=["user_nfollower", "music_nused", "vid_duration", "user_name"],
+    )
+    rows = load_metadata(path, cols)
+    assert len(rows) == 10_102 and not any(r.problems for r in rows)
+    for col in ("user_nfollower", "music_nused", "vid_duration"):
+        values = [r.metadata[col] for r in rows if r.metadata[col] is not None]
+        assert len(values) > 9_000 and all(isinstance(v, float) for v in values), col
+    assert all(r.published_ts and r.observed_ts and r.observed_ts > r.published_ts for r in rows)
+    fz = MetaFeaturizer.fit(
+        [r.metadata for r in rows], None, [r.published_ts for r in rows],
+        [r.observed_ts for r in rows],
+    )
+    assert fz.feature_names == ["user_nfollower", "music_nused", "vid_duration", "age_h",
+                                "hour_sin", "hour_cos", "user_name", "weekday"]
+    assert all(f.log1p for f in fz.numeric[:4])
+    # creators posting at least twice have an embedding; the others share bucket 0
+    assert 500 < fz.cardinalities[0] < 6_883
