@@ -23,6 +23,7 @@ from mvpp.predictor.scoring import Scorer, evaluate
 from mvpp.retriever.snapshot import read_snapshot
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # trains small models end to end
 
 
 @pytest.fixture(scope="module")
