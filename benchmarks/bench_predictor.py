@@ -175,6 +175,8 @@ def main() -> None:
                 f"seed {seed} {name:28s} nMSE {m.nmse:.4f} SRC {m.src:.4f} cov {m.coverage:.3f} "
                 f"(best epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)"
             )
+        if seed != args.seeds[-1]:
+            report(results, epoch_s, len(results["global mean"]), None)  # so far
     report(results, epoch_s, len(args.seeds), args.json)
 
 

@@ -70,7 +70,7 @@ def metrics_table(title: str, metrics: dict[str, Metrics]) -> Table:
 def train_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/latest"),
     k: Annotated[int, typer.Option("--k", help="Neighbours retrieved per item (0 = no retrieval).", min=0)] = 10,
-    epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs.", min=1)] = 30,
+    epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs.", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items per step.", min=1)] = 256,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, one-cycle).")] = 1e-3,
     lambda_kl: Annotated[float, typer.Option("--lambda-kl", help="Weight of the KL term after warm-up.")] = 1e-3,

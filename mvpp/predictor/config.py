@@ -46,7 +46,7 @@ class ModelConfig:
     # span a few tenths, so 0.1 makes the weights neither uniform nor one-hot.
     tau_init: float = 0.1
     tau_learnable: bool = True
-    dropout: float = 0.1
+    dropout: float = 0.2
     # Log-variance ranges: clamping keeps precisions and the NLL finite.
     expert_logvar_min: float = -6.0
     expert_logvar_max: float = 6.0

@@ -40,7 +40,7 @@ class TrainConfig:
     """Everything about a training run except the model's own hyper-parameters."""
 
     k: int = 10
-    epochs: int = 30
+    epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-2
