@@ -63,8 +63,8 @@ def build_bank(path: Path) -> None:
     items, failures = plan_items(None, rows)
     settings = BuildSettings(label_transform="log2")  # MMRA's target: log2(comments)
     with open_store(bank=path) as store:
-        if store.manifest is not None and store.count() >= len(items):
-            return
+        if store.manifest is not None:
+            return  # built before (delete the folder to rebuild)
         console.print(f"building the bank at {path} ({len(items)} items; a few minutes, once)")
         report = BankBuilder(store, load_encoders(EncoderSpec.from_profile("lite")), settings).build(
             items, failures, path.parent / "microlens.failures.jsonl"
@@ -149,7 +149,12 @@ def main() -> None:
     parser.add_argument("--bank", type=Path, default=CACHE / "microlens-bank")
     parser.add_argument("--only", nargs="*", default=None, help="mvpp variants to run (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         build_bank(args.bank)
     except DataMissing as exc:
