@@ -17,7 +17,7 @@ goes through the CLI a user types, with no dataset-specific code:
 
 Prints per-target nMSE, SRC and the 90% interval coverage of mvpp on the test split.
 
-    python benchmarks/bench_tiktok.py [--epochs 30] [--lr 1e-3] [--d-model 128] [--dropout 0.1]
+    python benchmarks/bench_tiktok.py [--epochs 20] [--lr 1e-3] [--d-model 128] [--dropout 0.1]
                                       [--seed 0] [--bank PATH] [--out DIR] [-- extra train flags]
 """
 
@@ -135,10 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bank", type=Path, default=CACHE / "tiktok" / "bank")
     parser.add_argument("--out", type=Path, default=CACHE / "tiktok" / "runs")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--d-model", type=int, default=None)
-    parser.add_argument("--dropout", type=float, default=None)
+    parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-train", action="store_true", help="reuse the runs in --out")
