@@ -129,6 +129,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Inverse of `to_dict`; unknown keys are an error so stale checkpoints fail loudly."""
+        # Runs saved before the label embedding saw similarities were built without it.
+        data = {"label_similarity": False, **data}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
