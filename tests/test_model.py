@@ -14,6 +14,7 @@ from mvpp.predictor.model import (
     AttentivePooling,
     BipolarCrossModalAttention,
     ModelBatch,
+    ModelOutput,
     NeighbourAggregator,
     PopularityModel,
     ProductOfExperts,
@@ -495,3 +496,37 @@ def test_predict_is_seeded_and_eval_only() -> None:
     # training mode samples z; eval mode uses its mean
     out_a, out_b = model(batch), model(batch)
     torch.testing.assert_close(out_a.mu_y, out_b.mu_y)
+
+
+def _gaussian_output(mu: torch.Tensor, logvar: torch.Tensor) -> ModelOutput:
+    b = mu.shape[0]
+    return ModelOutput(
+        mu_y=mu, logvar_y=logvar, z_mu=torch.zeros(b, 1), z_logvar=torch.zeros(b, 1),
+        kl=torch.zeros(b), expert_mask=torch.ones(b, 1, dtype=torch.bool),
+        neighbour_weights=torch.zeros(b, 0),
+    )
+
+
+def test_beta_nll_weights_items_by_their_variance() -> None:
+    y = torch.tensor([[0.0], [0.0]])
+    mask = torch.ones_like(y, dtype=torch.bool)
+    logvar = torch.tensor([[0.0], [math.log(4.0)]])  # the second item is called noisy
+
+    def mean_grads(beta: float) -> torch.Tensor:
+        mu = torch.tensor([[1.0], [1.0]], requires_grad=True)
+        popularity_loss(_gaussian_output(mu, logvar), y, mask, 0.0, beta=beta)[0].backward()
+        return mu.grad.squeeze(1)
+
+    plain = mean_grads(0.0)
+    # plain NLL: the noisy item pulls its mean 4x less
+    torch.testing.assert_close(plain[1] / plain[0], torch.tensor(0.25))
+    # beta = 1: both pull as under a squared error, whatever their variance
+    full = mean_grads(1.0)
+    torch.testing.assert_close(full[1], full[0])
+    # beta = 0 is exactly the Gaussian NLL
+    mu = torch.ones(2, 1)
+    a = popularity_loss(_gaussian_output(mu, logvar), y, mask, 0.0)[0]
+    b = popularity_loss(_gaussian_output(mu, logvar), y, mask, 0.0, beta=0.0)[0]
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="beta"):
+        popularity_loss(_gaussian_output(mu, logvar), y, mask, 0.0, beta=1.5)

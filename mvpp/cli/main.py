@@ -86,6 +86,16 @@ def train_cmd(
         list[str] | None, typer.Option("--target", help="Label(s) to predict [default: all labels of the bank].")
     ] = None,
     loss: Annotated[str, typer.Option("--loss", help="gaussian_nll or mse.")] = "gaussian_nll",
+    beta_nll: Annotated[
+        float,
+        typer.Option(
+            "--beta-nll",
+            help="beta-NLL exponent in [0, 1]: weights each item's Gaussian NLL by its "
+            "predicted variance^beta, so noisy items still pull the mean (0 = plain NLL).",
+            min=0.0,
+            max=1.0,
+        ),
+    ] = TrainConfig().beta_nll,
     split_by_time: Annotated[
         bool, typer.Option("--split-by-time", help="Train on the earliest 80%, test on the latest 10%.")
     ] = False,
@@ -144,7 +154,7 @@ def train_cmd(
     cfg = TrainConfig(
         k=k, epochs=epochs, batch_size=batch_size, lr=lr, lambda_kl=lambda_kl,
         kl_warmup_epochs=kl_warmup, patience=patience, seed=seed, targets=target or [],
-        loss=loss, split_by_time=split_by_time, time_safe=time_safe,
+        loss=loss, beta_nll=beta_nll, split_by_time=split_by_time, time_safe=time_safe,
         meta_cols=meta_col or [], meta_categorical=meta_categorical or [],
         meta_min_count=meta_min_count,
     )

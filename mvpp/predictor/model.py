@@ -497,16 +497,25 @@ def popularity_loss(
     target_mask: Tensor,
     kl_weight: float,
     kind: str = "gaussian_nll",
+    beta: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Masked reconstruction loss + kl_weight * batch-mean KL.
 
     target, target_mask (B, T); masked targets (even NaN) contribute nothing.
+    With kind "gaussian_nll", beta > 0 weights each item's NLL by its predicted
+    variance^beta, detached (beta-NLL, Seitzer et al. 2022): the plain NLL (beta = 0)
+    lets the mean give up on items it calls noisy, which costs MSE; beta = 1 gives the
+    mean the gradient of a squared error while the variance is still fitted.
     """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
     mask = target_mask.bool() & torch.isfinite(target)
     y = torch.where(mask, target, torch.zeros((), dtype=target.dtype, device=target.device))
     sq = (y - output.mu_y) ** 2  # (B, T)
     if kind == "gaussian_nll":
         per = 0.5 * (math.log(2.0 * math.pi) + output.logvar_y + sq * torch.exp(-output.logvar_y))
+        if beta > 0:
+            per = per * torch.exp(beta * output.logvar_y).detach()
     elif kind == "mse":
         per = sq
     else:
@@ -734,9 +743,10 @@ class PopularityModel(nn.Module):
         target_mask: Tensor,
         kl_weight: float,
         kind: str = "gaussian_nll",
+        beta: float = 0.0,
     ) -> tuple[Tensor, dict[str, float]]:
         """See `popularity_loss`."""
-        return popularity_loss(output, target, target_mask, kl_weight, kind)
+        return popularity_loss(output, target, target_mask, kl_weight, kind, beta)
 
     @torch.no_grad()
     def predict(

@@ -49,6 +49,8 @@ class TrainConfig:
     patience: int = 5
     grad_clip: float = 5.0
     loss: str = "gaussian_nll"
+    # beta-NLL exponent (see model.popularity_loss); 0 is the plain Gaussian NLL.
+    beta_nll: float = 0.0
     seed: int = 0
     targets: list[str] = field(default_factory=list)  # empty: every label of the bank
     split_by_time: bool = False
@@ -350,7 +352,7 @@ def train(
                 data.table.refresh_projection(model)
             batch, y = batch_for(data, "train", order[lo : lo + cfg.batch_size])
             out = model(batch)
-            loss, _parts = model.loss(out, y, ~torch.isnan(y), cfg.lambda_kl * warm, cfg.loss)
+            loss, _parts = model.loss(out, y, ~torch.isnan(y), cfg.lambda_kl * warm, cfg.loss, cfg.beta_nll)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
