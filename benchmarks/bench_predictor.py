@@ -12,6 +12,9 @@ Prints mean ± std over the seeds of nMSE, MAE, SRC and 90% interval coverage, t
 seconds per training epoch, and the MMRA paper's numbers for reference.
 
     python benchmarks/bench_predictor.py [--seeds 0 1 2 3 4] [--epochs 12] [--bank PATH]
+
+Seeds can run in separate processes (one per core, `--threads 1 --json part.json`)
+and be reported together with `--report part0.json part1.json`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders  # noq
 from mvpp.memory_bank.metadata import ColumnMap, load_metadata  # noqa: E402
 from mvpp.memory_bank.store import open_store  # noqa: E402
 from mvpp.predictor.config import ModelConfig  # noqa: E402
-from mvpp.predictor.metrics import regression_metrics  # noqa: E402
+from mvpp.predictor.metrics import Metrics, regression_metrics  # noqa: E402
 from mvpp.predictor.training import PreparedData, TrainConfig, prepare, train  # noqa: E402
 from mvpp.retriever.snapshot import read_snapshot  # noqa: E402
 
@@ -95,7 +98,7 @@ def neighbour_features(data: PreparedData, split: str) -> np.ndarray:
     ])
 
 
-def baselines(data: PreparedData) -> dict[str, object]:
+def baselines(data: PreparedData, threads: int) -> dict[str, object]:
     snap = data.snapshot
     tr, te, va = data.splits["train"], data.splits["test"], data.splits["val"]
     y = snap.targets[:, 0]
@@ -130,7 +133,7 @@ def baselines(data: PreparedData) -> dict[str, object]:
     params = {
         "objective": "regression", "learning_rate": 0.03, "num_leaves": 31, "bagging_fraction": 0.8,
         "bagging_freq": 1, "feature_fraction": 0.5, "min_data_in_leaf": 30, "verbose": -1,
-        "num_threads": 2, "seed": 0,
+        "num_threads": threads, "seed": 0,
     }
     train_set = lgb.Dataset(f_tr, y[tr])
     booster = lgb.train(
@@ -150,7 +153,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="mvpp variants to run (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write raw results here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--report", type=Path, nargs="+", default=None,
+        help="print the table of earlier --json results (e.g. seeds run in parallel) and exit",
+    )
     args = parser.parse_args()
+    if args.report:
+        merged, seeds, epoch_s = load_results(args.report)
+        report(merged, epoch_s, len(seeds), None, seeds)
+        return
     if args.threads:
         import torch
 
@@ -168,7 +179,7 @@ def main() -> None:
     for seed in args.seeds:
         cfg = TrainConfig(seed=seed, epochs=args.epochs)
         data = prepare(snapshot, cfg)
-        for name, m in baselines(data).items():
+        for name, m in baselines(data, args.threads or 2).items():
             results.setdefault(name, []).append(m)
         for name, switches in variants.items():
             t0 = time.perf_counter()
@@ -176,13 +187,37 @@ def main() -> None:
             m = res.metrics["test"][data.target_names[0]]
             results.setdefault(name, []).append(m)
             epoch_s.append(res.seconds_per_epoch)
+            if args.json:  # written as it goes: a stopped run keeps its finished seeds
+                save_results(args.json, results, epoch_s, args.seeds[: args.seeds.index(seed) + 1])
             console.print(
                 f"seed {seed} {name:28s} nMSE {m.nmse:.4f} SRC {m.src:.4f} cov {m.coverage:.3f} "
                 f"(best epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)"
             )
         if seed != args.seeds[-1]:
             report(results, epoch_s, len(results["global mean"]), None)  # so far
-    report(results, epoch_s, len(args.seeds), args.json)
+    report(results, epoch_s, len(args.seeds), args.json, args.seeds)
+
+
+def save_results(path: Path, results: dict[str, list], epoch_s: list[float], seeds: list[int]) -> None:
+    path.write_text(json.dumps({
+        "seeds": seeds,
+        "seconds_per_epoch": epoch_s,
+        "results": {k: [m.to_dict() for m in v] for k, v in results.items()},
+    }, indent=1))
+
+
+def load_results(paths: list[Path]) -> tuple[dict[str, list], list[int], list[float]]:
+    """Results of several --json files, merged (each file holds different seeds)."""
+    merged: dict[str, list] = {}
+    seeds: list[int] = []
+    epoch_s: list[float] = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        seeds += data["seeds"]
+        epoch_s += data["seconds_per_epoch"]
+        for name, rows in data["results"].items():
+            merged.setdefault(name, []).extend(Metrics(**r) for r in rows)
+    return merged, seeds, epoch_s
 
 
 def _log_epochs(name: str):
@@ -197,8 +232,15 @@ def _log_epochs(name: str):
     return on_event
 
 
-def report(results: dict[str, list], epoch_s: list[float], n_seeds: int, json_path: Path | None) -> None:
-    table = Table(title=f"MicroLens-100k test split, log2(comments), mean ± std over {n_seeds} seed(s)")
+def report(
+    results: dict[str, list],
+    epoch_s: list[float],
+    n_seeds: int,
+    json_path: Path | None,
+    seeds: list[int] | None = None,
+) -> None:
+    which = f" {seeds}" if seeds else ""
+    table = Table(title=f"MicroLens-100k test split, log2(comments), mean ± std over {n_seeds} seed(s){which}")
     for col in ("model", "nMSE", "MAE", "SRC", "90% coverage"):
         table.add_column(col, justify="left" if col == "model" else "right")
 
@@ -221,8 +263,8 @@ def report(results: dict[str, list], epoch_s: list[float], n_seeds: int, json_pa
     console.print(table)
     if epoch_s:
         console.print(f"training: {np.mean(epoch_s):.1f} s per epoch over ~15.8k items, k=10 (this machine)")
-    if json_path:
-        json_path.write_text(json.dumps({k: [m.to_dict() for m in v] for k, v in results.items()}, indent=1))
+    if json_path and seeds:
+        save_results(json_path, results, epoch_s, seeds)
 
 
 if __name__ == "__main__":
