@@ -39,6 +39,9 @@ class ModelConfig:
     # Categorical metadata: category ids are 1..cardinality, 0 is the unknown bucket.
     meta_cardinalities: list[int] = field(default_factory=list)
     meta_embed_dim: int = 16
+    # Title bag of words (predictor.lexicon): vocabulary size, set from the training
+    # split; 0 means no lexical text position.
+    lexicon_size: int = 0
     # Bipolar attention: positive scale alpha, negative scale -(1 - alpha).
     alpha: float = 0.5
     alpha_learnable: bool = False
@@ -61,6 +64,7 @@ class ModelConfig:
     use_frames: bool = True
     use_text: bool = True
     use_meta: bool = True
+    use_lexicon: bool = True
     use_label_embedding: bool = True
     # The label embedding also sees each neighbour's similarity (how far to trust its label).
     label_similarity: bool = True
@@ -81,6 +85,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.decoder_layers < 0:
             raise ValueError("ModelConfig.decoder_layers must be >= 0")
+        if self.lexicon_size < 0:
+            raise ValueError("ModelConfig.lexicon_size must be >= 0")
         if self.n_meta_numeric < 0:
             raise ValueError("ModelConfig.n_meta_numeric must be >= 0")
         if any(c <= 0 for c in self.meta_cardinalities):
@@ -100,6 +106,11 @@ class ModelConfig:
     def has_meta(self) -> bool:
         """Whether a metadata expert exists (configured and switched on)."""
         return self.use_meta and (self.n_meta_numeric > 0 or len(self.meta_cardinalities) > 0)
+
+    @property
+    def has_lexicon(self) -> bool:
+        """Whether text sequences get the bag-of-words position (text on, vocabulary non-empty)."""
+        return self.use_text and self.use_lexicon and self.lexicon_size > 0
 
     @property
     def expert_names(self) -> list[str]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from mvpp.predictor.features import MetaFeaturizer
+from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.model import ModelBatch, PopularityModel
 from mvpp.retriever.bulk import Neighbours, bulk_topk
 from mvpp.retriever.snapshot import BankSnapshot
@@ -129,13 +130,20 @@ class ItemFeatures:
     meta_numeric: torch.Tensor | None = None  # (B, M) float
     meta_numeric_mask: torch.Tensor | None = None  # (B, M) bool
     meta_categorical: torch.Tensor | None = None  # (B, C) long, 0 = unknown
+    # Title bag of words (see lexicon.Lexicon); None without a lexicon.
+    words: torch.Tensor | None = None  # (B, W) long, 0 = padding
+    word_weights: torch.Tensor | None = None  # (B, W) float
 
 
 class FeatureTable:
     """The snapshot's features as tensors, for fast gathering by index."""
 
     def __init__(
-        self, snapshot: BankSnapshot, norm: TargetNorm, featurizer: MetaFeaturizer | None = None
+        self,
+        snapshot: BankSnapshot,
+        norm: TargetNorm,
+        featurizer: MetaFeaturizer | None = None,
+        lexicon: Lexicon | None = None,
     ) -> None:
         self.tokens = torch.from_numpy(snapshot.tokens)  # (N, n, d_t) float16
         self.token_len = torch.from_numpy(snapshot.token_len.astype(np.int64))
@@ -147,6 +155,11 @@ class FeatureTable:
         if featurizer is not None and featurizer.n_features:
             num, mask, cat = featurizer.transform_snapshot(snapshot)
             self.meta = (torch.from_numpy(num), torch.from_numpy(mask), torch.from_numpy(cat))
+        self.words: torch.Tensor | None = None  # (N, W)
+        self.word_weights: torch.Tensor | None = None  # (N, W)
+        if lexicon is not None:
+            ids, weights = lexicon.encode(snapshot.titles)
+            self.words, self.word_weights = torch.from_numpy(ids), torch.from_numpy(weights)
 
     # Set by `refresh_projection`: every item's projected frames / tokens.
     proj_frames: torch.Tensor | None = None  # (N, L, d)
@@ -167,7 +180,11 @@ class FeatureTable:
             sl = slice(lo, lo + chunk)
             f_mask = _length_mask(self.frame_len[sl], self.frames.shape[1])
             t_mask = _length_mask(self.token_len[sl], self.tokens.shape[1])
-            x_v, x_t = model.project_items(self.frames[sl], f_mask, self.tokens[sl], t_mask)
+            words = self.words[sl] if self.words is not None else None
+            weights = self.word_weights[sl] if self.word_weights is not None else None
+            x_v, x_t = model.project_items(
+                self.frames[sl], f_mask, self.tokens[sl], t_mask, words, weights
+            )
             frames.append(x_v)
             tokens.append(x_t)
         self.proj_frames = torch.cat(frames) if frames and frames[0] is not None else None
@@ -185,6 +202,8 @@ class FeatureTable:
             feats.meta_numeric, feats.meta_numeric_mask, feats.meta_categorical = (
                 num[idx], mask[idx], cat[idx]
             )
+        if self.words is not None and self.word_weights is not None:
+            feats.words, feats.word_weights = self.words[idx], self.word_weights[idx]
         return feats
 
 
@@ -215,8 +234,16 @@ def make_batch(
         tok_src = tok_src if table.proj_tokens is not None else tok_src[:, :0]
         frm_src = frm_src if table.proj_frames is not None else frm_src[:, :0]
         n_tok, n_frm = tok_src.shape[1], frm_src.shape[1]
-    nb_tokens = tok_src[safe].float()  # (B, k, n, d_t or d)
+    nb_tokens = tok_src[safe].float()  # (B, k, n [+ 1], d_t or d)
     nb_token_len = torch.where(valid, table.token_len[safe], 0)
+    nb_token_mask = _length_mask(nb_token_len, min(n_tok, table.tokens.shape[1]))
+    nb_words = nb_word_weights = None
+    if table.words is not None and table.word_weights is not None:
+        nb_words = torch.where(valid.unsqueeze(-1), table.words[safe], 0)  # (B, k, W)
+        nb_word_weights = table.word_weights[safe]
+        if n_tok == table.tokens.shape[1] + 1:  # projected tokens end with the words' position
+            has_words = (nb_words > 0).any(dim=-1, keepdim=True)  # (B, k, 1)
+            nb_token_mask = torch.cat([nb_token_mask, has_words], dim=-1)
     nb_frames = frm_src[safe].float()  # (B, k, L, d_v or d)
     nb_frame_len = torch.where(valid, table.frame_len[safe], 0)
     nb_labels = table.targets[safe]  # (B, k, T)
@@ -230,7 +257,7 @@ def make_batch(
         nb_frames=nb_frames,
         nb_frame_mask=_length_mask(nb_frame_len, n_frm),
         nb_tokens=nb_tokens,
-        nb_token_mask=_length_mask(nb_token_len, n_tok),
+        nb_token_mask=nb_token_mask,
         nb_sim=sims,
         nb_mask=valid,
         nb_labels=torch.nan_to_num(nb_labels, nan=0.0),
@@ -238,5 +265,9 @@ def make_batch(
         meta_numeric=query.meta_numeric,
         meta_numeric_mask=query.meta_numeric_mask,
         meta_categorical=query.meta_categorical,
+        words=query.words,
+        word_weights=query.word_weights,
+        nb_words=nb_words,
+        nb_word_weights=nb_word_weights,
         projected_neighbours=projected,
     )

@@ -21,6 +21,7 @@ __all__ = [
     "Decoder",
     "ExpertHead",
     "LabelInteraction",
+    "LexicalToken",
     "MetadataEncoder",
     "ModelBatch",
     "ModelOutput",
@@ -56,8 +57,14 @@ class ModelBatch:
     meta_numeric: Tensor | None = None  # (B, M)
     meta_numeric_mask: Tensor | None = None  # (B, M) bool
     meta_categorical: Tensor | None = None  # (B, C) long, 0 = unknown
+    # Title bag of words (lexicon ids, 0 = padding) with TF-IDF weights.
+    words: Tensor | None = None  # (B, W) long
+    word_weights: Tensor | None = None  # (B, W)
+    nb_words: Tensor | None = None  # (B, k, W) long; unused with projected neighbours
+    nb_word_weights: Tensor | None = None  # (B, k, W)
     # True when nb_frames / nb_tokens already hold projected features (B, k, ., d_model),
-    # taken from a table made by `PopularityModel.project_items`.
+    # taken from a table made by `PopularityModel.project_items` (tokens then include
+    # the bag-of-words position, and nb_token_mask covers it).
     projected_neighbours: bool = False
 
     @property
@@ -141,6 +148,31 @@ class Projection(nn.Module):
         out = torch.relu(self.linear(rows))
         full = out.new_zeros(mask.numel(), d_out).index_copy(0, idx, out)
         return full.view(*mask.shape, d_out)
+
+
+class LexicalToken(nn.Module):
+    """One more text position from the title's bag of words: ReLU(sum_w tfidf_w e_w + b).
+
+    ids (..., W) long with 0 as padding, weights (..., W) -> (..., d), availability (...).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab_size + 1, d_model, mode="sum", padding_idx=0)
+        # TF-IDF weights have unit norm, so unit-variance rows / sqrt(d) give outputs of
+        # the same scale as the projected token features.
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+        self.bias = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        lead = ids.shape[:-1]
+        flat = ids.reshape(-1, ids.shape[-1]).long()  # (N, W)
+        w = weights.reshape(flat.shape).to(self.bias.dtype)
+        w = torch.where(flat > 0, w, torch.zeros((), dtype=w.dtype, device=w.device))
+        out = torch.relu(self.embed(flat, per_sample_weights=w) + self.bias)  # (N, d)
+        return out.view(*lead, -1), (ids > 0).any(dim=-1)
 
 
 class NeighbourAggregator(nn.Module):
@@ -556,6 +588,7 @@ class PopularityModel(nn.Module):
         # Neighbours share the target's projections: retrieved and target features live in one space.
         self.frame_proj = Projection(c.d_frame, d) if c.use_frames else None
         self.token_proj = Projection(c.d_token, d) if c.use_text else None
+        self.lexical = LexicalToken(c.lexicon_size, d) if c.has_lexicon else None
         # dropout on per-item sequences, after aggregation: (B, k, n, d) tensors are too big for it
         self.seq_dropout = nn.Dropout(c.dropout)
         self.target_attention = attention() if both else None
@@ -607,6 +640,20 @@ class PopularityModel(nn.Module):
 
     # ----------------------------------------------------------------- encoder
 
+    def _append_words(
+        self, x_t: Tensor, m_t: Tensor, words: Tensor | None, weights: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Token sequence plus the bag-of-words position (last): (..., n, d), (..., n)
+        -> (..., n + 1, d), (..., n + 1). Without words the position is masked out."""
+        assert self.lexical is not None
+        if words is None or weights is None:
+            lex = x_t.new_zeros(*x_t.shape[:-2], 1, x_t.shape[-1])
+            has = torch.zeros(*m_t.shape[:-1], 1, dtype=torch.bool, device=m_t.device)
+        else:
+            lex, has = self.lexical(words, weights)
+            lex, has = lex.unsqueeze(-2), has.unsqueeze(-1)
+        return torch.cat([x_t, lex], dim=-2), torch.cat([m_t, has], dim=-1)
+
     def _pair(
         self,
         attn: BipolarCrossModalAttention | None,
@@ -641,7 +688,10 @@ class PopularityModel(nn.Module):
             x_v = self.seq_dropout(self.frame_proj(batch.frames, m_v))  # (B, L, d)
         if self.token_proj is not None:
             m_t = batch.token_mask.bool()
-            x_t = self.seq_dropout(self.token_proj(batch.tokens, m_t))  # (B, n, d)
+            x_t = self.token_proj(batch.tokens, m_t)  # (B, n, d)
+            if self.lexical is not None:
+                x_t, m_t = self._append_words(x_t, m_t, batch.words, batch.word_weights)
+            x_t = self.seq_dropout(x_t)  # (B, n [+ 1], d)
         self._pair(self.target_attention, x_v, m_v, x_t, m_t, ("V", "T"), reps)
 
         # retrieved pair
@@ -661,12 +711,14 @@ class PopularityModel(nn.Module):
                 r_v, mr_v = self.aggregator.aggregate(x, nm, a)  # (B, L, d), (B, L)
                 r_v = self.seq_dropout(r_v)
             if self.token_proj is not None:
-                nm = batch.nb_token_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, n)
-                x = (
-                    _zero_invalid(batch.nb_tokens, nm)
-                    if batch.projected_neighbours
-                    else self.token_proj(batch.nb_tokens, nm)
-                )  # (B, k, n, d)
+                nm = batch.nb_token_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, n [+ 1])
+                if batch.projected_neighbours:
+                    x = _zero_invalid(batch.nb_tokens, nm)  # (B, k, n [+ 1], d)
+                else:
+                    x = self.token_proj(batch.nb_tokens, nm)  # (B, k, n, d)
+                    if self.lexical is not None:
+                        x, nm = self._append_words(x, nm, batch.nb_words, batch.nb_word_weights)
+                        nm = nm & nb_mask.unsqueeze(-1)
                 r_t, mr_t = self.aggregator.aggregate(x, nm, a)  # (B, n, d), (B, n)
                 r_t = self.seq_dropout(r_t)
             self._pair(self.retrieved_attention, r_v, mr_v, r_t, mr_t, ("V_r", "T_r"), reps)
@@ -700,12 +752,23 @@ class PopularityModel(nn.Module):
 
     @torch.no_grad()
     def project_items(
-        self, frames: Tensor, frame_mask: Tensor, tokens: Tensor, token_mask: Tensor
+        self,
+        frames: Tensor,
+        frame_mask: Tensor,
+        tokens: Tensor,
+        token_mask: Tensor,
+        words: Tensor | None = None,
+        word_weights: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
         """Projected frames (N, L, d) and tokens (N, n, d) of bank items, for use as
-        neighbours with `ModelBatch.projected_neighbours`; None for a switched-off modality."""
+        neighbours with `ModelBatch.projected_neighbours`; None for a switched-off modality.
+        With the lexicon on, tokens get the bag-of-words position last: (N, n + 1, d)."""
         x_v = self.frame_proj(frames, frame_mask.bool()) if self.frame_proj is not None else None
-        x_t = self.token_proj(tokens, token_mask.bool()) if self.token_proj is not None else None
+        x_t = None
+        if self.token_proj is not None:
+            x_t = self.token_proj(tokens, token_mask.bool())
+            if self.lexical is not None:
+                x_t, _ = self._append_words(x_t, token_mask.bool(), words, word_weights)
         return x_v, x_t
 
     # ----------------------------------------------------------------- forward

@@ -4,7 +4,8 @@ RUN_DIR/
   model.safetensors   weights (no pickles anywhere)
   config.json         model + training config, target names and normalisation,
                       interval calibration, metadata features (their training
-                      statistics and vocabularies), the bank's manifest and location
+                      statistics and vocabularies), the title word vocabulary,
+                      the bank's manifest and location
   splits.json         item ids of train / val / test
   metrics.json        per-split, per-target metrics and the epoch history
 """
@@ -23,6 +24,7 @@ from mvpp.memory_bank.schema import Manifest
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.dataset import TargetNorm
 from mvpp.predictor.features import MetaFeaturizer
+from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.model import PopularityModel
 from mvpp.predictor.training import TrainConfig, TrainResult
 from mvpp.retriever.snapshot import BankSnapshot
@@ -66,6 +68,7 @@ def save_run(
             "interval_scale": result.interval_scale.tolist(),
             "time_safe": data.time_safe,
             "meta_features": data.featurizer.to_dict() if data.featurizer is not None else None,
+            "lexicon": data.lexicon.to_dict() if data.lexicon is not None else None,
             "bank": {"location": bank, "manifest": manifest.to_dict(), "fingerprint": data.snapshot.fingerprint},
         },
     )
@@ -98,6 +101,7 @@ class Run:
     bank_location: str
     split_ids: dict[str, list[str]]
     featurizer: MetaFeaturizer | None = None
+    lexicon: Lexicon | None = None
 
     @classmethod
     def load(cls, path: Path) -> Run:
@@ -130,6 +134,7 @@ class Run:
             featurizer=MetaFeaturizer.from_dict(cfg["meta_features"])
             if cfg.get("meta_features")
             else None,
+            lexicon=Lexicon.from_dict(cfg["lexicon"]) if cfg.get("lexicon") else None,
         )
 
     def splits_in(self, snapshot: BankSnapshot) -> dict[str, np.ndarray]:

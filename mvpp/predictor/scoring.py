@@ -42,7 +42,9 @@ def evaluate(run: Run, snapshot: BankSnapshot, split: str = "test") -> dict[str,
     splits = run.splits_in(snapshot)
     if split not in splits:
         raise ValueError(f"unknown split {split!r}; the run has {sorted(splits)}")
-    data = prepare(snapshot, cfg, splits=splits, norm=run.norm, meta=run.featurizer)
+    data = prepare(
+        snapshot, cfg, splits=splits, norm=run.norm, meta=run.featurizer, lexicon=run.lexicon
+    )
     pred = predict_split(run.model, data, split, cfg)
     return split_metrics(data, split, pred, run.interval_scale, cfg.interval)
 
@@ -82,7 +84,12 @@ class Scorer:
         cfg.time_safe = run.time_safe
         self.cfg = cfg
         self.data = prepare(
-            snapshot, cfg, splits=run.splits_in(snapshot), norm=run.norm, meta=run.featurizer
+            snapshot,
+            cfg,
+            splits=run.splits_in(snapshot),
+            norm=run.norm,
+            meta=run.featurizer,
+            lexicon=run.lexicon,
         )
         self.train_idx = self.data.splits["train"]
         self.pos_in_train = {snapshot.item_ids[i]: p for p, i in enumerate(self.train_idx)}
@@ -195,6 +202,9 @@ class Scorer:
                 frames[j, :n] = torch.from_numpy(np.asarray(p.frames[:n], np.float32))
                 frame_len[j] = n
         feats = ItemFeatures(tokens, token_len, frames, frame_len)
+        if self.run.lexicon is not None:
+            ids, weights = self.run.lexicon.encode([p.title for p in points])
+            feats.words, feats.word_weights = torch.from_numpy(ids), torch.from_numpy(weights)
         fz = self.run.featurizer
         if fz is not None and fz.n_features:
             num, mask, cat = fz.transform(

@@ -27,6 +27,8 @@ from mvpp.predictor.dataset import (
     split_neighbours,
 )
 from mvpp.predictor.features import DEFAULT_MIN_COUNT, MetaFeaturizer
+from mvpp.predictor.lexicon import DEFAULT_MIN_COUNT as LEXICON_MIN_COUNT
+from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.metrics import Metrics, regression_metrics
 from mvpp.predictor.model import ModelBatch, PopularityModel, Prediction
 from mvpp.retriever.bulk import Neighbours
@@ -72,6 +74,8 @@ class TrainConfig:
     meta_cols: list[str] = field(default_factory=list)
     meta_categorical: list[str] = field(default_factory=list)
     meta_min_count: int = DEFAULT_MIN_COUNT
+    # Title bag of words (lexicon.Lexicon): training titles a word must appear in.
+    lexicon_min_count: int = LEXICON_MIN_COUNT
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +107,7 @@ class PreparedData:
     table: FeatureTable
     time_safe: bool
     featurizer: MetaFeaturizer | None = None
+    lexicon: Lexicon | None = None
 
     @property
     def target_names(self) -> list[str]:
@@ -131,11 +136,13 @@ def prepare(
     splits: dict[str, np.ndarray] | None = None,
     norm: TargetNorm | None = None,
     meta: MetaFeaturizer | str | None = "fit",
+    lexicon: Lexicon | str | None = "fit",
 ) -> PreparedData:
     """Targets, splits, neighbours, normalisation and feature table of a snapshot.
 
     meta: "fit" fits the metadata features on the training split; a MetaFeaturizer (a
-    saved run's) is used as is; None means no metadata features.
+    saved run's) is used as is; None means no metadata features. lexicon: likewise for
+    the titles' bag-of-words vocabulary.
     """
     target_idx = resolve_targets(snapshot, cfg.targets)
     # Restrict "labelled" to the chosen targets by viewing only those columns.
@@ -164,9 +171,17 @@ def prepare(
             categorical=cfg.meta_categorical,
             min_count=cfg.meta_min_count,
         )
-    table = FeatureTable(view, norm, meta)
+    if isinstance(lexicon, str):
+        if lexicon != "fit":
+            raise ValueError(f"lexicon must be 'fit', a Lexicon or None, not {lexicon!r}")
+        titles = [view.titles[i] for i in splits["train"]] if view.titles else []
+        lexicon = Lexicon.fit(titles, min_count=cfg.lexicon_min_count)
+    if lexicon is not None and (lexicon.size == 0 or not view.titles):
+        lexicon = None  # no title shares a word with enough others: nothing to learn
+    table = FeatureTable(view, norm, meta, lexicon)
     return PreparedData(
-        view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe, meta
+        view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe, meta,
+        lexicon,
     )
 
 
@@ -180,6 +195,7 @@ def model_config_for(data: PreparedData, base: ModelConfig | None = None) -> Mod
     fz = data.featurizer
     cfg.n_meta_numeric = fz.n_numeric if fz is not None else 0
     cfg.meta_cardinalities = fz.cardinalities if fz is not None else []
+    cfg.lexicon_size = data.lexicon.size if data.lexicon is not None else 0
     # A modality absent from the whole bank has nothing to learn from.
     if snap.frames.shape[1] == 0:
         cfg.use_frames = False
@@ -316,7 +332,10 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     notify = progress or (lambda event, info: None)
     data = data or prepare(
-        snapshot, cfg, meta="fit" if model_cfg is None or model_cfg.use_meta else None
+        snapshot,
+        cfg,
+        meta="fit" if model_cfg is None or model_cfg.use_meta else None,
+        lexicon="fit" if model_cfg is None or model_cfg.use_lexicon else None,
     )
     mcfg = model_config_for(data, model_cfg)
     model = PopularityModel(mcfg)
