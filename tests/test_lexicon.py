@@ -86,7 +86,7 @@ def test_projected_neighbours_match_projecting_every_batch() -> None:
     table = FeatureTable(snap, TargetNorm.fit(snap.targets), lexicon=lex)
     cfg = ModelConfig(
         d_frame=1, d_token=6, d_model=16, d_z=8, expert_hidden=16, decoder_hidden=16,
-        use_frames=False, lexicon_size=lex.size,
+        use_frames=False, lexicon_size=lex.size, use_lexicon=True,
     )
     torch.manual_seed(0)
     model = PopularityModel(cfg).eval()
@@ -108,6 +108,7 @@ def test_projected_neighbours_match_projecting_every_batch() -> None:
 
 def test_lexicon_switch_and_old_configs() -> None:
     cfg = ModelConfig(lexicon_size=10, use_lexicon=False)
+    assert ModelConfig(lexicon_size=10, use_lexicon=True).has_lexicon
     assert not cfg.has_lexicon and PopularityModel(cfg).lexical is None
     assert ModelConfig(lexicon_size=10, use_text=False, use_frames=True).has_lexicon is False
     # runs saved before the lexicon existed have no lexicon_size: no lexical position

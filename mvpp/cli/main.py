@@ -118,6 +118,21 @@ def train_cmd(
     no_meta: Annotated[
         bool, typer.Option("--no-meta", help="Ablation: no metadata expert (metadata, duration, times).")
     ] = False,
+    lexicon: Annotated[
+        bool,
+        typer.Option(
+            "--lexicon/--no-lexicon",
+            help="Give the text a title bag-of-words position (vocabulary from the training split).",
+        ),
+    ] = ModelConfig().use_lexicon,
+    lexicon_min_count: Annotated[
+        int,
+        typer.Option(
+            "--lexicon-min-count",
+            help="Training titles a word must appear in to enter the vocabulary.",
+            min=1,
+        ),
+    ] = TrainConfig().lexicon_min_count,
     meta_col: Annotated[
         list[str] | None,
         typer.Option("--meta-col", help="Metadata column(s) of the bank to use [default: all]."),
@@ -156,13 +171,14 @@ def train_cmd(
         kl_warmup_epochs=kl_warmup, patience=patience, seed=seed, targets=target or [],
         loss=loss, beta_nll=beta_nll, split_by_time=split_by_time, time_safe=time_safe,
         meta_cols=meta_col or [], meta_categorical=meta_categorical or [],
-        meta_min_count=meta_min_count,
+        meta_min_count=meta_min_count, lexicon_min_count=lexicon_min_count,
     )
     mcfg = ModelConfig(
         d_model=d_model, alpha=alpha, use_retrieval=not no_retrieval and k > 0,
         use_poe=not no_poe, use_label_interaction=not no_interaction,
         use_positive_attention=not no_positive, use_negative_attention=not no_negative,
         use_frames=not no_frames, use_text=not no_text, use_meta=not no_meta,
+        use_lexicon=lexicon,
     )
     if dropout is not None:
         mcfg.dropout = dropout

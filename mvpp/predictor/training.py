@@ -136,7 +136,7 @@ def prepare(
     splits: dict[str, np.ndarray] | None = None,
     norm: TargetNorm | None = None,
     meta: MetaFeaturizer | str | None = "fit",
-    lexicon: Lexicon | str | None = "fit",
+    lexicon: Lexicon | str | None = None,
 ) -> PreparedData:
     """Targets, splits, neighbours, normalisation and feature table of a snapshot.
 
@@ -335,7 +335,7 @@ def train(
         snapshot,
         cfg,
         meta="fit" if model_cfg is None or model_cfg.use_meta else None,
-        lexicon="fit" if model_cfg is None or model_cfg.use_lexicon else None,
+        lexicon="fit" if model_cfg is not None and model_cfg.use_lexicon else None,
     )
     mcfg = model_config_for(data, model_cfg)
     model = PopularityModel(mcfg)
