@@ -61,7 +61,7 @@ def build(
     id_col: Annotated[str, typer.Option("--id-col", help="Id column of the metadata.")] = "id",
     text_col: Annotated[
         list[str] | None,
-        typer.Option("--text-col", help="Text column(s), joined in order [default: title]."),
+        typer.Option("--text-col", help="Text column(s), joined in order \\[default: title]."),
     ] = None,
     label_col: Annotated[
         list[str] | None,
@@ -98,7 +98,7 @@ def build(
     ] = None,
     failures: Annotated[
         Path | None,
-        typer.Option("--failures", help="Failures file (JSONL) [default: beside the bank]."),
+        typer.Option("--failures", help="Failures file (JSONL) \\[default: beside the bank]."),
     ] = None,
     frames: Annotated[int, typer.Option("--frames", help="Frames decoded per video.", min=1)] = 10,
     batch_size: Annotated[

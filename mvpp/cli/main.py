@@ -79,11 +79,11 @@ def train_cmd(
     alpha: Annotated[float, typer.Option("--alpha", help="Bipolar attention alpha in [0, 1].")] = 0.5,
     d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 128,
     dropout: Annotated[
-        float | None, typer.Option("--dropout", help="Dropout rate in [0, 1) [default: model's].")
+        float | None, typer.Option("--dropout", help="Dropout rate in [0, 1) \\[default: model's].")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the training.")] = 0,
     target: Annotated[
-        list[str] | None, typer.Option("--target", help="Label(s) to predict [default: all labels of the bank].")
+        list[str] | None, typer.Option("--target", help="Label(s) to predict \\[default: all labels of the bank].")
     ] = None,
     loss: Annotated[str, typer.Option("--loss", help="gaussian_nll or mse.")] = "gaussian_nll",
     beta_nll: Annotated[
@@ -103,7 +103,7 @@ def train_cmd(
         bool | None,
         typer.Option(
             "--time-safe/--no-time-safe",
-            help="Retrieve only items published before the query [default: on when the bank has times].",
+            help="Retrieve only items published before the query \\[default: on when the bank has times].",
         ),
     ] = None,
     no_retrieval: Annotated[bool, typer.Option("--no-retrieval", help="Ablation: no retrieved neighbours.")] = False,
@@ -135,7 +135,7 @@ def train_cmd(
     ] = TrainConfig().lexicon_min_count,
     meta_col: Annotated[
         list[str] | None,
-        typer.Option("--meta-col", help="Metadata column(s) of the bank to use [default: all]."),
+        typer.Option("--meta-col", help="Metadata column(s) of the bank to use \\[default: all]."),
     ] = None,
     meta_categorical: Annotated[
         list[str] | None,
@@ -251,14 +251,14 @@ def score_cmd(
     out_file: Annotated[Path, typer.Option("--out", help="Output table: .parquet or .csv.")] = Path("scores.parquet"),
     meta: Annotated[Path | None, typer.Option("--meta", help="Metadata of the new items (.csv/.parquet/.jsonl).")] = None,
     id_col: Annotated[str, typer.Option("--id-col", help="Id column of the metadata.")] = "id",
-    text_col: Annotated[list[str] | None, typer.Option("--text-col", help="Text column(s) [default: title].")] = None,
+    text_col: Annotated[list[str] | None, typer.Option("--text-col", help="Text column(s) \\[default: title].")] = None,
     time_col: Annotated[str | None, typer.Option("--time-col", help="Publish time column.")] = None,
     observed_col: Annotated[
         str | None, typer.Option("--observed-col", help="Time the counts are predicted for.")
     ] = None,
     meta_col: Annotated[
         list[str] | None,
-        typer.Option("--meta-col", help="Metadata column(s) [default: those the run was trained on]."),
+        typer.Option("--meta-col", help="Metadata column(s) \\[default: those the run was trained on]."),
     ] = None,
     video_col: Annotated[str | None, typer.Option("--video-col", help="Video path column.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items scored together.", min=1)] = 32,
