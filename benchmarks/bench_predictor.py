@@ -43,7 +43,7 @@ from mvpp.predictor.metrics import Metrics, regression_metrics  # noqa: E402
 from mvpp.predictor.training import PreparedData, TrainConfig, prepare, train  # noqa: E402
 from mvpp.retriever.snapshot import read_snapshot  # noqa: E402
 
-console = Console()
+console = Console(width=132)
 
 MMRA_PAPER = {
     "MMRA full (paper)": (0.7530, 1.1787, 0.4900),
