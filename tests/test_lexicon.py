@@ -113,5 +113,5 @@ def test_lexicon_switch_and_old_configs() -> None:
     assert ModelConfig(lexicon_size=10, use_text=False, use_frames=True).has_lexicon is False
     # runs saved before the lexicon existed have no lexicon_size: no lexical position
     old = ModelConfig().to_dict()
-    del old["lexicon_size"], old["use_lexicon"]
+    del old["lexicon_size"], old["use_lexicon"], old["word_dropout"]
     assert not ModelConfig.from_dict(old).has_lexicon

@@ -42,6 +42,8 @@ class ModelConfig:
     # Title bag of words (predictor.lexicon): vocabulary size, set from the training
     # split; 0 means no lexical text position.
     lexicon_size: int = 0
+    # Share of title words dropped at random while training (the bag of words overfits).
+    word_dropout: float = 0.0
     # Bipolar attention: positive scale alpha, negative scale -(1 - alpha).
     alpha: float = 0.5
     alpha_learnable: bool = False
@@ -97,6 +99,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.alpha must lie in [0, 1], got {self.alpha}")
         if self.tau_init <= 0.0:
             raise ValueError(f"ModelConfig.tau_init must be positive, got {self.tau_init}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ValueError(f"ModelConfig.word_dropout must lie in [0, 1), got {self.word_dropout}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
         if self.expert_logvar_min >= self.expert_logvar_max or self.logvar_min >= self.logvar_max:

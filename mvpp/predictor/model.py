@@ -156,8 +156,9 @@ class LexicalToken(nn.Module):
     ids (..., W) long with 0 as padding, weights (..., W) -> (..., d), availability (...).
     """
 
-    def __init__(self, vocab_size: int, d_model: int) -> None:
+    def __init__(self, vocab_size: int, d_model: int, word_dropout: float = 0.0) -> None:
         super().__init__()
+        self.word_dropout = word_dropout
         self.embed = nn.EmbeddingBag(vocab_size + 1, d_model, mode="sum", padding_idx=0)
         # TF-IDF weights have unit norm, so unit-variance rows / sqrt(d) give outputs of
         # the same scale as the projected token features.
@@ -169,6 +170,11 @@ class LexicalToken(nn.Module):
     def forward(self, ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         lead = ids.shape[:-1]
         flat = ids.reshape(-1, ids.shape[-1]).long()  # (N, W)
+        if self.training and self.word_dropout > 0:
+            # each word's row is seen by few titles: dropping whole words keeps the
+            # model from memorising the titles of single items
+            keep = torch.rand(flat.shape, device=flat.device) >= self.word_dropout
+            flat = torch.where(keep, flat, torch.zeros_like(flat))
         w = weights.reshape(flat.shape).to(self.bias.dtype)
         w = torch.where(flat > 0, w, torch.zeros((), dtype=w.dtype, device=w.device))
         out = torch.relu(self.embed(flat, per_sample_weights=w) + self.bias)  # (N, d)
@@ -588,7 +594,7 @@ class PopularityModel(nn.Module):
         # Neighbours share the target's projections: retrieved and target features live in one space.
         self.frame_proj = Projection(c.d_frame, d) if c.use_frames else None
         self.token_proj = Projection(c.d_token, d) if c.use_text else None
-        self.lexical = LexicalToken(c.lexicon_size, d) if c.has_lexicon else None
+        self.lexical = LexicalToken(c.lexicon_size, d, c.word_dropout) if c.has_lexicon else None
         # dropout on per-item sequences, after aggregation: (B, k, n, d) tensors are too big for it
         self.seq_dropout = nn.Dropout(c.dropout)
         self.target_attention = attention() if both else None
