@@ -103,3 +103,9 @@ def test_missing_column_and_format_errors(tmp_path):
     path.write_text("id,views\n1,3\n")
     rows = load_metadata(path, ColumnMap(label_cols=["views"], require_text=False))
     assert rows[0].title == "" and math.isclose(rows[0].labels["views"], 3.0)
+
+
+@pytest.mark.parametrize("kind", ["log2p1", "log1p"])
+def test_targets_below_zero_count_give_zero_not_negative_counts(kind: str) -> None:
+    assert inverse_transform(-0.13, kind) == 0.0
+    assert inverse_transform(1.0, kind) > 0.0

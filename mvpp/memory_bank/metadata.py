@@ -87,13 +87,17 @@ def transform_label(value: float, kind: str) -> float:
 
 
 def inverse_transform(target: float, kind: str) -> float:
-    """Target -> count on the original scale."""
+    """Target -> count on the original scale.
+
+    A prediction may fall below the transform of a zero count; counts are never
+    negative, so such targets map to 0.
+    """
     if kind == "none":
         return target
     if kind == "log2p1":
-        return 2.0**target - 1.0
+        return max(0.0, 2.0**target - 1.0)
     if kind == "log1p":
-        return math.expm1(target)
+        return max(0.0, math.expm1(target))
     if kind == "log2":
         return 2.0**target
     raise ValueError(f"unknown label transform {kind!r}")
