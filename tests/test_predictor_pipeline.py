@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -157,3 +158,32 @@ def test_seeded_training_is_reproducible(bank, tmp_path):
         outs.append(json.loads((out / "metrics.json").read_text())["metrics"]["test"]["comments"]["nmse"])
     assert outs[0] == pytest.approx(outs[1], abs=1e-6)
     assert torch.get_num_threads() >= 1 and np.isfinite(outs[0])
+
+
+def test_lexicon_run_round_trips_through_the_cli(bank, tmp_path):
+    out = tmp_path / "lex"
+    result = runner.invoke(
+        app,
+        ["train", "--bank", str(bank), "--k", "3", "--epochs", "3", "--d-model", "16", "--lexicon",
+         "--lexicon-min-count", "2", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["use_lexicon"] and config["model"]["lexicon_size"] == len(config["lexicon"]["words"]) > 0
+    run = Run.load(out)
+    assert run.lexicon is not None and run.model.lexical is not None
+    result = runner.invoke(app, ["evaluate", "--run", str(out), "--bank", str(bank), "--json"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "metrics.json").read_text())["metrics"]["test"]["comments"]
+    assert json.loads(result.stdout)["comments"]["nmse"] == pytest.approx(saved["nmse"], abs=1e-5)
+    uploads = tmp_path / "uploads.jsonl"
+    uploads.write_text(json.dumps({"id": "u1", "title": "cat kitten prank amazing"}) + "\n")
+    scores = tmp_path / "scores.csv"
+    result = runner.invoke(
+        app, ["score", "--meta", str(uploads), "--run", str(out), "--bank", str(bank), "--out", str(scores)]
+    )
+    assert result.exit_code == 0, result.output
+    with scores.open(newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["item_id"] == "u1" and row["status"] == "ok"
+    assert math.isfinite(float(row["comments_pred"]))
