@@ -25,7 +25,14 @@ from mvpp.memory_bank.schema import BankPoint
 from mvpp.predictor.dataset import ItemFeatures, make_batch
 from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run
-from mvpp.predictor.training import predict_split, prepare, scaled_interval, split_metrics
+from mvpp.predictor.training import (
+    PreparedData,
+    TrainConfig,
+    predict_split,
+    prepare,
+    scaled_interval,
+    split_metrics,
+)
 from mvpp.retriever.bulk import bulk_topk
 from mvpp.retriever.snapshot import BankSnapshot
 
@@ -34,17 +41,28 @@ logger = logging.getLogger(__name__)
 TOP_NEIGHBOURS = 3
 
 
-def evaluate(run: Run, snapshot: BankSnapshot, split: str = "test") -> dict[str, Metrics]:
-    """Metrics of the run on one of its splits, computed over the whole split."""
+def prepare_for_run(run: Run, snapshot: BankSnapshot) -> tuple[TrainConfig, PreparedData]:
+    """The run's training config and its data on `snapshot`: the run's splits, target
+    normalisation, metadata features and vocabulary, never refitted."""
     cfg = copy.deepcopy(run.train_config)
     cfg.targets = list(run.targets)
     cfg.time_safe = run.time_safe
-    splits = run.splits_in(snapshot)
-    if split not in splits:
-        raise ValueError(f"unknown split {split!r}; the run has {sorted(splits)}")
     data = prepare(
-        snapshot, cfg, splits=splits, norm=run.norm, meta=run.featurizer, lexicon=run.lexicon
+        snapshot,
+        cfg,
+        splits=run.splits_in(snapshot),
+        norm=run.norm,
+        meta=run.featurizer,
+        lexicon=run.lexicon,
     )
+    return cfg, data
+
+
+def evaluate(run: Run, snapshot: BankSnapshot, split: str = "test") -> dict[str, Metrics]:
+    """Metrics of the run on one of its splits, computed over the whole split."""
+    cfg, data = prepare_for_run(run, snapshot)
+    if split not in data.splits:
+        raise ValueError(f"unknown split {split!r}; the run has {sorted(data.splits)}")
     pred = predict_split(run.model, data, split, cfg)
     return split_metrics(data, split, pred, run.interval_scale, cfg.interval)
 
@@ -79,18 +97,7 @@ class Scorer:
         self.run = run
         self.snapshot = snapshot
         self.builder = builder
-        cfg = copy.deepcopy(run.train_config)
-        cfg.targets = list(run.targets)
-        cfg.time_safe = run.time_safe
-        self.cfg = cfg
-        self.data = prepare(
-            snapshot,
-            cfg,
-            splits=run.splits_in(snapshot),
-            norm=run.norm,
-            meta=run.featurizer,
-            lexicon=run.lexicon,
-        )
+        self.cfg, self.data = prepare_for_run(run, snapshot)
         self.train_idx = self.data.splits["train"]
         self.pos_in_train = {snapshot.item_ids[i]: p for p, i in enumerate(self.train_idx)}
 
