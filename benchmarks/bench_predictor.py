@@ -4,9 +4,11 @@ Builds (once) a text-only lite bank of the 19,738 titles with log2(comments) tar
 then for each seed makes the 80/10/10 split and the neighbours (k=10, training items
 only, never the item itself), and trains / fits on exactly the same data:
 
-- mvpp, the full model, and its ablations (no retrieval, no PoE, no label interaction);
-- baselines: global mean, ridge on the title embeddings, k-NN label average, and
-  LightGBM on the embeddings plus neighbour-label features.
+- mvpp, the full model, and its ablations (no retrieval, no PoE, no label interaction,
+  no word prior);
+- baselines: global mean, ridge on the title embeddings, the word prior alone (ridge
+  on the title words), k-NN label average, LightGBM on the embeddings plus
+  neighbour-label features, and the same LightGBM given the word prior too.
 
 Prints mean ± std over the seeds of nMSE, MAE, SRC and 90% interval coverage, the
 seconds per training epoch, and the MMRA paper's numbers for reference.
@@ -20,6 +22,7 @@ and be reported together with `--report part0.json part1.json`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -57,6 +60,7 @@ ABLATIONS = {
     "mvpp - retrieval": {"use_retrieval": False},
     "mvpp - PoE": {"use_poe": False},
     "mvpp - label interaction": {"use_label_interaction": False},
+    "mvpp - word prior": {"use_word_prior": False},
 }
 
 
@@ -118,14 +122,17 @@ def baselines(data: PreparedData, threads: int) -> dict[str, object]:
             best = (score, w)
     out["ridge (embeddings)"] = _metrics(y[te], np.column_stack([x[te], np.ones(len(te))]) @ best[1])
 
+    # The word prior alone: mvpp's ridge on the title words (penalty by training folds).
+    prior = word_prior(data)
+    if prior is not None:
+        out["ridge (title words: the word prior)"] = _metrics(y[te], prior[te])
+
     # k-NN label average over the same neighbours mvpp sees.
     feats = neighbour_features(data, "test")
     knn = np.where(np.isnan(feats[:, 1]), y[tr].mean(), feats[:, 1])
     out["k-NN label average"] = _metrics(y[te], knn)
 
-    try:
-        import lightgbm as lgb
-    except ImportError:
+    if importlib.util.find_spec("lightgbm") is None:
         return out
     f_tr = np.column_stack([x[tr], neighbour_features(data, "train")])
     f_va = np.column_stack([x[va], neighbour_features(data, "val")])
@@ -135,14 +142,39 @@ def baselines(data: PreparedData, threads: int) -> dict[str, object]:
         "bagging_freq": 1, "feature_fraction": 0.5, "min_data_in_leaf": 30, "verbose": -1,
         "num_threads": threads, "seed": 0,
     }
-    train_set = lgb.Dataset(f_tr, y[tr])
+    out["LightGBM (embeddings + neighbour labels)"] = _lightgbm(
+        params, (f_tr, y[tr]), (f_va, y[va]), f_te, y[te]
+    )
+    if prior is not None:
+        # The same trees given mvpp's word prior too: shows what the feature is worth
+        # without the network (training items get out-of-fold estimates, as in mvpp).
+        out["LightGBM + word prior"] = _lightgbm(
+            params,
+            (np.column_stack([f_tr, prior[tr]]), y[tr]),
+            (np.column_stack([f_va, prior[va]]), y[va]),
+            np.column_stack([f_te, prior[te]]),
+            y[te],
+        )
+    return out
+
+
+def word_prior(data: PreparedData) -> np.ndarray | None:
+    """Every item's word-prior estimate on the target scale (out-of-fold on training items)."""
+    if data.table.word_prior is None:
+        return None
+    return data.norm.inverse(data.table.word_prior.numpy())[:, 0]
+
+
+def _lightgbm(params: dict, train: tuple, val: tuple, x_test: np.ndarray, y_test: np.ndarray):
+    import lightgbm as lgb
+
+    train_set = lgb.Dataset(*train)
     booster = lgb.train(
         params, train_set, num_boost_round=2000,
-        valid_sets=[lgb.Dataset(f_va, y[va], reference=train_set)],
+        valid_sets=[lgb.Dataset(*val, reference=train_set)],
         callbacks=[lgb.early_stopping(100, verbose=False)],
     )
-    out["LightGBM (embeddings + neighbour labels)"] = _metrics(y[te], booster.predict(f_te))
-    return out
+    return _metrics(y_test, booster.predict(x_test))
 
 
 def main() -> None:
@@ -178,7 +210,7 @@ def main() -> None:
     epoch_s: list[float] = []
     for seed in args.seeds:
         cfg = TrainConfig(seed=seed, epochs=args.epochs)
-        data = prepare(snapshot, cfg)
+        data = prepare(snapshot, cfg, lexicon="fit", word_prior=True)
         for name, m in baselines(data, args.threads or 2).items():
             results.setdefault(name, []).append(m)
         for name, switches in variants.items():

@@ -125,6 +125,14 @@ def train_cmd(
             help="Give the text a title bag-of-words position (vocabulary from the training split).",
         ),
     ] = ModelConfig().use_lexicon,
+    word_prior: Annotated[
+        bool,
+        typer.Option(
+            "--word-prior/--no-word-prior",
+            help="Give the decoder a ridge regression's estimate from the title's words "
+            "(fitted on the training split, out-of-fold on training items).",
+        ),
+    ] = ModelConfig().use_word_prior,
     lexicon_min_count: Annotated[
         int,
         typer.Option(
@@ -178,7 +186,7 @@ def train_cmd(
         use_poe=not no_poe, use_label_interaction=not no_interaction,
         use_positive_attention=not no_positive, use_negative_attention=not no_negative,
         use_frames=not no_frames, use_text=not no_text, use_meta=not no_meta,
-        use_lexicon=lexicon,
+        use_lexicon=lexicon, use_word_prior=word_prior,
     )
     if dropout is not None:
         mcfg.dropout = dropout

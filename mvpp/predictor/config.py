@@ -69,6 +69,11 @@ class ModelConfig:
     # Off by default: on MicroLens the bag of words overfits within a few epochs and
     # has not beaten the sentence features alone yet (see benchmarks/README.md).
     use_lexicon: bool = False
+    # The word prior (predictor.word_prior): a cross-fitted ridge's estimate from the
+    # title's bag of words, one more decoder input (the decoder learns how far to trust
+    # it; adding it to the mean through a learnt gain did worse on MicroLens). Needs a
+    # lexicon (lexicon_size > 0).
+    use_word_prior: bool = True
     use_label_embedding: bool = True
     # The label embedding also sees each neighbour's similarity (how far to trust its label).
     label_similarity: bool = True
@@ -117,6 +122,11 @@ class ModelConfig:
     def has_lexicon(self) -> bool:
         """Whether text sequences get the bag-of-words position (text on, vocabulary non-empty)."""
         return self.use_text and self.use_lexicon and self.lexicon_size > 0
+
+    @property
+    def has_word_prior(self) -> bool:
+        """Whether the decoder gets the word prior (text on, vocabulary non-empty)."""
+        return self.use_text and self.use_word_prior and self.lexicon_size > 0
 
     @property
     def expert_names(self) -> list[str]:

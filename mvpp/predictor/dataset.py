@@ -133,6 +133,8 @@ class ItemFeatures:
     # Title bag of words (see lexicon.Lexicon); None without a lexicon.
     words: torch.Tensor | None = None  # (B, W) long, 0 = padding
     word_weights: torch.Tensor | None = None  # (B, W) float
+    # Cross-fitted word-ridge estimates (see word_prior); None: the model computes them.
+    word_prior: torch.Tensor | None = None  # (B, T)
 
 
 class FeatureTable:
@@ -160,6 +162,8 @@ class FeatureTable:
         if lexicon is not None:
             ids, weights = lexicon.encode(snapshot.titles)
             self.words, self.word_weights = torch.from_numpy(ids), torch.from_numpy(weights)
+        # Set by training (see word_prior): out-of-fold estimates on training items.
+        self.word_prior: torch.Tensor | None = None  # (N, T)
 
     # Set by `refresh_projection`: every item's projected frames / tokens.
     proj_frames: torch.Tensor | None = None  # (N, L, d)
@@ -204,6 +208,8 @@ class FeatureTable:
             )
         if self.words is not None and self.word_weights is not None:
             feats.words, feats.word_weights = self.words[idx], self.word_weights[idx]
+        if self.word_prior is not None:
+            feats.word_prior = self.word_prior[idx]
         return feats
 
 
@@ -267,6 +273,7 @@ def make_batch(
         meta_categorical=query.meta_categorical,
         words=query.words,
         word_weights=query.word_weights,
+        word_prior=query.word_prior,
         nb_words=nb_words,
         nb_word_weights=nb_word_weights,
         projected_neighbours=projected,

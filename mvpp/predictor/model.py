@@ -29,6 +29,7 @@ __all__ = [
     "PopularityModel",
     "Prediction",
     "ProductOfExperts",
+    "WordPrior",
     "Projection",
     "masked_softmax",
     "popularity_loss",
@@ -60,6 +61,8 @@ class ModelBatch:
     # Title bag of words (lexicon ids, 0 = padding) with TF-IDF weights.
     words: Tensor | None = None  # (B, W) long
     word_weights: Tensor | None = None  # (B, W)
+    # Cross-fitted word-ridge estimates (training items); None: computed from `words`.
+    word_prior: Tensor | None = None  # (B, T)
     nb_words: Tensor | None = None  # (B, k, W) long; unused with projected neighbours
     nb_word_weights: Tensor | None = None  # (B, k, W)
     # True when nb_frames / nb_tokens already hold projected features (B, k, ., d_model),
@@ -179,6 +182,31 @@ class LexicalToken(nn.Module):
         w = torch.where(flat > 0, w, torch.zeros((), dtype=w.dtype, device=w.device))
         out = torch.relu(self.embed(flat, per_sample_weights=w) + self.bias)  # (N, d)
         return out.view(*lead, -1), (ids > 0).any(dim=-1)
+
+
+class WordPrior(nn.Module):
+    """A fitted ridge on the title's bag of words (see predictor.word_prior), frozen:
+    prior = bias + sum_w tfidf_w coef[w]; ids (B, W), weights (B, W) -> (B, T).
+
+    The coefficients are buffers, so they travel with the model's weights.
+    """
+
+    def __init__(self, vocab_size: int, n_targets: int) -> None:
+        super().__init__()
+        self.register_buffer("coef", torch.zeros(vocab_size + 1, n_targets))
+        self.register_buffer("bias", torch.zeros(n_targets))
+
+    @torch.no_grad()
+    def load(self, coef: Tensor, bias: Tensor) -> None:
+        """Copy a fitted ridge: coef (V + 1, T), bias (T,)."""
+        self.coef.copy_(coef)
+        self.bias.copy_(bias)
+
+    def forward(self, ids: Tensor | None, weights: Tensor | None, batch_size: int) -> Tensor:
+        if ids is None or weights is None:  # no title: the ridge's intercept
+            return self.bias.expand(batch_size, -1)
+        w = torch.where(ids > 0, weights.to(self.coef.dtype), torch.zeros((), dtype=self.coef.dtype))
+        return torch.einsum("bw,bwt->bt", w, self.coef[ids.long()]) + self.bias
 
 
 class NeighbourAggregator(nn.Module):
@@ -527,6 +555,7 @@ class _Encoding:
     interactions: Tensor  # (B, P * d)
     expert_mask: Tensor  # (B, E)
     neighbour_weights: Tensor  # (B, k)
+    word_prior: Tensor  # (B, T) or (B, 0) without the word prior
 
 
 def popularity_loss(
@@ -634,8 +663,10 @@ class PopularityModel(nn.Module):
             self.concat_fusion = nn.Linear(n_exp * d + n_exp, c.d_z)
         pairs = c.interaction_pairs
         self.interaction = LabelInteraction(pairs)
+        self.word_prior = WordPrior(c.lexicon_size, c.n_targets) if c.has_word_prior else None
+        prior_in = c.n_targets if c.has_word_prior else 0
         self.decoder = Decoder(
-            c.d_z + len(pairs) * d,
+            c.d_z + len(pairs) * d + prior_in,
             c.decoder_hidden,
             c.decoder_layers,
             c.n_targets,
@@ -754,7 +785,13 @@ class PopularityModel(nn.Module):
             if self.interaction.pairs
             else torch.zeros(bsz, 0, dtype=z_mu.dtype, device=z_mu.device)
         )
-        return _Encoding(z_mu, z_logvar, interactions, expert_mask, a)
+        if self.word_prior is None:
+            prior = z_mu.new_zeros(bsz, 0)
+        elif batch.word_prior is not None:
+            prior = batch.word_prior.to(z_mu.dtype)
+        else:
+            prior = self.word_prior(batch.words, batch.word_weights, bsz)
+        return _Encoding(z_mu, z_logvar, interactions, expert_mask, a, prior)
 
     @torch.no_grad()
     def project_items(
@@ -785,16 +822,16 @@ class PopularityModel(nn.Module):
             return torch.zeros(z_mu.shape[0], dtype=z_mu.dtype, device=z_mu.device)
         return 0.5 * (torch.exp(z_logvar) + z_mu**2 - 1.0 - z_logvar).sum(dim=-1)
 
-    def decode(self, z: Tensor, interactions: Tensor) -> tuple[Tensor, Tensor]:
-        """(..., d_z), (..., P * d) -> mu_y, logvar_y (..., T)."""
-        return self.decoder(torch.cat([z, interactions], dim=-1))
+    def decode(self, z: Tensor, interactions: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
+        """(..., d_z), (..., P * d), word prior (..., T or 0) -> mu_y, logvar_y (..., T)."""
+        return self.decoder(torch.cat([z, interactions, prior], dim=-1))
 
     def forward(self, batch: ModelBatch) -> ModelOutput:
         enc = self.encode(batch)
         z = enc.z_mu
         if self.training and self.poe is not None:
             z = z + torch.exp(0.5 * enc.z_logvar) * torch.randn_like(z)
-        mu_y, logvar_y = self.decode(z, enc.interactions)
+        mu_y, logvar_y = self.decode(z, enc.interactions, enc.word_prior)
         return ModelOutput(
             mu_y=mu_y,
             logvar_y=logvar_y,
@@ -837,7 +874,7 @@ class PopularityModel(nn.Module):
         self.eval()
         try:
             enc = self.encode(batch)
-            mean, logvar = self.decode(enc.z_mu, enc.interactions)  # (B, T)
+            mean, logvar = self.decode(enc.z_mu, enc.interactions, enc.word_prior)  # (B, T)
             if n_samples <= 0:
                 std = torch.exp(0.5 * logvar)
                 normal = torch.distributions.Normal(0.0, 1.0)
@@ -850,7 +887,10 @@ class PopularityModel(nn.Module):
             eps = torch.randn(z_mu.shape, generator=gen, dtype=z_mu.dtype, device=z_mu.device)
             z = z_mu + z_std * eps
             inter = enc.interactions.expand(s, *enc.interactions.shape)  # (S, B, P * d)
-            mu_s, logvar_s = self.decode(z.reshape(s * bsz, -1), inter.reshape(s * bsz, -1))
+            prior = enc.word_prior.expand(s, *enc.word_prior.shape)  # (S, B, T or 0)
+            mu_s, logvar_s = self.decode(
+                z.reshape(s * bsz, -1), inter.reshape(s * bsz, -1), prior.reshape(s * bsz, -1)
+            )
             mu_s = mu_s.view(s, bsz, -1)  # (S, B, T)
             var_s = torch.exp(logvar_s).view(s, bsz, -1)
             eps_y = torch.randn(mu_s.shape, generator=gen, dtype=mu_s.dtype, device=mu_s.device)

@@ -31,6 +31,7 @@ from mvpp.predictor.lexicon import DEFAULT_MIN_COUNT as LEXICON_MIN_COUNT
 from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.metrics import Metrics, regression_metrics
 from mvpp.predictor.model import ModelBatch, PopularityModel, Prediction
+from mvpp.predictor.word_prior import WordPriorConfig, WordRidge, fit_word_ridge
 from mvpp.retriever.bulk import Neighbours
 from mvpp.retriever.snapshot import BankSnapshot
 
@@ -76,6 +77,8 @@ class TrainConfig:
     meta_min_count: int = DEFAULT_MIN_COUNT
     # Title bag of words (lexicon.Lexicon): training titles a word must appear in.
     lexicon_min_count: int = LEXICON_MIN_COUNT
+    # Word prior (word_prior.fit_word_ridge): folds of its cross-fitting.
+    word_prior_folds: int = WordPriorConfig().folds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,6 +111,7 @@ class PreparedData:
     time_safe: bool
     featurizer: MetaFeaturizer | None = None
     lexicon: Lexicon | None = None
+    word_ridge: WordRidge | None = None
 
     @property
     def target_names(self) -> list[str]:
@@ -137,12 +141,15 @@ def prepare(
     norm: TargetNorm | None = None,
     meta: MetaFeaturizer | str | None = "fit",
     lexicon: Lexicon | str | None = None,
+    word_prior: bool = False,
 ) -> PreparedData:
     """Targets, splits, neighbours, normalisation and feature table of a snapshot.
 
     meta: "fit" fits the metadata features on the training split; a MetaFeaturizer (a
     saved run's) is used as is; None means no metadata features. lexicon: likewise for
-    the titles' bag-of-words vocabulary.
+    the titles' bag-of-words vocabulary. word_prior: fit the word ridge on the training
+    split (needs a lexicon) and give training items its out-of-fold estimates; a saved
+    run's ridge lives in its model instead.
     """
     target_idx = resolve_targets(snapshot, cfg.targets)
     # Restrict "labelled" to the chosen targets by viewing only those columns.
@@ -179,10 +186,28 @@ def prepare(
     if lexicon is not None and (lexicon.size == 0 or not view.titles):
         lexicon = None  # no title shares a word with enough others: nothing to learn
     table = FeatureTable(view, norm, meta, lexicon)
+    ridge = None
+    if word_prior and table.words is not None and table.word_weights is not None:
+        ridge = _fit_word_prior(table, splits["train"], lexicon.size, cfg)
     return PreparedData(
         view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe, meta,
-        lexicon,
+        lexicon, ridge,
     )
+
+
+def _fit_word_prior(table: FeatureTable, train: np.ndarray, vocab_size: int, cfg: TrainConfig) -> WordRidge:
+    """Fit the word ridge on the training items; the table gets every item's estimate,
+    out-of-fold on training items (see word_prior)."""
+    assert table.words is not None and table.word_weights is not None
+    ids, weights = table.words.numpy(), table.word_weights.numpy()
+    ridge, oof = fit_word_ridge(
+        ids[train], weights[train], table.targets[train].numpy(), vocab_size,
+        WordPriorConfig(folds=cfg.word_prior_folds), seed=cfg.seed,
+    )
+    prior = ridge.predict(ids, weights).astype(np.float32)
+    prior[train] = oof
+    table.word_prior = torch.from_numpy(prior)
+    return ridge
 
 
 def model_config_for(data: PreparedData, base: ModelConfig | None = None) -> ModelConfig:
@@ -331,14 +356,22 @@ def train(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     notify = progress or (lambda event, info: None)
+    base_cfg = model_cfg or ModelConfig()
     data = data or prepare(
         snapshot,
         cfg,
-        meta="fit" if model_cfg is None or model_cfg.use_meta else None,
-        lexicon="fit" if model_cfg is not None and model_cfg.use_lexicon else None,
+        meta="fit" if base_cfg.use_meta else None,
+        lexicon="fit" if base_cfg.use_lexicon or base_cfg.use_word_prior else None,
+        word_prior=base_cfg.use_word_prior,
     )
     mcfg = model_config_for(data, model_cfg)
     model = PopularityModel(mcfg)
+    if model.word_prior is not None:
+        if data.word_ridge is None:
+            raise ValueError("the model uses the word prior but the data has no word ridge: prepare(word_prior=True)")
+        model.word_prior.load(
+            torch.from_numpy(data.word_ridge.coef), torch.from_numpy(data.word_ridge.bias)
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = math.ceil(len(data.splits["train"]) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
