@@ -10,10 +10,12 @@ goes through the CLI a user types, with no dataset-specific code:
 2. `mvpp train --split-by-time`: one joint model of the four targets, trained on the
    earliest 80% of posts, early-stopped on the next 10%, tested on the latest 10%;
    retrieval is time-safe (only posts published before the query). Once with the
-   metadata expert, once without (`--no-meta`).
+   metadata expert, once without (`--no-meta`), once without the word prior
+   (`--no-word-prior`).
 3. LightGBM, one model per target, on the same split and the same inputs: the bank's
    retrieval vectors (the text embeddings) and the metadata features of the mvpp run
-   (same columns, same train-only statistics; categories as LightGBM categoricals).
+   (same columns, same train-only statistics; categories as LightGBM categoricals);
+   then the same again with mvpp's word prior as one more feature per target.
 
 Prints per-target nMSE, SRC and the 90% interval coverage of mvpp on the test split.
 
@@ -41,6 +43,7 @@ from benchmarks.datasets import CACHE, DataMissing, tiktok  # noqa: E402
 from mvpp.memory_bank.store import open_store  # noqa: E402
 from mvpp.predictor.metrics import Metrics, regression_metrics  # noqa: E402
 from mvpp.predictor.run import Run  # noqa: E402
+from mvpp.predictor.scoring import prepare_for_run  # noqa: E402
 from mvpp.retriever.snapshot import read_snapshot  # noqa: E402
 
 console = Console(width=132)
@@ -87,16 +90,29 @@ def run_metrics(run_dir: Path) -> tuple[dict[str, Metrics], dict]:
     return test, data
 
 
-def lightgbm_baseline(bank: Path, run_dir: Path, seed: int) -> dict[str, Metrics]:
-    """One LightGBM per target on text embeddings + the run's metadata features."""
-    import lightgbm as lgb
-
+def lightgbm_baselines(bank: Path, run_dir: Path, seed: int) -> dict[str, dict[str, Metrics]]:
+    """One LightGBM per target on text embeddings + the run's metadata features; and the
+    same given mvpp's word prior too (out-of-fold on training items, as mvpp sees it)."""
     run = Run.load(run_dir)
     with open_store(bank=bank) as store:
         snap = read_snapshot(store, bank / "cache")
     splits = run.splits_in(snap)
     fz = run.featurizer
     assert fz is not None, "the run has no metadata features"
+    out = {"LightGBM": _lightgbm(run, snap, splits, seed, None)}
+    if run.lexicon is not None:
+        _, data = prepare_for_run(run, snap, word_prior=True)
+        if data.table.word_prior is not None:
+            prior = run.norm.inverse(data.table.word_prior.numpy())
+            out["LightGBM + word prior"] = _lightgbm(run, snap, splits, seed, prior)
+    return out
+
+
+def _lightgbm(run: Run, snap, splits: dict, seed: int, prior: np.ndarray | None) -> dict[str, Metrics]:
+    import lightgbm as lgb
+
+    fz = run.featurizer
+    assert fz is not None
 
     def features(idx: np.ndarray) -> np.ndarray:
         num, mask, cat = fz.transform_snapshot(snap, idx)
@@ -104,10 +120,11 @@ def lightgbm_baseline(bank: Path, run_dir: Path, seed: int) -> dict[str, Metrics
         # missing values stay missing: LightGBM handles them itself
         cols = fz.value_columns
         num = np.where(mask[:, cols], num[:, cols], np.nan)
-        return np.hstack([snap.retrieval[idx], num, cat.astype(np.float32)])
+        extra = prior[idx] if prior is not None else np.zeros((len(idx), 0), np.float32)
+        return np.hstack([snap.retrieval[idx], num, extra, cat.astype(np.float32)])
 
     x = {s: features(idx) for s, idx in splits.items()}
-    n_dense = snap.retrieval.shape[1] + len(fz.numeric)
+    n_dense = snap.retrieval.shape[1] + len(fz.numeric) + (prior.shape[1] if prior is not None else 0)
     cat_cols = list(range(n_dense, n_dense + len(fz.categorical)))
     out = {}
     for name in run.targets:
@@ -159,7 +176,7 @@ def main() -> None:
         if value is not None:
             common += [flag, str(value)]
     common += args.train_flags
-    variants = {"mvpp": [], "mvpp --no-meta": ["--no-meta"]}
+    variants = {"mvpp": [], "mvpp --no-meta": ["--no-meta"], "mvpp --no-word-prior": ["--no-word-prior"]}
     results: dict[str, dict[str, Metrics]] = {}
     info: dict[str, dict] = {}
     for label, extra in variants.items():
@@ -168,7 +185,7 @@ def main() -> None:
             cli(["mvpp", "train", *common, *extra, "--out", str(run_dir)])
         results[label], info[label] = run_metrics(run_dir)
     t0 = time.perf_counter()
-    results["LightGBM"] = lightgbm_baseline(args.bank, args.out / "mvpp", args.seed)
+    results.update(lightgbm_baselines(args.bank, args.out / "mvpp", args.seed))
     lgbm_s = time.perf_counter() - t0
 
     run = Run.load(args.out / "mvpp")

@@ -20,7 +20,7 @@ from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, MetaRow, load_metadata
 from mvpp.memory_bank.store import open_store
 from mvpp.predictor.run import Run
-from mvpp.predictor.scoring import Scorer, evaluate
+from mvpp.predictor.scoring import Scorer, evaluate, prepare_for_run
 from mvpp.retriever.snapshot import read_snapshot
 
 runner = CliRunner()
@@ -78,6 +78,24 @@ def test_evaluate_matches_training_metrics(run_dir, bank):
     assert got["n"] == saved["n"] == 80
     assert got["nmse"] == pytest.approx(saved["nmse"], abs=1e-5)
     assert got["coverage"] == pytest.approx(saved["coverage"], abs=1e-9)
+
+
+def test_word_prior_is_out_of_fold_in_training_and_travels_with_the_weights(run_dir, bank):
+    run = Run.load(run_dir)
+    assert run.model_config.use_word_prior and run.model.word_prior is not None
+    assert run.model.word_prior.coef.abs().sum() > 0  # the fitted ridge, loaded from safetensors
+    with open_store(bank=bank) as store:
+        snap = read_snapshot(store)
+    _, data = prepare_for_run(run, snap, word_prior=True)
+    table = data.table
+    n = table.words.shape[0]
+    from_weights = run.model.word_prior(table.words, table.word_weights, n)
+    for split in ("val", "test"):  # estimates of the ridge fitted on all training items
+        idx = torch.from_numpy(data.splits[split])
+        torch.testing.assert_close(table.word_prior[idx], from_weights[idx], atol=1e-4, rtol=1e-4)
+    # training items' estimates come from ridges that never saw their labels
+    idx = torch.from_numpy(data.splits["train"])
+    assert (table.word_prior[idx] - from_weights[idx]).abs().mean() > 1e-3
 
 
 def test_run_reloads_to_identical_predictions(run_dir, bank, encoders):

@@ -41,9 +41,16 @@ logger = logging.getLogger(__name__)
 TOP_NEIGHBOURS = 3
 
 
-def prepare_for_run(run: Run, snapshot: BankSnapshot) -> tuple[TrainConfig, PreparedData]:
+def prepare_for_run(
+    run: Run, snapshot: BankSnapshot, word_prior: bool = False
+) -> tuple[TrainConfig, PreparedData]:
     """The run's training config and its data on `snapshot`: the run's splits, target
-    normalisation, metadata features and vocabulary, never refitted."""
+    normalisation, metadata features and vocabulary, never refitted.
+
+    The model computes the word prior from its own weights; `word_prior` also refits the
+    ridge to give the table the training items' out-of-fold estimates as in training
+    (the same folds and penalties: the fit is deterministic given the run's seed).
+    """
     cfg = copy.deepcopy(run.train_config)
     cfg.targets = list(run.targets)
     cfg.time_safe = run.time_safe
@@ -54,6 +61,7 @@ def prepare_for_run(run: Run, snapshot: BankSnapshot) -> tuple[TrainConfig, Prep
         norm=run.norm,
         meta=run.featurizer,
         lexicon=run.lexicon,
+        word_prior=word_prior,
     )
     return cfg, data
 
