@@ -95,3 +95,11 @@ def test_word_prior_is_switched_by_config_and_kept_in_the_weights() -> None:
     assert on.word_prior is not None and "word_prior.coef" in on.state_dict()
     assert PopularityModel(ModelConfig(d_model=8, d_z=4, lexicon_size=10, use_word_prior=False)).word_prior is None
     assert PopularityModel(ModelConfig(d_model=8, d_z=4, lexicon_size=0)).word_prior is None
+
+
+def test_runs_saved_before_the_word_prior_load_without_one() -> None:
+    old = ModelConfig(lexicon_size=10, use_lexicon=True).to_dict()
+    del old["use_word_prior"]
+    cfg = ModelConfig.from_dict(old)
+    assert not cfg.has_word_prior and PopularityModel(cfg).word_prior is None
+    assert ModelConfig(lexicon_size=10, use_text=False, use_frames=True).has_word_prior is False

@@ -157,7 +157,8 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Inverse of `to_dict`; unknown keys are an error so stale checkpoints fail loudly."""
         # Runs saved before the label embedding saw similarities were built without it.
-        data = {"label_similarity": False, **data}
+        # Runs saved before the word prior existed have none (and no weights for it).
+        data = {"label_similarity": False, "use_word_prior": False, **data}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

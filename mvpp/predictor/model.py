@@ -29,8 +29,8 @@ __all__ = [
     "PopularityModel",
     "Prediction",
     "ProductOfExperts",
-    "WordPrior",
     "Projection",
+    "WordPrior",
     "masked_softmax",
     "popularity_loss",
 ]
