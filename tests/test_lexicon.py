@@ -8,7 +8,7 @@ import torch
 
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.dataset import FeatureTable, TargetNorm, make_batch
-from mvpp.predictor.lexicon import Lexicon, words_of
+from mvpp.predictor.lexicon import Lexicon, terms_of, words_of
 from mvpp.predictor.model import LexicalToken, PopularityModel
 from mvpp.retriever.snapshot import BankSnapshot
 
@@ -20,7 +20,7 @@ def test_words_are_distinct_lowercase_and_unicode() -> None:
 
 def test_vocabulary_keeps_words_seen_often_enough() -> None:
     texts = ["red cat", "red dog", "red cat runs", "blue bird"]
-    lex = Lexicon.fit(texts, min_count=2)
+    lex = Lexicon.fit(texts, min_count=2, ngrams=1)
     assert lex.words == ["red", "cat"]  # by document frequency, then alphabetically
     # the rarer word weighs more
     assert lex.idf[1] > lex.idf[0]
@@ -31,6 +31,22 @@ def test_vocabulary_keeps_words_seen_often_enough() -> None:
     assert not ids[1].any() and not weights[1].any()  # unseen words are dropped
     assert not ids[2].any()
     assert Lexicon.from_dict(lex.to_dict()).encode(["red cat"])[0].tolist() == lex.encode(["red cat"])[0].tolist()
+
+
+def test_terms_include_adjacent_word_pairs() -> None:
+    assert terms_of("Part 2 of part 2", ngrams=2) == ["part", "2", "of", "part 2", "2 of", "of part"]
+    assert terms_of("a b c", ngrams=1) == ["a", "b", "c"]
+    assert terms_of("a b c", ngrams=3)[-1] == "a b c"
+    lex = Lexicon.fit(["red cat", "red cat runs", "cat red"], min_count=2)
+    assert lex.words == ["cat", "red", "red cat"]
+    ids, _ = lex.encode(["the red cat"])
+    assert sorted(ids[0][ids[0] > 0].tolist()) == [1, 2, 3]
+    ids, _ = lex.encode(["cat, red"])  # the pair only in that order
+    assert sorted(ids[0][ids[0] > 0].tolist()) == [1, 2]
+    # vocabularies saved before pairs existed read back as single words
+    old = lex.to_dict()
+    del old["ngrams"]
+    assert Lexicon.from_dict(old).ngrams == 1
 
 
 def test_long_titles_keep_their_rarest_words() -> None:

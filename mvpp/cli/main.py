@@ -137,10 +137,18 @@ def train_cmd(
         int,
         typer.Option(
             "--lexicon-min-count",
-            help="Training titles a word must appear in to enter the vocabulary.",
+            help="Training titles a term must appear in to enter the vocabulary.",
             min=1,
         ),
     ] = TrainConfig().lexicon_min_count,
+    lexicon_ngrams: Annotated[
+        int,
+        typer.Option(
+            "--lexicon-ngrams",
+            help="Longest run of adjacent title words counted as one term (1: single words).",
+            min=1,
+        ),
+    ] = TrainConfig().lexicon_ngrams,
     meta_col: Annotated[
         list[str] | None,
         typer.Option("--meta-col", help="Metadata column(s) of the bank to use \\[default: all]."),
@@ -180,6 +188,7 @@ def train_cmd(
         loss=loss, beta_nll=beta_nll, split_by_time=split_by_time, time_safe=time_safe,
         meta_cols=meta_col or [], meta_categorical=meta_categorical or [],
         meta_min_count=meta_min_count, lexicon_min_count=lexicon_min_count,
+        lexicon_ngrams=lexicon_ngrams,
     )
     mcfg = ModelConfig(
         d_model=d_model, alpha=alpha, use_retrieval=not no_retrieval and k > 0,

@@ -28,6 +28,7 @@ from mvpp.predictor.dataset import (
 )
 from mvpp.predictor.features import DEFAULT_MIN_COUNT, MetaFeaturizer
 from mvpp.predictor.lexicon import DEFAULT_MIN_COUNT as LEXICON_MIN_COUNT
+from mvpp.predictor.lexicon import DEFAULT_NGRAMS as LEXICON_NGRAMS
 from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.metrics import Metrics, regression_metrics
 from mvpp.predictor.model import ModelBatch, PopularityModel, Prediction
@@ -75,8 +76,10 @@ class TrainConfig:
     meta_cols: list[str] = field(default_factory=list)
     meta_categorical: list[str] = field(default_factory=list)
     meta_min_count: int = DEFAULT_MIN_COUNT
-    # Title bag of words (lexicon.Lexicon): training titles a word must appear in.
+    # Title bag of terms (lexicon.Lexicon): training titles a term must appear in, and
+    # the longest run of adjacent words that makes a term.
     lexicon_min_count: int = LEXICON_MIN_COUNT
+    lexicon_ngrams: int = LEXICON_NGRAMS
     # Word prior (word_prior.fit_word_ridge): folds of its cross-fitting.
     word_prior_folds: int = WordPriorConfig().folds
 
@@ -182,7 +185,7 @@ def prepare(
         if lexicon != "fit":
             raise ValueError(f"lexicon must be 'fit', a Lexicon or None, not {lexicon!r}")
         titles = [view.titles[i] for i in splits["train"]] if view.titles else []
-        lexicon = Lexicon.fit(titles, min_count=cfg.lexicon_min_count)
+        lexicon = Lexicon.fit(titles, min_count=cfg.lexicon_min_count, ngrams=cfg.lexicon_ngrams)
     if lexicon is not None and (lexicon.size == 0 or not view.titles):
         lexicon = None  # no title shares a word with enough others: nothing to learn
     table = FeatureTable(view, norm, meta, lexicon)
