@@ -429,3 +429,35 @@ def test_tiny_full_profile_end_to_end(tmp_path: Path) -> None:
     assert vectors.shape == (2, TINY_TEXT_DIM) and len(tokens) == 2
     (frames,) = encoders.frames.encode([clip])
     assert frames.shape == (3, TINY_FRAME_DIM)
+
+
+def test_open_clip_fp16_weights_take_the_gpu_input_dtype(tiny_clip: tuple[str, str | None]) -> None:
+    """On CUDA the image tower is built with open_clip's "fp16" precision, which halves
+    the matrix weights but keeps embeddings and norms in fp32: the pixels must be fp16,
+    not the dtype of whichever parameter comes first."""
+    import open_clip
+    import torch
+
+    from mvpp.memory_bank.encoders.frames import input_dtype
+
+    frame_model, _ = tiny_clip
+    model, _, _ = open_clip.create_model_and_transforms(
+        f"local-dir:{frame_model}", precision="fp16", device="cpu", pretrained_text=False
+    )
+    visual = model.visual.eval()
+    assert {p.dtype for p in visual.parameters()} == {torch.float16, torch.float32}
+    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
+    with torch.inference_mode():
+        out = visual(torch.zeros((2, 3, *size), dtype=input_dtype("cuda")))
+    assert out.shape == (2, TINY_FRAME_DIM) and torch.isfinite(out.float()).all()
+    assert input_dtype("cpu") == torch.float32
+
+
+def test_batch_size_defaults_follow_the_device(tiny_blip: Path) -> None:
+    from mvpp.config import CPU_VIDEO_BATCH, CUDA_VIDEO_BATCH, video_batch_size
+    from mvpp.memory_bank.encoders.captioner import CPU_BATCH_SIZE
+
+    assert BlipCaptioner(tiny_blip, device="cpu").batch_size == CPU_BATCH_SIZE
+    assert BlipCaptioner(tiny_blip, device="cpu", batch_size=3).batch_size == 3
+    assert video_batch_size("cpu") == CPU_VIDEO_BATCH
+    assert video_batch_size("cuda:1") == CUDA_VIDEO_BATCH > CPU_VIDEO_BATCH

@@ -534,3 +534,79 @@ def test_beta_nll_weights_items_by_their_variance() -> None:
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="beta"):
         popularity_loss(_gaussian_output(mu, logvar), y, mask, 0.0, beta=1.5)
+
+
+# ----------------------------------------------------------- metadata paths
+
+
+@pytest.mark.parametrize("embedding", ["linear", "periodic"])
+def test_missing_numbers_are_masked_not_read(embedding: str) -> None:
+    """Whatever value sits under a missing number (NaN or garbage) never reaches the output."""
+    cfg = small_config(meta_numeric_embedding=embedding, meta_to_decoder=True, meta_interactions=True)
+    torch.manual_seed(0)
+    model = PopularityModel(cfg).eval()
+    batch = make_batch(cfg, b=6)
+    other = dataclasses.replace(
+        batch,
+        meta_numeric=torch.where(batch.meta_numeric_mask, batch.meta_numeric, torch.tensor(1e4)),
+    )
+    nan = dataclasses.replace(
+        batch,
+        meta_numeric=torch.where(batch.meta_numeric_mask, batch.meta_numeric, float("nan")),
+    )
+    ref = model(batch).mu_y
+    torch.testing.assert_close(model(other).mu_y, ref)
+    torch.testing.assert_close(model(nan).mu_y, ref)
+
+
+def test_periodic_embedding_shapes_and_features() -> None:
+    from mvpp.predictor.model import PeriodicEmbedding
+
+    torch.manual_seed(0)
+    emb = PeriodicEmbedding(n_features=3, n_frequencies=5, sigma=1.0, embed_dim=4)
+    x = torch.randn(7, 3)
+    out = emb(x)  # (B, M, e)
+    assert out.shape == (7, 3, 4) and (out >= 0).all()
+    # feature j's embedding depends on x[:, j] alone
+    x2 = x.clone()
+    x2[:, 1] += 3.0
+    out2 = emb(x2)
+    torch.testing.assert_close(out2[:, [0, 2]], out[:, [0, 2]])
+    assert not torch.allclose(out2[:, 1], out[:, 1])
+
+
+def test_metadata_reaches_the_decoder_directly_when_asked() -> None:
+    """meta_to_decoder: the metadata representation is a decoder input beside z, so with
+    z held fixed the metadata still moves the prediction; without it, it cannot."""
+    base = small_config(use_label_interaction=False)
+    for skip in (False, True):
+        cfg = dataclasses.replace(base, meta_to_decoder=skip)
+        torch.manual_seed(0)
+        model = PopularityModel(cfg).eval()
+        batch = make_batch(cfg, b=4)
+        other = dataclasses.replace(batch, meta_numeric=batch.meta_numeric + 5.0)
+        a, b = model.encode(batch), model.encode(other)
+        assert a.interactions.shape[-1] == (cfg.d_model if skip else 0)
+        mu_a, _ = model.decode(a.z_mu, a.interactions, a.word_prior)
+        mu_b, _ = model.decode(a.z_mu, b.interactions, b.word_prior)  # same z
+        moved = not torch.allclose(mu_a, mu_b)
+        assert moved == skip
+    # an item without metadata gives the decoder zeros, not the encoder's bias
+    cfg = dataclasses.replace(base, meta_to_decoder=True)
+    model = PopularityModel(cfg).eval()
+    batch = make_batch(cfg, b=2)
+    none = dataclasses.replace(batch, meta_numeric=None, meta_numeric_mask=None, meta_categorical=None)
+    assert torch.all(model.encode(none).interactions == 0)
+
+
+def test_meta_interaction_pairs() -> None:
+    cfg = small_config(meta_interactions=True)
+    assert {("M", "V_r"), ("M", "T_r"), ("M", "L_r")} <= set(cfg.interaction_pairs)
+    assert not any("M" in p for p in small_config().interaction_pairs)
+    assert not any("M" in p for p in small_config(meta_interactions=True, use_meta=False).interaction_pairs)
+    torch.manual_seed(0)
+    model = PopularityModel(cfg).eval()
+    out = model(make_batch(cfg))
+    assert_finite(out.mu_y, out.logvar_y)
+    with pytest.raises(ValueError, match="meta_numeric_embedding"):
+        small_config(meta_numeric_embedding="spline")

@@ -35,8 +35,9 @@ from mvpp.cli.common import (
     setup_logging,
     store_for,
 )
-from mvpp.config import BuildSettings, default_failures_file
+from mvpp.config import BuildSettings, default_failures_file, video_batch_size
 from mvpp.memory_bank.builder import BankBuilder, plan_items
+from mvpp.memory_bank.encoders.base import resolve_device
 from mvpp.memory_bank.encoders.profiles import load_encoders
 from mvpp.memory_bank.metadata import LABEL_TRANSFORMS, ColumnMap, load_metadata
 from mvpp.retriever.retriever import Query, Retriever
@@ -102,8 +103,11 @@ def build(
     ] = None,
     frames: Annotated[int, typer.Option("--frames", help="Frames decoded per video.", min=1)] = 10,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Videos encoded together.", min=1)
-    ] = 16,
+        int | None,
+        typer.Option(
+            "--batch-size", help="Videos encoded together \\[default: 64 on a GPU, 16 on the CPU].", min=1
+        ),
+    ] = None,
     workers: Annotated[
         int, typer.Option("--workers", help="Parallel video decoders.", min=1)
     ] = BuildSettings().decode_workers,
@@ -135,7 +139,7 @@ def build(
     loc = location(bank, qdrant_url, api_key, collection)
     settings = BuildSettings(
         n_frames=frames,
-        batch_size=batch_size,
+        batch_size=batch_size or video_batch_size(resolve_device(device)),
         decode_workers=workers,
         label_transform=label_transform,
     )

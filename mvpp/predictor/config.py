@@ -19,6 +19,16 @@ INTERACTION_PAIRS: tuple[tuple[str, str], ...] = (
     ("T", "L_r"),
 )
 
+#: Extra pairs with the metadata representation (`ModelConfig.meta_interactions`).
+META_INTERACTION_PAIRS: tuple[tuple[str, str], ...] = (
+    ("M", "V_r"),
+    ("M", "T_r"),
+    ("M", "L_r"),
+)
+
+#: How numeric metadata enters the metadata encoder (`ModelConfig.meta_numeric_embedding`).
+META_NUMERIC_EMBEDDINGS: tuple[str, ...] = ("linear", "periodic")
+
 
 @dataclass
 class ModelConfig:
@@ -39,6 +49,17 @@ class ModelConfig:
     # Categorical metadata: category ids are 1..cardinality, 0 is the unknown bucket.
     meta_cardinalities: list[int] = field(default_factory=list)
     meta_embed_dim: int = 16
+    # "linear": numeric features enter the metadata encoder's first layer as they are;
+    # "periodic": each one first becomes its own learnt embedding of sin/cos features at
+    # learnt frequencies (numbers such as follower counts act through thresholds that one
+    # linear layer cannot draw).
+    meta_numeric_embedding: str = "linear"
+    meta_periodic_frequencies: int = 16
+    meta_periodic_sigma: float = 1.0
+    # The metadata representation also goes to the decoder directly (not only through z).
+    meta_to_decoder: bool = False
+    # Label-interaction pairs of the metadata representation with the retrieved ones.
+    meta_interactions: bool = False
     # Title bag of words (predictor.lexicon): vocabulary size, set from the training
     # split; 0 means no lexical text position.
     lexicon_size: int = 0
@@ -89,9 +110,16 @@ class ModelConfig:
             "decoder_hidden",
             "n_targets",
             "meta_embed_dim",
+            "meta_periodic_frequencies",
+            "meta_periodic_sigma",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.meta_numeric_embedding not in META_NUMERIC_EMBEDDINGS:
+            raise ValueError(
+                f"ModelConfig.meta_numeric_embedding must be one of {META_NUMERIC_EMBEDDINGS}, "
+                f"got {self.meta_numeric_embedding!r}"
+            )
         if self.decoder_layers < 0:
             raise ValueError("ModelConfig.decoder_layers must be >= 0")
         if self.lexicon_size < 0:
@@ -147,7 +175,8 @@ class ModelConfig:
         if not self.use_label_interaction:
             return []
         names = set(self.expert_names)
-        return [(a, b) for a, b in INTERACTION_PAIRS if a in names and b in names]
+        pairs = INTERACTION_PAIRS + (META_INTERACTION_PAIRS if self.meta_interactions else ())
+        return [(a, b) for a, b in pairs if a in names and b in names]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict."""

@@ -439,6 +439,24 @@ class ProductOfExperts(nn.Module):
         return fused_mu, -torch.log(precision)
 
 
+class PeriodicEmbedding(nn.Module):
+    """Each of M numeric features -> its own embedding of [sin(2 pi c x), cos(2 pi c x)]
+    at K learnt frequencies c (initialised from N(0, sigma^2)), then a per-feature linear
+    layer and ReLU: (B, M) -> (B, M, e). Lets an MLP draw thresholds on one number."""
+
+    def __init__(self, n_features: int, n_frequencies: int, sigma: float, embed_dim: int) -> None:
+        super().__init__()
+        self.frequencies = nn.Parameter(torch.randn(n_features, n_frequencies) * sigma)  # (M, K)
+        bound = 1.0 / math.sqrt(2 * n_frequencies)
+        self.weight = nn.Parameter(torch.empty(n_features, 2 * n_frequencies, embed_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(n_features, embed_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        angle = 2 * math.pi * self.frequencies * x.unsqueeze(-1)  # (B, M, K)
+        feats = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)  # (B, M, 2K)
+        return torch.relu(torch.einsum("bmf,mfe->bme", feats, self.weight) + self.bias)
+
+
 class MetadataEncoder(nn.Module):
     """Numeric features (with missing mask) and categorical embeddings -> (B, d)."""
 
@@ -448,9 +466,13 @@ class MetadataEncoder(nn.Module):
         cardinalities: Sequence[int],
         embed_dim: int,
         d_model: int,
+        periodic: PeriodicEmbedding | None = None,
     ) -> None:
         super().__init__()
         self.n_numeric = n_numeric
+        # Numbers enter as themselves (B, M) or, with `periodic`, as (B, M, e) embeddings.
+        self.periodic = periodic
+        numeric_width = embed_dim if periodic is not None else 1
         self.n_categorical = len(cardinalities)
         self.embedding: nn.Embedding | None = None
         if cardinalities:
@@ -460,7 +482,7 @@ class MetadataEncoder(nn.Module):
             self.register_buffer("offsets", offsets, persistent=False)
             # one table for all columns keeps the lookup a single vectorised gather
             self.embedding = nn.Embedding(int(sizes.sum()), embed_dim)
-        in_dim = 2 * n_numeric + self.n_categorical * embed_dim
+        in_dim = n_numeric * (numeric_width + 1) + self.n_categorical * embed_dim
         self.net = nn.Sequential(nn.Linear(in_dim, d_model), nn.ReLU())
 
     def forward(
@@ -486,6 +508,9 @@ class MetadataEncoder(nn.Module):
                     else numeric_mask.bool() & torch.isfinite(numeric)
                 )
                 x = torch.where(m, numeric.to(dtype), torch.zeros((), dtype=dtype, device=device))
+            if self.periodic is not None:
+                # a missing number's embedding is zeroed: only its mask flag speaks for it
+                x = (self.periodic(x) * m.unsqueeze(-1).to(dtype)).flatten(1)  # (B, M * e)
             parts += [x, m.to(dtype)]
             avail = avail | m.any(dim=-1)
         if self.embedding is not None:
@@ -552,7 +577,7 @@ class Decoder(nn.Module):
 class _Encoding:
     z_mu: Tensor  # (B, d_z)
     z_logvar: Tensor  # (B, d_z)
-    interactions: Tensor  # (B, P * d)
+    interactions: Tensor  # (B, P * d), plus (B, d) of metadata with meta_to_decoder
     expert_mask: Tensor  # (B, E)
     neighbour_weights: Tensor  # (B, k)
     word_prior: Tensor  # (B, T) or (B, 0) without the word prior
@@ -643,11 +668,18 @@ class PopularityModel(nn.Module):
                 c.label_similarity,
             )
             self.retrieved_attention = attention() if both else None
-        self.meta = (
-            MetadataEncoder(c.n_meta_numeric, c.meta_cardinalities, c.meta_embed_dim, d)
-            if c.has_meta
-            else None
-        )
+        self.meta: MetadataEncoder | None = None
+        if c.has_meta:
+            periodic = (
+                PeriodicEmbedding(
+                    c.n_meta_numeric, c.meta_periodic_frequencies, c.meta_periodic_sigma, c.meta_embed_dim
+                )
+                if c.meta_numeric_embedding == "periodic" and c.n_meta_numeric > 0
+                else None
+            )
+            self.meta = MetadataEncoder(
+                c.n_meta_numeric, c.meta_cardinalities, c.meta_embed_dim, d, periodic
+            )
         self.experts = nn.ModuleDict()
         self.poe: ProductOfExperts | None = None
         self.concat_fusion: nn.Linear | None = None
@@ -665,8 +697,9 @@ class PopularityModel(nn.Module):
         self.interaction = LabelInteraction(pairs)
         self.word_prior = WordPrior(c.lexicon_size, c.n_targets) if c.has_word_prior else None
         prior_in = c.n_targets if c.has_word_prior else 0
+        self.meta_skip = c.meta_to_decoder and c.has_meta
         self.decoder = Decoder(
-            c.d_z + len(pairs) * d + prior_in,
+            c.d_z + len(pairs) * d + prior_in + (d if self.meta_skip else 0),
             c.decoder_hidden,
             c.decoder_layers,
             c.n_targets,
@@ -785,6 +818,12 @@ class PopularityModel(nn.Module):
             if self.interaction.pairs
             else torch.zeros(bsz, 0, dtype=z_mu.dtype, device=z_mu.device)
         )
+        if self.meta_skip:
+            # the metadata representation rides with the interactions: decoder inputs that
+            # bypass z (zero when an item has no metadata)
+            x_m, has_m = reps["M"]
+            x_m = torch.where(has_m.unsqueeze(-1), x_m, torch.zeros_like(x_m))
+            interactions = torch.cat([interactions, x_m], dim=-1)  # (B, P * d + d)
         if self.word_prior is None:
             prior = z_mu.new_zeros(bsz, 0)
         elif batch.word_prior is not None:

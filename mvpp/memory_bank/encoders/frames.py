@@ -104,7 +104,9 @@ class OpenClipFrameEncoder:
 
         # Only the image tower is used; dropping the rest frees the text tower's memory.
         self._visual = model.visual.eval()
-        self._dtype = next(self._visual.parameters()).dtype
+        # open_clip's "fp16" precision halves the matrix weights but keeps embeddings and
+        # norms in fp32, so the first parameter's dtype is not the input dtype.
+        self._dtype = input_dtype(self.device)
         output_dim = getattr(self._visual, "output_dim", None)
         if output_dim is None:
             size = getattr(self._visual, "image_size", (224, 224))
@@ -144,6 +146,13 @@ class OpenClipFrameEncoder:
             out.append(np.ascontiguousarray(flat[offset : offset + n]))
             offset += n
         return out
+
+
+def input_dtype(device: str) -> Any:
+    """Pixel dtype of the image tower: fp16 on CUDA (its weights are made fp16), else fp32."""
+    import torch
+
+    return torch.float16 if device.startswith("cuda") else torch.float32
 
 
 def _create_open_clip(model_name: str, pretrained: str | None, device: str) -> tuple[Any, Any]:
