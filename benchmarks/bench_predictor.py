@@ -5,10 +5,11 @@ then for each seed makes the 80/10/10 split and the neighbours (k=10, training i
 only, never the item itself), and trains / fits on exactly the same data:
 
 - mvpp, the full model, and its ablations (no retrieval, no PoE, no label interaction,
-  no word prior);
+  no word prior, and dense neighbours instead of the hybrid lexical re-rank);
 - baselines: global mean, ridge on the title embeddings, the word prior alone (ridge
   on the title words), k-NN label average, LightGBM on the embeddings plus
-  neighbour-label features, and the same LightGBM given the word prior too.
+  neighbour-label features, and the same LightGBM given the word prior too; the k-NN
+  average and LightGBM also on the dense neighbours.
 
 Prints mean ± std over the seeds of nMSE, MAE, SRC and 90% interval coverage, the
 seconds per training epoch, and the MMRA paper's numbers for reference.
@@ -62,6 +63,9 @@ ABLATIONS = {
     "mvpp - label interaction": {"use_label_interaction": False},
     "mvpp - word prior": {"use_word_prior": False},
 }
+# Ablations of the data rather than the model: they need their own neighbours.
+DENSE = " (dense neighbours)"
+DATA_ABLATIONS = {"mvpp - lexical retrieval" + DENSE: {"lexical_retrieval": 0.0}}
 
 
 def build_bank(path: Path) -> None:
@@ -127,10 +131,21 @@ def baselines(data: PreparedData, threads: int) -> dict[str, object]:
     if prior is not None:
         out["ridge (title words: the word prior)"] = _metrics(y[te], prior[te])
 
+    out.update(neighbour_baselines(data, threads, prior))
+    return out
+
+
+def neighbour_baselines(data: PreparedData, threads: int, prior: np.ndarray | None, suffix: str = "") -> dict:
+    """k-NN label average and LightGBM over the neighbours of `data` (and its word prior)."""
+    snap = data.snapshot
+    tr, te, va = data.splits["train"], data.splits["test"], data.splits["val"]
+    y = snap.targets[:, 0]
+    x = snap.retrieval
+    out = {}
     # k-NN label average over the same neighbours mvpp sees.
     feats = neighbour_features(data, "test")
     knn = np.where(np.isnan(feats[:, 1]), y[tr].mean(), feats[:, 1])
-    out["k-NN label average"] = _metrics(y[te], knn)
+    out[f"k-NN label average{suffix}"] = _metrics(y[te], knn)
 
     if importlib.util.find_spec("lightgbm") is None:
         return out
@@ -142,7 +157,7 @@ def baselines(data: PreparedData, threads: int) -> dict[str, object]:
         "bagging_freq": 1, "feature_fraction": 0.5, "min_data_in_leaf": 30, "verbose": -1,
         "num_threads": threads, "seed": 0,
     }
-    out["LightGBM (embeddings + neighbour labels)"] = _lightgbm(
+    out[f"LightGBM (embeddings + neighbour labels){suffix}"] = _lightgbm(
         params, (f_tr, y[tr]), (f_va, y[va]), f_te, y[te]
     )
     if prior is not None:
@@ -213,9 +228,19 @@ def main() -> None:
         data = prepare(snapshot, cfg, lexicon="fit", word_prior=True)
         for name, m in baselines(data, args.threads or 2).items():
             results.setdefault(name, []).append(m)
-        for name, switches in variants.items():
+        runs = [(name, switches, cfg, data) for name, switches in variants.items()]
+        for name, overrides in DATA_ABLATIONS.items():
+            if args.only is not None and name not in args.only:
+                continue
+            cfg_b = replace(cfg, **overrides)
+            data_b = prepare(snapshot, cfg_b, lexicon="fit", word_prior=True)
+            # the baselines that read neighbours, on these neighbours too
+            for base_name, m in neighbour_baselines(data_b, args.threads or 2, None, DENSE).items():
+                results.setdefault(base_name, []).append(m)
+            runs.append((name, {}, cfg_b, data_b))
+        for name, switches, cfg_v, data_v in runs:
             t0 = time.perf_counter()
-            res = train(snapshot, cfg, replace(ModelConfig(), **switches), _log_epochs(name), data=data)
+            res = train(snapshot, cfg_v, replace(ModelConfig(), **switches), _log_epochs(name), data=data_v)
             m = res.metrics["test"][data.target_names[0]]
             results.setdefault(name, []).append(m)
             epoch_s.append(res.seconds_per_epoch)

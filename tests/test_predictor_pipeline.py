@@ -125,6 +125,19 @@ def test_scoring_never_retrieves_the_item_itself(run_dir, bank, encoders):
         assert p["lower"] <= p["pred"] <= p["upper"]
     assert rows[20].status.startswith("failed") and not rows[20].predictions
 
+    # Serving retrieves as training did: the hybrid (dense + lexical) neighbours of a
+    # training item, itself excluded, are its training neighbours.
+    assert run.train_config.lexical_retrieval > 0 and run.lexicon is not None
+    _, data = prepare_for_run(run, snap)
+    pos = {i: r for r, i in enumerate(data.splits["train"])}
+    for row, item_id in zip(rows[:20], train_ids, strict=True):
+        nb = data.neighbours["train"]
+        r = pos[snap.item_ids.index(item_id)]
+        want = [(snap.item_ids[i], float(s)) for i, s in zip(nb.indices[r], nb.scores[r], strict=True) if i >= 0]
+        got = row.neighbours
+        assert [n for n, _ in got] == [n for n, _ in want[: len(got)]]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want[: len(got)]], rtol=1e-5)
+
 
 def test_score_cli_keeps_every_row(run_dir, bank, tmp_path):
     uploads = tmp_path / "uploads.jsonl"

@@ -136,6 +136,10 @@ def test_time_safe_retrieval_in_every_split(snapshot, by_time):
     data = prepare(snapshot, TrainConfig(k=8, split_by_time=by_time))
     assert data.time_safe
     assert _assert_no_future(snapshot, data) > 0
+    # hybrid neighbours re-rank only candidates that passed the time filter
+    hybrid = prepare(snapshot, TrainConfig(k=8, split_by_time=by_time, lexical_retrieval=2.0), lexicon="fit")
+    assert hybrid.lexicon is not None
+    assert _assert_no_future(snapshot, hybrid) > 0
     # the random split is where the filter bites: val / test items get fewer neighbours
     if not by_time:
         unsafe = prepare(snapshot, TrainConfig(k=8, time_safe=False))

@@ -33,7 +33,7 @@ from mvpp.config import BuildSettings
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.profiles import load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, parse_rows, read_table
-from mvpp.predictor.config import ModelConfig
+from mvpp.predictor.config import META_NUMERIC_EMBEDDINGS, ModelConfig
 from mvpp.predictor.features import DEFAULT_MIN_COUNT
 from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run, save_run
@@ -149,6 +149,34 @@ def train_cmd(
             min=1,
         ),
     ] = TrainConfig().lexicon_ngrams,
+    lexical_retrieval: Annotated[
+        float,
+        typer.Option(
+            "--lexical-retrieval",
+            help="Hybrid neighbours: the dense search's best candidates are re-scored as "
+            "cosine + this weight x TF-IDF cosine of the titles' terms (0 = dense only).",
+            min=0.0,
+        ),
+    ] = TrainConfig().lexical_retrieval,
+    rerank_candidates: Annotated[
+        int,
+        typer.Option("--rerank-candidates", help="Dense candidates re-scored per item by --lexical-retrieval.", min=1),
+    ] = TrainConfig().rerank_candidates,
+    meta_to_decoder: Annotated[
+        bool,
+        typer.Option(
+            "--meta-to-decoder/--no-meta-to-decoder",
+            help="Also give the metadata representation to the decoder directly, not only through z.",
+        ),
+    ] = ModelConfig().meta_to_decoder,
+    meta_numbers: Annotated[
+        str,
+        typer.Option(
+            "--meta-numbers",
+            help="How numeric metadata enters: 'linear' (as is) or 'periodic' (each number "
+            "its own learnt sin/cos embedding).",
+        ),
+    ] = ModelConfig().meta_numeric_embedding,
     meta_col: Annotated[
         list[str] | None,
         typer.Option("--meta-col", help="Metadata column(s) of the bank to use \\[default: all]."),
@@ -182,20 +210,24 @@ def train_cmd(
         fail("--loss must be gaussian_nll or mse")
     if dropout is not None and not 0.0 <= dropout < 1.0:
         fail("--dropout must lie in [0, 1)")
+    if meta_numbers not in META_NUMERIC_EMBEDDINGS:
+        fail(f"--meta-numbers must be one of {', '.join(META_NUMERIC_EMBEDDINGS)}")
     cfg = TrainConfig(
         k=k, epochs=epochs, batch_size=batch_size, lr=lr, lambda_kl=lambda_kl,
         kl_warmup_epochs=kl_warmup, patience=patience, seed=seed, targets=target or [],
         loss=loss, beta_nll=beta_nll, split_by_time=split_by_time, time_safe=time_safe,
         meta_cols=meta_col or [], meta_categorical=meta_categorical or [],
         meta_min_count=meta_min_count, lexicon_min_count=lexicon_min_count,
-        lexicon_ngrams=lexicon_ngrams,
+        lexicon_ngrams=lexicon_ngrams, lexical_retrieval=lexical_retrieval,
+        rerank_candidates=rerank_candidates,
     )
     mcfg = ModelConfig(
         d_model=d_model, alpha=alpha, use_retrieval=not no_retrieval and k > 0,
         use_poe=not no_poe, use_label_interaction=not no_interaction,
         use_positive_attention=not no_positive, use_negative_attention=not no_negative,
         use_frames=not no_frames, use_text=not no_text, use_meta=not no_meta,
-        use_lexicon=lexicon, use_word_prior=word_prior,
+        use_lexicon=lexicon, use_word_prior=word_prior, meta_to_decoder=meta_to_decoder,
+        meta_numeric_embedding=meta_numbers,
     )
     if dropout is not None:
         mcfg.dropout = dropout

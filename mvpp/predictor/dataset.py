@@ -18,6 +18,7 @@ from mvpp.predictor.features import MetaFeaturizer
 from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.model import ModelBatch, PopularityModel
 from mvpp.retriever.bulk import Neighbours, bulk_topk
+from mvpp.retriever.rerank import rerank_lexical
 from mvpp.retriever.snapshot import BankSnapshot
 
 SPLITS = ("train", "val", "test")
@@ -87,33 +88,81 @@ class TargetNorm:
         return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
 
 
+@dataclass
+class LexicalRerank:
+    """Hybrid neighbours (see retriever.rerank): the dense search returns `candidates`
+    per query, re-scored as cosine + `weight` * TF-IDF cosine of the title bags.
+
+    key_ids / key_weights: (M, W) bags of the snapshot's items, the whole snapshot.
+    """
+
+    key_ids: np.ndarray
+    key_weights: np.ndarray
+    vocab_size: int
+    weight: float
+    candidates: int
+
+
+def find_neighbours(
+    queries: np.ndarray,
+    snapshot: BankSnapshot,
+    keys_idx: np.ndarray,
+    k: int,
+    *,
+    query_key_index: np.ndarray | None = None,
+    query_time: np.ndarray | None = None,
+    query_bags: tuple[np.ndarray, np.ndarray] | None = None,
+    rerank: LexicalRerank | None = None,
+) -> Neighbours:
+    """Top-k neighbours of `queries` among the snapshot items `keys_idx`, as snapshot
+    indices (-1 = none). Dense search, then the lexical re-rank when one is given along
+    with the queries' bags. `query_time` switches on the time filter."""
+    hybrid = rerank is not None and query_bags is not None and rerank.weight != 0.0
+    nb = bulk_topk(
+        queries,
+        snapshot.retrieval[keys_idx],
+        max(k, rerank.candidates) if hybrid else k,
+        key_mask=snapshot.has_retrieval[keys_idx],
+        query_key_index=query_key_index,
+        query_time=query_time,
+        key_time=snapshot.published_ts[keys_idx] if query_time is not None else None,
+    )
+    if hybrid:
+        assert rerank is not None and query_bags is not None
+        nb = rerank_lexical(
+            nb, query_bags[0], query_bags[1], rerank.key_ids[keys_idx], rerank.key_weights[keys_idx],
+            rerank.vocab_size, k, rerank.weight,
+        )
+    return Neighbours(np.where(nb.indices >= 0, keys_idx[np.maximum(nb.indices, 0)], -1), nb.scores)
+
+
 def split_neighbours(
     snapshot: BankSnapshot,
     splits: dict[str, np.ndarray],
     k: int,
     time_safe: bool,
+    rerank: LexicalRerank | None = None,
 ) -> dict[str, Neighbours]:
     """Neighbours of every split's items among the training items (indices into snapshot)."""
     train = splits["train"]
-    keys = snapshot.retrieval[train]
-    key_mask = snapshot.has_retrieval[train]
     pos_in_train = np.full(len(snapshot), -1, dtype=np.int64)
     pos_in_train[train] = np.arange(len(train))
     out: dict[str, Neighbours] = {}
     for name, idx in splits.items():
-        nb = bulk_topk(
+        nb = find_neighbours(
             snapshot.retrieval[idx],
-            keys,
+            snapshot,
+            train,
             k,
-            key_mask=key_mask,
             query_key_index=pos_in_train[idx],
             query_time=snapshot.published_ts[idx] if time_safe else None,
-            key_time=snapshot.published_ts[train] if time_safe else None,
+            query_bags=(rerank.key_ids[idx], rerank.key_weights[idx]) if rerank is not None else None,
+            rerank=rerank,
         )
         # Queries without a retrieval vector have no meaningful neighbours.
         nb.indices[~snapshot.has_retrieval[idx]] = -1
         nb.scores[~snapshot.has_retrieval[idx]] = -np.inf
-        out[name] = Neighbours(np.where(nb.indices >= 0, train[np.maximum(nb.indices, 0)], -1), nb.scores)
+        out[name] = nb
     return out
 
 

@@ -22,18 +22,18 @@ from mvpp.media import MediaError, decode_frames
 from mvpp.memory_bank.builder import BankBuilder, BuildItem
 from mvpp.memory_bank.metadata import inverse_transform
 from mvpp.memory_bank.schema import BankPoint
-from mvpp.predictor.dataset import ItemFeatures, make_batch
+from mvpp.predictor.dataset import ItemFeatures, find_neighbours, make_batch
 from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run
 from mvpp.predictor.training import (
     PreparedData,
     TrainConfig,
+    lexical_rerank,
     predict_split,
     prepare,
     scaled_interval,
     split_metrics,
 )
-from mvpp.retriever.bulk import bulk_topk
 from mvpp.retriever.snapshot import BankSnapshot
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class Scorer:
         self.cfg, self.data = prepare_for_run(run, snapshot)
         self.train_idx = self.data.splits["train"]
         self.pos_in_train = {snapshot.item_ids[i]: p for p, i in enumerate(self.train_idx)}
+        self.rerank = lexical_rerank(self.data.table, run.lexicon, self.cfg)
 
     def score(
         self,
@@ -180,19 +181,23 @@ class Scorer:
         q_time = np.array(
             [p.published_ts if p.published_ts is not None else np.nan for p in points], np.float64
         )
-        nb = bulk_topk(
+        feats = self._features(points)
+        bags = None
+        if feats.words is not None and feats.word_weights is not None:
+            bags = (feats.words.numpy(), feats.word_weights.numpy())
+        nb = find_neighbours(
             queries,
-            snap.retrieval[self.train_idx],
+            snap,
+            self.train_idx,
             self.cfg.k,
-            key_mask=snap.has_retrieval[self.train_idx],
             query_key_index=own,
             query_time=q_time if self.run.time_safe else None,
-            key_time=snap.published_ts[self.train_idx] if self.run.time_safe else None,
+            query_bags=bags,
+            rerank=self.rerank,
         )
         nb.indices[~has_q] = -1
         nb.scores[~has_q] = -np.inf
-        nb_idx = np.where(nb.indices >= 0, self.train_idx[np.maximum(nb.indices, 0)], -1)
-        feats = self._features(points)
+        nb_idx = nb.indices
         batch = make_batch(self.data.table, feats, nb_idx, nb.scores)
         q = ((1 - self.cfg.interval) / 2, 1 - (1 - self.cfg.interval) / 2)
         pred = self.run.model.predict(batch, n_samples=self.cfg.mc_samples, quantiles=q, seed=self.cfg.seed)

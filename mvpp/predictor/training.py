@@ -20,6 +20,7 @@ import torch
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.dataset import (
     FeatureTable,
+    LexicalRerank,
     SplitConfig,
     TargetNorm,
     make_batch,
@@ -37,6 +38,12 @@ from mvpp.retriever.bulk import Neighbours
 from mvpp.retriever.snapshot import BankSnapshot
 
 logger = logging.getLogger(__name__)
+
+# Hybrid neighbours: weight of the titles' TF-IDF cosine next to the dense cosine, and
+# dense candidates re-ranked per query. A re-rank of the dense top 200 keeps almost all
+# of a full hybrid search's gain on MicroLens (k-NN label average, see benchmarks/README.md).
+LEXICAL_RETRIEVAL_WEIGHT = 0.5
+RERANK_CANDIDATES = 200
 
 
 @dataclass
@@ -82,6 +89,11 @@ class TrainConfig:
     lexicon_ngrams: int = LEXICON_NGRAMS
     # Word prior (word_prior.fit_word_ridge): folds of its cross-fitting.
     word_prior_folds: int = WordPriorConfig().folds
+    # Hybrid neighbours (retriever.rerank): the dense search's best `rerank_candidates`
+    # are re-scored as cosine + lexical_retrieval * TF-IDF cosine of the titles' bags of
+    # terms (the run's vocabulary); 0 keeps the dense neighbours.
+    lexical_retrieval: float = LEXICAL_RETRIEVAL_WEIGHT
+    rerank_candidates: int = RERANK_CANDIDATES
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +101,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         known = set(cls.__dataclass_fields__)
+        # runs saved before hybrid neighbours existed were trained on dense ones
+        d = {"lexical_retrieval": 0.0, **d}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -169,7 +183,6 @@ def prepare(
         splits = make_splits(view, SplitConfig(seed=cfg.seed, by_time=cfg.split_by_time))
     if len(splits["train"]) == 0:
         raise ValueError("no labelled training items in the bank")
-    neighbours = split_neighbours(view, splits, cfg.k, time_safe)
     norm = norm or TargetNorm.fit(view.targets[splits["train"]])
     if isinstance(meta, str):
         if meta != "fit":
@@ -189,12 +202,23 @@ def prepare(
     if lexicon is not None and (lexicon.size == 0 or not view.titles):
         lexicon = None  # no title shares a word with enough others: nothing to learn
     table = FeatureTable(view, norm, meta, lexicon)
+    neighbours = split_neighbours(view, splits, cfg.k, time_safe, lexical_rerank(table, lexicon, cfg))
     ridge = None
     if word_prior and table.words is not None and table.word_weights is not None:
         ridge = _fit_word_prior(table, splits["train"], lexicon.size, cfg)
     return PreparedData(
         view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe, meta,
         lexicon, ridge,
+    )
+
+
+def lexical_rerank(table: FeatureTable, lexicon: Lexicon | None, cfg: TrainConfig) -> LexicalRerank | None:
+    """The hybrid re-rank of the run's neighbours; None without a vocabulary or weight."""
+    if lexicon is None or table.words is None or table.word_weights is None or cfg.lexical_retrieval == 0.0:
+        return None
+    return LexicalRerank(
+        table.words.numpy(), table.word_weights.numpy(), lexicon.size, cfg.lexical_retrieval,
+        cfg.rerank_candidates,
     )
 
 
@@ -364,7 +388,7 @@ def train(
         snapshot,
         cfg,
         meta="fit" if base_cfg.use_meta else None,
-        lexicon="fit" if base_cfg.use_lexicon or base_cfg.use_word_prior else None,
+        lexicon="fit" if base_cfg.use_lexicon or base_cfg.use_word_prior or cfg.lexical_retrieval else None,
         word_prior=base_cfg.use_word_prior,
     )
     mcfg = model_config_for(data, model_cfg)
