@@ -11,7 +11,7 @@ goes through the CLI a user types, with no dataset-specific code:
    earliest 80% of posts, early-stopped on the next 10%, tested on the latest 10%;
    retrieval is time-safe (only posts published before the query). Once with the
    metadata expert, once without (`--no-meta`), once without the word prior
-   (`--no-word-prior`).
+   (`--no-word-prior`), once with dense neighbours only (`--lexical-retrieval 0`).
 3. LightGBM, one model per target, on the same split and the same inputs: the bank's
    retrieval vectors (the text embeddings) and the metadata features of the mvpp run
    (same columns, same train-only statistics; categories as LightGBM categoricals);
@@ -176,7 +176,12 @@ def main() -> None:
         if value is not None:
             common += [flag, str(value)]
     common += args.train_flags
-    variants = {"mvpp": [], "mvpp --no-meta": ["--no-meta"], "mvpp --no-word-prior": ["--no-word-prior"]}
+    variants = {
+        "mvpp": [],
+        "mvpp --no-meta": ["--no-meta"],
+        "mvpp --no-word-prior": ["--no-word-prior"],
+        "mvpp --lexical-retrieval 0": ["--lexical-retrieval", "0"],
+    }
     results: dict[str, dict[str, Metrics]] = {}
     info: dict[str, dict] = {}
     for label, extra in variants.items():

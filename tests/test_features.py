@@ -82,7 +82,7 @@ def test_metadata_rows_parse_counts_durations_and_observed_time():
 
 def test_counts_get_log1p_and_train_statistics_only():
     train = [{"followers": v} for v in (0.0, 9.0, 99.0, 999.0)]
-    fz = MetaFeaturizer.fit(train, derived=False)
+    fz = MetaFeaturizer.fit(train, derived=False, clip_range=False)
     (f,) = fz.numeric
     assert f.log1p and f.name == "followers"
     logs = np.log1p([0.0, 9.0, 99.0, 999.0])
@@ -266,3 +266,24 @@ def test_real_tiktok_table_parses_and_featurizes():
     assert all(f.log1p for f in fz.numeric[:4])
     # creators posting at least twice have an embedding; the others share bucket 0
     assert 500 < fz.cardinalities[0] < 6_883
+
+
+def test_values_beyond_the_training_range_saturate():
+    train = [{"followers": v} for v in (0.0, 9.0, 99.0, 999.0)]
+    fz = MetaFeaturizer.fit(train, derived=False)
+    (f,) = fz.numeric
+    logs = np.log1p([0.0, 9.0, 99.0, 999.0])
+    z = (logs - logs.mean()) / logs.std()
+    assert f.lo == pytest.approx(z.min()) and f.hi == pytest.approx(z.max())
+    num, mask, _ = fz.transform([{"followers": 1e7}, {"followers": 99.0}, {"followers": 999.0}])
+    assert mask.all()
+    # far above the range reads as the largest training value, value and pieces alike
+    np.testing.assert_allclose(num[0], num[2], rtol=1e-6)
+    assert num[1, 0] == pytest.approx(z[2], rel=1e-5)
+    # runs saved before the range was kept transform as they did: no clipping
+    d = fz.to_dict()
+    for feat in d["numeric"]:
+        feat.pop("lo"), feat.pop("hi")
+    old = MetaFeaturizer.from_dict(d)
+    assert old.numeric[0].lo is None
+    assert old.transform([{"followers": 1e7}])[0][0, 0] > num[0, 0]

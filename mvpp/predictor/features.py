@@ -4,8 +4,9 @@ Sources, all fitted on the training split only:
 - numeric metadata columns (creator followers, music uses, duration written as mm:ss...):
   log1p when every training value is non-negative (counts), then standardised with the
   training mean and std, and also given as a piecewise-linear encoding over the training
-  quantiles (`bins` pieces: an MLP then fits non-monotone effects easily, and values
-  beyond the training range saturate instead of extrapolating, as in a tree);
+  quantiles (`bins` pieces: an MLP then fits non-monotone effects easily); values beyond
+  the training range saturate instead of extrapolating, as in a tree (the value itself is
+  clipped to the training range, the pieces are 0 or 1 there);
 - categorical metadata columns (creator id, music id, any text value): a vocabulary of
   the training values seen at least `min_count` times; id 0 is the unknown bucket that
   takes unseen, rare and missing values;
@@ -82,6 +83,10 @@ class NumericFeature:
     std: float = 1.0
     # Quantile edges of the standardised training values; k + 1 edges give k encoded pieces.
     edges: list[float] = field(default_factory=list)
+    # Range of the standardised training values that later values are clipped to, so that
+    # the value column saturates like the pieces (None: not clipped; runs saved before).
+    lo: float | None = None
+    hi: float | None = None
 
     @property
     def width(self) -> int:
@@ -211,6 +216,7 @@ class MetaFeaturizer:
         min_count: int = DEFAULT_MIN_COUNT,
         derived: bool = True,
         bins: int = DEFAULT_BINS,
+        clip_range: bool = True,
     ) -> MetaFeaturizer:
         """Fit on training items.
 
@@ -221,6 +227,10 @@ class MetaFeaturizer:
         and so is a categorical column without any category seen `min_count` times.
         derived: add duration, age, post hour and weekday where the data has them.
         bins: pieces of the quantile encoding of numeric features (0: values only).
+        clip_range: clip later values to the training range. Under a time split the
+        newest posts lie outside it (the age at observation above all), and an MLP would
+        extrapolate a linear trend there; clipped, they read as the nearest training
+        values, as in a tree.
         """
         if min_count < 1:
             raise ValueError("min_count must be >= 1")
@@ -244,7 +254,7 @@ class MetaFeaturizer:
                 x = np.array([_number(v) for v in values], np.float64)
                 x = x[np.isfinite(x)]
                 feat = NumericFeature(col, "meta", log1p=bool((x >= 0).all()))
-                numeric.append(_standardise(feat, x, bins))
+                numeric.append(_standardise(feat, x, bins, clip_range))
             else:
                 counts = Counter(k for k in map(category_key, values) if k is not None)
                 vocab = sorted(k for k, c in counts.items() if c >= min_count)
@@ -265,7 +275,7 @@ class MetaFeaturizer:
                 if len(x):
                     # the hour is periodic already (sin, cos): no pieces
                     pieces = 0 if source in (HOUR_SIN, HOUR_COS) else bins
-                    numeric.append(_standardise(NumericFeature(name, source, log), x, pieces))
+                    numeric.append(_standardise(NumericFeature(name, source, log), x, pieces, clip_range))
             if np.isfinite(pub).any():
                 cats.append(CategoricalFeature("weekday", WEEKDAY, list(WEEKDAYS)))
         return cls(numeric, cats, min_count, bins)
@@ -310,6 +320,8 @@ class MetaFeaturizer:
                 if f.log1p:
                     x = np.log1p(np.maximum(x, 0.0))
                 z = np.clip((x - f.mean) / f.std, -CLIP, CLIP)
+                if f.lo is not None and f.hi is not None:
+                    z = np.clip(z, f.lo, f.hi)
             ok = np.isfinite(z)
             numeric[:, j] = np.where(ok, z, 0.0)
             mask[:, j] = ok
@@ -365,14 +377,18 @@ class MetaFeaturizer:
         )
 
 
-def _standardise(feat: NumericFeature, x: np.ndarray, bins: int = 0) -> NumericFeature:
-    """Training mean and std of the (log1p'd) finite values `x`, and `bins` quantile pieces."""
+def _standardise(feat: NumericFeature, x: np.ndarray, bins: int = 0, clip_range: bool = False) -> NumericFeature:
+    """Training mean and std of the (log1p'd) finite values `x`, `bins` quantile pieces,
+    and with `clip_range` the range of the standardised values."""
     if feat.log1p:
         x = np.log1p(np.maximum(x, 0.0))
     if len(x):
         feat.mean = float(np.mean(x))
         std = float(np.std(x))
         feat.std = std if std > 1e-12 else 1.0
+        if clip_range:
+            z_all = np.clip((x - feat.mean) / feat.std, -CLIP, CLIP)
+            feat.lo, feat.hi = float(z_all.min()), float(z_all.max())
         if bins > 1:
             z = np.clip((x - feat.mean) / feat.std, -CLIP, CLIP)
             edges = np.unique(np.quantile(z, np.linspace(0.0, 1.0, bins + 1)))

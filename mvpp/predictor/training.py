@@ -83,6 +83,8 @@ class TrainConfig:
     meta_cols: list[str] = field(default_factory=list)
     meta_categorical: list[str] = field(default_factory=list)
     meta_min_count: int = DEFAULT_MIN_COUNT
+    # Clip numeric metadata to its training range (features.MetaFeaturizer.fit).
+    meta_clip_range: bool = True
     # Title bag of terms (lexicon.Lexicon): training titles a term must appear in, and
     # the longest run of adjacent words that makes a term.
     lexicon_min_count: int = LEXICON_MIN_COUNT
@@ -193,6 +195,7 @@ def prepare(
             columns=cfg.meta_cols or None,
             categorical=cfg.meta_categorical,
             min_count=cfg.meta_min_count,
+            clip_range=cfg.meta_clip_range,
         )
     if isinstance(lexicon, str):
         if lexicon != "fit":
