@@ -610,3 +610,33 @@ def test_meta_interaction_pairs() -> None:
     assert_finite(out.mu_y, out.logvar_y)
     with pytest.raises(ValueError, match="meta_numeric_embedding"):
         small_config(meta_numeric_embedding="spline")
+
+
+# -------------------------------------------------------------- neighbour prior
+
+
+def test_neighbour_label_average_matches_the_weighted_mean_and_ignores_missing_labels() -> None:
+    cfg = small_config(use_neighbour_prior=True, n_targets=2)
+    torch.manual_seed(0)
+    model = PopularityModel(cfg).eval()
+    batch = make_batch(cfg, b=4, k=3)
+    batch.nb_label_mask[1] = False  # item 1: no neighbour label at all
+    enc = model.encode(batch)
+    t = cfg.n_targets
+    prior = enc.word_prior[:, -2 * t :]  # (B, 2T): averages, then availability
+    lm = batch.nb_label_mask & batch.nb_mask.unsqueeze(-1)
+    a = enc.neighbour_weights
+    for i in range(4):
+        for j in range(t):
+            w = a[i] * lm[i, :, j]
+            if w.sum() == 0:
+                assert prior[i, j] == 0 and prior[i, t + j] == 0
+            else:
+                want = (w * batch.nb_labels[i, :, j]).sum() / w.sum()
+                torch.testing.assert_close(prior[i, j], want)
+                assert prior[i, t + j] == 1
+    # garbage under missing labels never gets in
+    noisy = dataclasses.replace(batch, nb_labels=torch.where(lm, batch.nb_labels, torch.tensor(1e6)))
+    torch.testing.assert_close(model(noisy).mu_y, model(batch).mu_y)
+    # without retrieval there is nothing to average
+    assert not PopularityModel(dataclasses.replace(cfg, use_retrieval=False)).neighbour_prior

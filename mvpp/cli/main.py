@@ -133,6 +133,13 @@ def train_cmd(
             "(fitted on the training split, out-of-fold on training items).",
         ),
     ] = ModelConfig().use_word_prior,
+    neighbour_prior: Annotated[
+        bool,
+        typer.Option(
+            "--neighbour-prior/--no-neighbour-prior",
+            help="Give the decoder the neighbours' labels averaged with the retrieval weights.",
+        ),
+    ] = ModelConfig().use_neighbour_prior,
     lexicon_min_count: Annotated[
         int,
         typer.Option(
@@ -226,7 +233,8 @@ def train_cmd(
         use_poe=not no_poe, use_label_interaction=not no_interaction,
         use_positive_attention=not no_positive, use_negative_attention=not no_negative,
         use_frames=not no_frames, use_text=not no_text, use_meta=not no_meta,
-        use_lexicon=lexicon, use_word_prior=word_prior, meta_to_decoder=meta_to_decoder,
+        use_lexicon=lexicon, use_word_prior=word_prior, use_neighbour_prior=neighbour_prior,
+        meta_to_decoder=meta_to_decoder,
         meta_numeric_embedding=meta_numbers,
     )
     if dropout is not None:

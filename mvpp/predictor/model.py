@@ -276,6 +276,16 @@ class NeighbourAggregator(nn.Module):
         out, valid = self.aggregate(e.unsqueeze(2), has.unsqueeze(2), a)  # (B, 1, d), (B, 1)
         return out.squeeze(1), valid.squeeze(1)
 
+    def label_average(self, labels: Tensor, label_mask: Tensor, a: Tensor) -> Tensor:
+        """The neighbours' labels averaged with the retrieval weights, per target, and
+        whether any neighbour had that label: (B, k, T), (B, k, T), (B, k) -> (B, 2T)."""
+        w = a.unsqueeze(-1) * label_mask  # (B, k, T)
+        total = w.sum(dim=1)  # (B, T)
+        has = total > 0
+        y = _zero_invalid(labels.to(a.dtype).unsqueeze(-1), label_mask).squeeze(-1)
+        mean = (w * y).sum(dim=1) / torch.where(has, total, torch.ones_like(total))  # (B, T)
+        return torch.cat([mean, has.to(mean.dtype)], dim=-1)
+
     def forward(
         self,
         sim: Tensor,
@@ -580,7 +590,7 @@ class _Encoding:
     interactions: Tensor  # (B, P * d), plus (B, d) of metadata with meta_to_decoder
     expert_mask: Tensor  # (B, E)
     neighbour_weights: Tensor  # (B, k)
-    word_prior: Tensor  # (B, T) or (B, 0) without the word prior
+    word_prior: Tensor  # (B, T) word prior [+ (B, 2T) neighbour label average], or (B, 0)
 
 
 def popularity_loss(
@@ -696,7 +706,8 @@ class PopularityModel(nn.Module):
         pairs = c.interaction_pairs
         self.interaction = LabelInteraction(pairs)
         self.word_prior = WordPrior(c.lexicon_size, c.n_targets) if c.has_word_prior else None
-        prior_in = c.n_targets if c.has_word_prior else 0
+        self.neighbour_prior = c.use_neighbour_prior and c.use_retrieval
+        prior_in = (c.n_targets if c.has_word_prior else 0) + (2 * c.n_targets if self.neighbour_prior else 0)
         self.meta_skip = c.meta_to_decoder and c.has_meta
         self.decoder = Decoder(
             c.d_z + len(pairs) * d + prior_in + (d if self.meta_skip else 0),
@@ -830,6 +841,13 @@ class PopularityModel(nn.Module):
             prior = batch.word_prior.to(z_mu.dtype)
         else:
             prior = self.word_prior(batch.words, batch.word_weights, bsz)
+        if self.neighbour_prior:
+            # the k-NN estimate itself (retrieval weights, learnt temperature) beside z:
+            # through the PoE latent it arrives only blurred by the KL term
+            assert self.aggregator is not None
+            lm = batch.nb_label_mask.bool() & batch.nb_mask.bool().unsqueeze(-1)
+            nb_avg = self.aggregator.label_average(batch.nb_labels, lm, a)  # (B, 2T)
+            prior = torch.cat([prior, nb_avg.to(prior.dtype)], dim=-1)
         return _Encoding(z_mu, z_logvar, interactions, expert_mask, a, prior)
 
     @torch.no_grad()
