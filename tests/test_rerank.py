@@ -58,3 +58,15 @@ def test_missing_candidates_stay_missing() -> None:
     out = rerank_lexical(cand, q_ids, q_w, k_ids, k_w, 3, 4, 1.0)
     assert out.indices.tolist() == [[1, -1, -1, -1]]
     assert out.scores[0, 0] == np.float32(1.5) and np.isneginf(out.scores[0, 1:]).all()
+
+
+def test_runs_saved_before_hybrid_neighbours_keep_dense_ones() -> None:
+    from mvpp.predictor.training import TrainConfig
+
+    new = TrainConfig()
+    assert new.lexical_retrieval > 0
+    again = TrainConfig.from_dict(new.to_dict())
+    assert again == new
+    old = new.to_dict()
+    del old["lexical_retrieval"], old["rerank_candidates"]
+    assert TrainConfig.from_dict(old).lexical_retrieval == 0.0
