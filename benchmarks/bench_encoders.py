@@ -51,7 +51,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mvpp.cli.demo_data import SHARED_DATA  # noqa: E402
-from mvpp.config import BuildSettings  # noqa: E402
+from mvpp.config import BuildSettings, video_batch_size  # noqa: E402
 from mvpp.media import decode_frames, list_videos  # noqa: E402
 from mvpp.memory_bank.builder import BankBuilder, BuildItem  # noqa: E402
 from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders  # noqa: E402
@@ -242,7 +242,7 @@ def main() -> None:
                         help="frames per BLIP generate call; several values time the caption stage "
                              "at each, the build uses the first (default: the captioner's own)")
     parser.add_argument("--video-batch", type=int, default=None,
-                        help="videos encoded together by the build (default: BuildSettings')")
+                        help="videos encoded together by the build (default: mvpp-bank build's for the device)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -260,9 +260,8 @@ def main() -> None:
     try:
         spec, params = full_size_spec(args.models or tmp / "models", Path(vocab))
         encoders = load_encoders(spec, device=device)
-        settings = BuildSettings()
-        if args.video_batch:
-            settings = replace(settings, batch_size=args.video_batch)
+        # the same default as `mvpp-bank build --batch-size`
+        settings = replace(BuildSettings(), batch_size=args.video_batch or video_batch_size(device))
         with console.status(f"loading encoders on {device}"):
             _, load_s = timed(lambda: (encoders.text, encoders.captioner, encoders.frames))
         paths = clip_folder(args.videos, args.clips, tmp / "clips")
