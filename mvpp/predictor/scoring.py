@@ -28,7 +28,6 @@ from mvpp.predictor.run import Run
 from mvpp.predictor.training import (
     PreparedData,
     TrainConfig,
-    lexical_rerank,
     predict_split,
     prepare,
     scaled_interval,
@@ -108,7 +107,6 @@ class Scorer:
         self.cfg, self.data = prepare_for_run(run, snapshot)
         self.train_idx = self.data.splits["train"]
         self.pos_in_train = {snapshot.item_ids[i]: p for p, i in enumerate(self.train_idx)}
-        self.rerank = lexical_rerank(self.data.table, run.lexicon, self.cfg)
 
     def score(
         self,
@@ -193,15 +191,14 @@ class Scorer:
             query_key_index=own,
             query_time=q_time if self.run.time_safe else None,
             query_bags=bags,
-            rerank=self.rerank,
+            rerank=self.data.rerank,
         )
         nb.indices[~has_q] = -1
         nb.scores[~has_q] = -np.inf
-        nb_idx = nb.indices
-        batch = make_batch(self.data.table, feats, nb_idx, nb.scores)
+        batch = make_batch(self.data.table, feats, nb.indices, nb.scores)
         q = ((1 - self.cfg.interval) / 2, 1 - (1 - self.cfg.interval) / 2)
         pred = self.run.model.predict(batch, n_samples=self.cfg.mc_samples, quantiles=q, seed=self.cfg.seed)
-        return pred, nb_idx, nb.scores
+        return pred, nb.indices, nb.scores
 
     def _features(self, points: list[BankPoint]) -> ItemFeatures:
         snap = self.snapshot

@@ -131,6 +131,8 @@ class PreparedData:
     featurizer: MetaFeaturizer | None = None
     lexicon: Lexicon | None = None
     word_ridge: WordRidge | None = None
+    # How the neighbours were re-ranked (None: dense); serving re-ranks the same way.
+    rerank: LexicalRerank | None = None
 
     @property
     def target_names(self) -> list[str]:
@@ -205,13 +207,14 @@ def prepare(
     if lexicon is not None and (lexicon.size == 0 or not view.titles):
         lexicon = None  # no title shares a word with enough others: nothing to learn
     table = FeatureTable(view, norm, meta, lexicon)
-    neighbours = split_neighbours(view, splits, cfg.k, time_safe, lexical_rerank(table, lexicon, cfg))
+    rerank = lexical_rerank(table, lexicon, cfg)
+    neighbours = split_neighbours(view, splits, cfg.k, time_safe, rerank)
     ridge = None
     if word_prior and table.words is not None and table.word_weights is not None:
         ridge = _fit_word_prior(table, splits["train"], lexicon.size, cfg)
     return PreparedData(
         view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe, meta,
-        lexicon, ridge,
+        lexicon, ridge, rerank,
     )
 
 
