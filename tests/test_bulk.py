@@ -46,6 +46,32 @@ def test_time_filter_never_returns_the_future():
     assert (nb.indices[0] >= 0).all()
 
 
+def test_group_bonus_is_added_to_same_group_keys_only():
+    rng = np.random.default_rng(3)
+    keys = _unit(rng, 120, 8)
+    queries = _unit(rng, 30, 8)
+    key_group = rng.integers(-1, 6, 120)  # -1: no group, never matches
+    query_group = rng.integers(-1, 6, 30)
+    key_time = rng.uniform(0, 100, 120)
+    q_time = rng.uniform(50, 100, 30)
+    nb = bulk_topk(queries, keys, 7, query_group=query_group, key_group=key_group, group_weight=0.4,
+                   query_time=q_time, key_time=key_time, block=8)
+    sims = queries @ keys.T
+    same = (query_group[:, None] == key_group[None, :]) & (query_group[:, None] >= 0)
+    boosted = np.where(key_time[None, :] < q_time[:, None], sims + 0.4 * same, -np.inf)
+    expect = np.argsort(-boosted, axis=1, kind="stable")[:, :7]
+    assert (nb.indices == expect).all()
+    np.testing.assert_allclose(nb.scores, np.take_along_axis(boosted, expect, 1), rtol=1e-5)
+    # the bonus reorders: some query has a same-group key it would not get by cosine alone
+    plain = bulk_topk(queries, keys, 7, query_time=q_time, key_time=key_time)
+    assert (nb.indices != plain.indices).any()
+    # weight 0 or no query groups: the plain search
+    for kwargs in ({"group_weight": 0.0}, {"query_group": None}):
+        args = {"query_group": query_group, "key_group": key_group, "group_weight": 0.4, **kwargs}
+        again = bulk_topk(queries, keys, 7, query_time=q_time, key_time=key_time, **args)
+        assert (again.indices == plain.indices).all()
+
+
 def test_k_zero_and_empty_bank():
     q = np.ones((3, 4), np.float32) / 2
     assert bulk_topk(q, np.zeros((0, 4), np.float32), 5).indices.shape == (3, 5)

@@ -273,3 +273,69 @@ def test_no_meta_ablation(bank, tmp_path):
     assert result.exit_code == 0, result.output
     run = Run.load(out)
     assert "M" not in run.model_config.expert_names and run.featurizer is None
+
+
+def _creators(snapshot, idx) -> np.ndarray:
+    return np.array([snapshot.metadata[i]["creator"] for i in idx])
+
+
+def test_neighbour_group_retrieves_the_creators_earlier_posts_first(snapshot):
+    k = 8
+    plain = prepare(snapshot, TrainConfig(k=k, split_by_time=True))
+    grouped = prepare(snapshot, TrainConfig(k=k, split_by_time=True, neighbour_group="creator",
+                                            group_retrieval=2.0))
+    assert grouped.groups is not None and grouped.groups.column == "creator"
+    assert _assert_no_future(snapshot, grouped) > 0
+    t = snapshot.published_ts
+    train = grouped.splits["train"]
+    n_same = {"plain": 0, "grouped": 0}
+    for split, idx in grouped.splits.items():
+        for name, data in (("plain", plain), ("grouped", grouped)):
+            nb = data.neighbours[split].indices
+            for row, q in enumerate(idx):
+                got = nb[row][nb[row] >= 0]
+                same = _creators(snapshot, got) == snapshot.metadata[q]["creator"]
+                n_same[name] += int(same.sum())
+                if name == "grouped":
+                    # a bonus larger than any cosine gap: every earlier training post of the
+                    # creator (up to k) comes back, ahead of every other creator's post
+                    allowed = train[(t[train] < t[q]) & (train != q)]
+                    n_allowed = int((_creators(snapshot, allowed) == snapshot.metadata[q]["creator"]).sum())
+                    assert same.sum() == min(k, n_allowed)
+                    assert not (~same[:-1] & same[1:]).any()
+    assert n_same["grouped"] > 1.5 * n_same["plain"]
+
+
+def test_neighbour_group_must_be_a_metadata_column(snapshot):
+    with pytest.raises(ValueError, match="'uploader' is not in the bank's metadata.*creator"):
+        prepare(snapshot, TrainConfig(k=4, neighbour_group="uploader"))
+
+
+def test_scorer_retrieves_by_neighbour_group(bank, snapshot, encoders, tmp_path):
+    out = tmp_path / "grouped"
+    result = runner.invoke(app, [
+        "train", "--bank", str(bank[0]), "--k", "4", "--epochs", "1", "--batch-size", "64",
+        "--d-model", "16", "--split-by-time", "--neighbour-group", "creator",
+        "--group-retrieval", "2", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    run = Run.load(out)
+    assert run.train_config.neighbour_group == "creator" and run.train_config.group_retrieval == 2.0
+    t = snapshot.published_ts
+    with open_store(bank=bank[0]) as store:
+        scorer = Scorer(run, snapshot, BankBuilder(store, encoders, BuildSettings()))
+        late = float(t.max()) + 3600.0
+        items = [
+            BuildItem(f"n{c}", MetaRow(f"n{c}", title="news video number 2 wow news, trend",
+                                       published_ts=late, metadata={"creator": c}))
+            for c in ("creator5", "creator9", "nobody")
+        ]
+        _, nb_idx, nb_score = scorer._predict(scorer.builder.encode([(it, None) for it in items]))
+    for item, got, score in zip(items, nb_idx, nb_score, strict=True):
+        creators = _creators(snapshot, got[got >= 0])
+        if item.meta.metadata["creator"] == "nobody":  # no post of its own: plain cosines
+            assert (score[got >= 0] <= 1.0 + 1e-5 + run.train_config.lexical_retrieval).all()
+            assert "nobody" not in creators
+        else:
+            assert (creators == item.meta.metadata["creator"]).all()
+            assert (score[got >= 0] > 2.0).all()

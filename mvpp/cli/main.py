@@ -169,6 +169,22 @@ def train_cmd(
         int,
         typer.Option("--rerank-candidates", help="Dense candidates re-scored per item by --lexical-retrieval.", min=1),
     ] = TrainConfig().rerank_candidates,
+    neighbour_group: Annotated[
+        str | None,
+        typer.Option(
+            "--neighbour-group",
+            help="Metadata column (e.g. a creator id) whose equal values make a neighbour "
+            "score --group-retrieval more: a creator's earlier posts are retrieved first.",
+        ),
+    ] = None,
+    group_retrieval: Annotated[
+        float,
+        typer.Option(
+            "--group-retrieval",
+            help="Retrieval bonus of a neighbour in the query's --neighbour-group, on the cosine's scale.",
+            min=0.0,
+        ),
+    ] = TrainConfig().group_retrieval,
     meta_to_decoder: Annotated[
         bool,
         typer.Option(
@@ -226,7 +242,8 @@ def train_cmd(
         meta_cols=meta_col or [], meta_categorical=meta_categorical or [],
         meta_min_count=meta_min_count, lexicon_min_count=lexicon_min_count,
         lexicon_ngrams=lexicon_ngrams, lexical_retrieval=lexical_retrieval,
-        rerank_candidates=rerank_candidates,
+        rerank_candidates=rerank_candidates, neighbour_group=neighbour_group or "",
+        group_retrieval=group_retrieval,
     )
     mcfg = ModelConfig(
         d_model=d_model, alpha=alpha, use_retrieval=not no_retrieval and k > 0,
@@ -349,6 +366,9 @@ def score_cmd(
             # The run's metadata columns are read where the table has them; absent ones are
             # missing values (masked), not an error.
             wanted = meta_col or (run.featurizer.columns if run.featurizer else [])
+            group = run.train_config.neighbour_group
+            if group and group not in wanted:  # the neighbour group is read for retrieval
+                wanted = [*wanted, group]
             columns = ColumnMap(
                 id_col=id_col, text_cols=text_col or ["title"], time_col=time_col,
                 observed_col=observed_col, video_col=video_col, require_text=bool(text_col),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mvpp.predictor.features import MetaFeaturizer
+from mvpp.predictor.features import MetaFeaturizer, category_key
 from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.model import ModelBatch, PopularityModel
 from mvpp.retriever.bulk import Neighbours, bulk_topk
@@ -103,6 +103,48 @@ class LexicalRerank:
     candidates: int
 
 
+@dataclass
+class GroupBoost:
+    """Neighbours from the query's own group score `weight` more (see retriever.bulk).
+
+    A group is the value of one metadata column, such as the creator: a creator's earlier
+    posts say more about a new post's reception than any stranger's similar caption.
+    key_group: (N,) codes of the snapshot's items, -1 where the column has no value.
+    """
+
+    column: str
+    weight: float
+    codes: dict[str, int]
+    key_group: np.ndarray
+
+    @classmethod
+    def fit(cls, snapshot: BankSnapshot, column: str, weight: float) -> GroupBoost:
+        """Codes for every value of `column` among the snapshot's items."""
+        if snapshot.metadata and not any(column in m for m in snapshot.metadata):
+            known = sorted({name for m in snapshot.metadata for name in m})
+            raise ValueError(f"neighbour group column {column!r} is not in the bank's metadata; it has {known}")
+        if not snapshot.metadata:
+            raise ValueError(f"neighbour group column {column!r}: the bank has no metadata")
+        codes: dict[str, int] = {}
+        for m in snapshot.metadata:
+            key = category_key(m.get(column))
+            if key is not None:
+                codes.setdefault(key, len(codes))
+        boost = cls(column, weight, codes, np.zeros(0, np.int64))
+        boost.key_group = boost.encode(snapshot.metadata)
+        return boost
+
+    def encode(self, metadata: list[dict]) -> np.ndarray:
+        """(B,) codes of items' metadata; -1 for a missing value or one the bank lacks
+        (no key can share it)."""
+        out = np.full(len(metadata), -1, np.int64)
+        for j, m in enumerate(metadata):
+            key = category_key(m.get(self.column)) if m else None
+            if key is not None:
+                out[j] = self.codes.get(key, -1)
+        return out
+
+
 def find_neighbours(
     queries: np.ndarray,
     snapshot: BankSnapshot,
@@ -113,9 +155,12 @@ def find_neighbours(
     query_time: np.ndarray | None = None,
     query_bags: tuple[np.ndarray, np.ndarray] | None = None,
     rerank: LexicalRerank | None = None,
+    query_group: np.ndarray | None = None,
+    groups: GroupBoost | None = None,
 ) -> Neighbours:
     """Top-k neighbours of `queries` among the snapshot items `keys_idx`, as snapshot
-    indices (-1 = none). Dense search, then the lexical re-rank when one is given along
+    indices (-1 = none). Dense search (plus the group bonus when `groups` is given along
+    with the queries' group codes), then the lexical re-rank when one is given along
     with the queries' bags. `query_time` switches on the time filter."""
     hybrid = rerank is not None and query_bags is not None and rerank.weight != 0.0
     nb = bulk_topk(
@@ -126,6 +171,9 @@ def find_neighbours(
         query_key_index=query_key_index,
         query_time=query_time,
         key_time=snapshot.published_ts[keys_idx] if query_time is not None else None,
+        query_group=query_group,
+        key_group=groups.key_group[keys_idx] if groups is not None else None,
+        group_weight=groups.weight if groups is not None else 0.0,
     )
     if hybrid:
         assert rerank is not None and query_bags is not None
@@ -142,6 +190,7 @@ def split_neighbours(
     k: int,
     time_safe: bool,
     rerank: LexicalRerank | None = None,
+    groups: GroupBoost | None = None,
 ) -> dict[str, Neighbours]:
     """Neighbours of every split's items among the training items (indices into snapshot)."""
     train = splits["train"]
@@ -158,6 +207,8 @@ def split_neighbours(
             query_time=snapshot.published_ts[idx] if time_safe else None,
             query_bags=(rerank.key_ids[idx], rerank.key_weights[idx]) if rerank is not None else None,
             rerank=rerank,
+            query_group=groups.key_group[idx] if groups is not None else None,
+            groups=groups,
         )
         # Queries without a retrieval vector have no meaningful neighbours.
         nb.indices[~snapshot.has_retrieval[idx]] = -1

@@ -183,6 +183,7 @@ class Scorer:
         bags = None
         if feats.words is not None and feats.word_weights is not None:
             bags = (feats.words.numpy(), feats.word_weights.numpy())
+        groups = self.data.groups
         nb = find_neighbours(
             queries,
             snap,
@@ -192,6 +193,8 @@ class Scorer:
             query_time=q_time if self.run.time_safe else None,
             query_bags=bags,
             rerank=self.data.rerank,
+            query_group=groups.encode([p.metadata for p in points]) if groups is not None else None,
+            groups=groups,
         )
         nb.indices[~has_q] = -1
         nb.scores[~has_q] = -np.inf

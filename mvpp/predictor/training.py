@@ -20,6 +20,7 @@ import torch
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.dataset import (
     FeatureTable,
+    GroupBoost,
     LexicalRerank,
     SplitConfig,
     TargetNorm,
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 # of a full hybrid search's gain on MicroLens (k-NN label average, see benchmarks/README.md).
 LEXICAL_RETRIEVAL_WEIGHT = 0.5
 RERANK_CANDIDATES = 200
+# Bonus of a same-group neighbour (`--neighbour-group`), on the scale of the cosine.
+GROUP_RETRIEVAL_WEIGHT = 0.5
 
 
 @dataclass
@@ -96,6 +99,10 @@ class TrainConfig:
     # terms (the run's vocabulary); 0 keeps the dense neighbours.
     lexical_retrieval: float = LEXICAL_RETRIEVAL_WEIGHT
     rerank_candidates: int = RERANK_CANDIDATES
+    # Neighbour groups (dataset.GroupBoost): a metadata column (e.g. the creator) whose
+    # equal values make a key score `group_retrieval` more; empty: no groups.
+    neighbour_group: str = ""
+    group_retrieval: float = GROUP_RETRIEVAL_WEIGHT
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +140,8 @@ class PreparedData:
     word_ridge: WordRidge | None = None
     # How the neighbours were re-ranked (None: dense); serving re-ranks the same way.
     rerank: LexicalRerank | None = None
+    # Same-group bonus of the neighbours (None: no groups); serving uses the same.
+    groups: GroupBoost | None = None
 
     @property
     def target_names(self) -> list[str]:
@@ -208,13 +217,18 @@ def prepare(
         lexicon = None  # no title shares a word with enough others: nothing to learn
     table = FeatureTable(view, norm, meta, lexicon)
     rerank = lexical_rerank(table, lexicon, cfg)
-    neighbours = split_neighbours(view, splits, cfg.k, time_safe, rerank)
+    groups = (
+        GroupBoost.fit(view, cfg.neighbour_group, cfg.group_retrieval)
+        if cfg.neighbour_group and cfg.group_retrieval != 0.0
+        else None
+    )
+    neighbours = split_neighbours(view, splits, cfg.k, time_safe, rerank, groups)
     ridge = None
     if word_prior and table.words is not None and table.word_weights is not None:
         ridge = _fit_word_prior(table, splits["train"], lexicon.size, cfg)
     return PreparedData(
         view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe, meta,
-        lexicon, ridge, rerank,
+        lexicon, ridge, rerank, groups,
     )
 
 

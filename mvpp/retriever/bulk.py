@@ -40,6 +40,9 @@ def bulk_topk(
     query_key_index: np.ndarray | None = None,
     query_time: np.ndarray | None = None,
     key_time: np.ndarray | None = None,
+    query_group: np.ndarray | None = None,
+    key_group: np.ndarray | None = None,
+    group_weight: float = 0.0,
     block: int = DEFAULT_BLOCK,
 ) -> Neighbours:
     """Top-k keys for every query.
@@ -50,6 +53,9 @@ def bulk_topk(
     query_time / key_time: (N,), (M,) unix seconds (NaN = unknown); when given, a key
     qualifies only if published strictly before its query. Unknown times never qualify
     as "before" a known query time, so an undated key cannot leak the future.
+    query_group / key_group: (N,), (M,) int group codes (-1 = none); a key in its
+    query's group scores `group_weight` more than its cosine (same creator, say). The
+    bonus only reorders keys that pass the filters.
     """
     import torch  # here rather than at the top: `mvpp-bank` commands start without it
 
@@ -62,6 +68,8 @@ def bulk_topk(
     key_t = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
     allowed = torch.ones(m, dtype=torch.bool) if key_mask is None else torch.from_numpy(key_mask.astype(bool))
     kt = None
+    grouped = group_weight != 0.0 and query_group is not None and key_group is not None
+    kg = torch.from_numpy(np.asarray(key_group, dtype=np.int64)) if grouped else None
     if query_time is not None and key_time is not None:
         kt = torch.from_numpy(np.asarray(key_time, dtype=np.float64))
     neg_inf = torch.tensor(float("-inf"))
@@ -70,6 +78,10 @@ def bulk_topk(
             hi = min(n, lo + block)
             q = torch.from_numpy(np.ascontiguousarray(queries[lo:hi], dtype=np.float32))
             sims = q @ key_t.T  # (b, M)
+            if kg is not None:
+                assert query_group is not None
+                qg = torch.from_numpy(np.asarray(query_group[lo:hi], dtype=np.int64)).unsqueeze(1)
+                sims = sims + group_weight * ((qg == kg.unsqueeze(0)) & (qg >= 0)).float()
             mask = allowed.expand(hi - lo, m).clone()
             if query_key_index is not None:
                 own = torch.from_numpy(np.asarray(query_key_index[lo:hi], dtype=np.int64))
