@@ -12,6 +12,8 @@ goes through the CLI a user types, with no dataset-specific code:
    retrieval is time-safe (only posts published before the query). Once with the
    metadata expert, once without (`--no-meta`), once without the word prior
    (`--no-word-prior`), once with dense neighbours only (`--lexical-retrieval 0`).
+   Neighbours from the query's own creator come first (`--neighbour-group user_name`);
+   once more without that (`--group-retrieval 0`).
 3. LightGBM, one model per target, on the same split and the same inputs: the bank's
    retrieval vectors (the text embeddings) and the metadata features of the mvpp run
    (same columns, same train-only statistics; categories as LightGBM categoricals);
@@ -170,8 +172,9 @@ def main() -> None:
     # Posts with neither caption nor hashtags cannot be indexed: reported, exit code 1.
     build_s = cli(build_args(table, args.bank), ok_codes=(0, 1))
 
+    # A creator's earlier posts are retrieved first (--neighbour-group).
     common = ["--bank", str(args.bank), "--split-by-time", "--k", str(args.k),
-              "--epochs", str(args.epochs), "--seed", str(args.seed)]
+              "--epochs", str(args.epochs), "--seed", str(args.seed), "--neighbour-group", "user_name"]
     for flag, value in (("--lr", args.lr), ("--d-model", args.d_model), ("--dropout", args.dropout)):
         if value is not None:
             common += [flag, str(value)]
@@ -181,6 +184,7 @@ def main() -> None:
         "mvpp --no-meta": ["--no-meta"],
         "mvpp --no-word-prior": ["--no-word-prior"],
         "mvpp --lexical-retrieval 0": ["--lexical-retrieval", "0"],
+        "mvpp --group-retrieval 0": ["--group-retrieval", "0"],
     }
     results: dict[str, dict[str, Metrics]] = {}
     info: dict[str, dict] = {}
