@@ -120,11 +120,11 @@ class GroupBoost:
     @classmethod
     def fit(cls, snapshot: BankSnapshot, column: str, weight: float) -> GroupBoost:
         """Codes for every value of `column` among the snapshot's items."""
-        if snapshot.metadata and not any(column in m for m in snapshot.metadata):
-            known = sorted({name for m in snapshot.metadata for name in m})
-            raise ValueError(f"neighbour group column {column!r} is not in the bank's metadata; it has {known}")
         if not snapshot.metadata:
             raise ValueError(f"neighbour group column {column!r}: the bank has no metadata")
+        if not any(column in m for m in snapshot.metadata):
+            known = sorted({name for m in snapshot.metadata for name in m})
+            raise ValueError(f"neighbour group column {column!r} is not in the bank's metadata; it has {known}")
         codes: dict[str, int] = {}
         for m in snapshot.metadata:
             key = category_key(m.get(column))
