@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -640,3 +641,37 @@ def test_neighbour_label_average_matches_the_weighted_mean_and_ignores_missing_l
     torch.testing.assert_close(model(noisy).mu_y, model(batch).mu_y)
     # without retrieval there is nothing to average
     assert not PopularityModel(dataclasses.replace(cfg, use_retrieval=False)).neighbour_prior
+
+
+def test_neighbour_summary_statistics_match_numpy_and_ignore_missing_labels() -> None:
+    cfg = small_config(use_neighbour_summary=True, n_targets=2)
+    torch.manual_seed(0)
+    model = PopularityModel(cfg).eval()
+    batch = make_batch(cfg, b=4, k=3)
+    batch.nb_label_mask[1] = False  # item 1: neighbours without labels
+    batch.nb_mask[2] = False  # item 2: no neighbours at all
+    batch.nb_label_mask[3, 0, 0] = False  # item 3: its most similar neighbour lacks target 0
+    batch.nb_sim[3] = torch.tensor([0.9, 0.5, 0.7])
+    enc = model.encode(batch)
+    t = cfg.n_targets
+    summary = enc.word_prior[:, -(4 * t + 2) :]
+    lm = (batch.nb_label_mask & batch.nb_mask.unsqueeze(-1)).numpy()
+    labels, sim, valid = batch.nb_labels.numpy(), batch.nb_sim.numpy(), batch.nb_mask.numpy()
+    for i in range(4):
+        for j in range(t):
+            has = lm[i, :, j]
+            got = summary[i, [j, t + j, 2 * t + j, 3 * t + j]].numpy()
+            if not has.any():
+                np.testing.assert_allclose(got, 0.0)
+                continue
+            y = labels[i, has, j]
+            top = labels[i, np.flatnonzero(has)[np.argmax(sim[i, has])], j]
+            np.testing.assert_allclose(got, [y.mean(), y.std(), top, has.sum() / valid[i].sum()], rtol=1e-5, atol=1e-6)
+        s = sim[i, valid[i]]
+        want = [s.max(), s.mean()] if valid[i].any() else [0.0, 0.0]
+        np.testing.assert_allclose(summary[i, -2:].numpy(), want, rtol=1e-5, atol=1e-6)
+    # item 3, target 0: the top label is the most similar neighbour that has one (the third)
+    assert summary[3, 2 * t] == batch.nb_labels[3, 2, 0]
+    noisy = dataclasses.replace(batch, nb_labels=torch.where(torch.from_numpy(lm), batch.nb_labels, torch.tensor(1e6)))
+    torch.testing.assert_close(model(noisy).mu_y, model(batch).mu_y)
+    assert not PopularityModel(dataclasses.replace(cfg, use_retrieval=False)).neighbour_summary

@@ -140,6 +140,14 @@ def train_cmd(
             help="Give the decoder the neighbours' labels averaged with the retrieval weights.",
         ),
     ] = ModelConfig().use_neighbour_prior,
+    neighbour_summary: Annotated[
+        bool,
+        typer.Option(
+            "--neighbour-summary/--no-neighbour-summary",
+            help="Give the decoder unweighted statistics of the neighbourhood: label mean, "
+            "std and top-1 label, share of neighbours with a label, largest and mean similarity.",
+        ),
+    ] = ModelConfig().use_neighbour_summary,
     lexicon_min_count: Annotated[
         int,
         typer.Option(
@@ -251,6 +259,7 @@ def train_cmd(
         use_positive_attention=not no_positive, use_negative_attention=not no_negative,
         use_frames=not no_frames, use_text=not no_text, use_meta=not no_meta,
         use_lexicon=lexicon, use_word_prior=word_prior, use_neighbour_prior=neighbour_prior,
+        use_neighbour_summary=neighbour_summary,
         meta_to_decoder=meta_to_decoder,
         meta_numeric_embedding=meta_numbers,
     )

@@ -99,6 +99,9 @@ class ModelConfig:
     # The neighbours' labels averaged with the retrieval weights (the k-NN estimate, and
     # which targets it has) are also a decoder input, beside z.
     use_neighbour_prior: bool = False
+    # Unweighted neighbourhood statistics (label mean, std, top-1 label, label share, largest
+    # and mean similarity; NeighbourAggregator.label_summary) as decoder inputs too.
+    use_neighbour_summary: bool = False
     # The label embedding also sees each neighbour's similarity (how far to trust its label).
     label_similarity: bool = True
 
@@ -190,7 +193,8 @@ class ModelConfig:
         """Inverse of `to_dict`; unknown keys are an error so stale checkpoints fail loudly."""
         # Runs saved before the label embedding saw similarities were built without it.
         # Runs saved before the word prior existed have none (and no weights for it).
-        data = {"label_similarity": False, "use_word_prior": False, "use_neighbour_prior": False, **data}
+        data = {"label_similarity": False, "use_word_prior": False, "use_neighbour_prior": False,
+                "use_neighbour_summary": False, **data}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

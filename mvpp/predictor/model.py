@@ -286,6 +286,34 @@ class NeighbourAggregator(nn.Module):
         mean = (w * y).sum(dim=1) / torch.where(has, total, torch.ones_like(total))  # (B, T)
         return torch.cat([mean, has.to(mean.dtype)], dim=-1)
 
+    @staticmethod
+    def label_summary(labels: Tensor, label_mask: Tensor, sim: Tensor, nb_mask: Tensor) -> Tensor:
+        """Unweighted statistics of the neighbourhood, per target: mean label, label std,
+        the label of the most similar labelled neighbour and the share of neighbours
+        with it among the valid ones; then the largest and the mean similarity over them.
+        (B, k, T), (B, k, T), (B, k), (B, k) -> (B, 4T + 2); absent statistics are 0.
+
+        The softmax weights are relative, so the label embedding cannot tell a tight
+        cluster of near copies from a loose set of weak matches; these can."""
+        dtype = sim.dtype if sim.is_floating_point() else torch.float32
+        m = label_mask.to(dtype)  # (B, k, T)
+        y = _zero_invalid(labels.to(dtype).unsqueeze(-1), label_mask).squeeze(-1)  # (B, k, T)
+        count = m.sum(dim=1)  # (B, T)
+        denom = count.clamp_min(1.0)
+        mean = (m * y).sum(dim=1) / denom
+        var = (m * (y - mean.unsqueeze(1)) ** 2).sum(dim=1) / denom
+        s = torch.where(nb_mask, sim.to(dtype), torch.zeros((), dtype=dtype, device=sim.device))
+        lowest = torch.finfo(dtype).min
+        best = torch.where(label_mask, s.unsqueeze(-1), torch.full_like(y, lowest)).argmax(dim=1)  # (B, T)
+        top1 = torch.where(count > 0, y.gather(1, best.unsqueeze(1)).squeeze(1), torch.zeros_like(mean))
+        # over valid neighbours, not k: padded slots must not change any input
+        n_valid = nb_mask.to(dtype).sum(dim=1, keepdim=True)  # (B, 1)
+        share = count / n_valid.clamp_min(1.0)
+        has = n_valid > 0
+        max_sim = torch.where(has, torch.where(nb_mask, s, torch.full_like(s, lowest)).amax(dim=1, keepdim=True), torch.zeros_like(n_valid))
+        mean_sim = s.sum(dim=1, keepdim=True) / n_valid.clamp_min(1.0)
+        return torch.cat([mean, var.sqrt(), top1, share, max_sim, mean_sim], dim=-1)
+
     def forward(
         self,
         sim: Tensor,
@@ -590,7 +618,7 @@ class _Encoding:
     interactions: Tensor  # (B, P * d), plus (B, d) of metadata with meta_to_decoder
     expert_mask: Tensor  # (B, E)
     neighbour_weights: Tensor  # (B, k)
-    word_prior: Tensor  # (B, T) word prior [+ (B, 2T) neighbour label average], or (B, 0)
+    word_prior: Tensor  # (B, T) word prior [+ (B, 2T) label average] [+ (B, 4T + 2) summary], or (B, 0)
 
 
 def popularity_loss(
@@ -707,7 +735,12 @@ class PopularityModel(nn.Module):
         self.interaction = LabelInteraction(pairs)
         self.word_prior = WordPrior(c.lexicon_size, c.n_targets) if c.has_word_prior else None
         self.neighbour_prior = c.use_neighbour_prior and c.use_retrieval
-        prior_in = (c.n_targets if c.has_word_prior else 0) + (2 * c.n_targets if self.neighbour_prior else 0)
+        self.neighbour_summary = c.use_neighbour_summary and c.use_retrieval
+        prior_in = (
+            (c.n_targets if c.has_word_prior else 0)
+            + (2 * c.n_targets if self.neighbour_prior else 0)
+            + (4 * c.n_targets + 2 if self.neighbour_summary else 0)
+        )
         self.meta_skip = c.meta_to_decoder and c.has_meta
         self.decoder = Decoder(
             c.d_z + len(pairs) * d + prior_in + (d if self.meta_skip else 0),
@@ -848,6 +881,12 @@ class PopularityModel(nn.Module):
             lm = batch.nb_label_mask.bool() & batch.nb_mask.bool().unsqueeze(-1)
             nb_avg = self.aggregator.label_average(batch.nb_labels, lm, a)  # (B, 2T)
             prior = torch.cat([prior, nb_avg.to(prior.dtype)], dim=-1)
+        if self.neighbour_summary:
+            lm = batch.nb_label_mask.bool() & batch.nb_mask.bool().unsqueeze(-1)
+            summary = NeighbourAggregator.label_summary(
+                batch.nb_labels, lm, batch.nb_sim.to(prior.dtype), batch.nb_mask.bool()
+            )  # (B, 4T + 2)
+            prior = torch.cat([prior, summary], dim=-1)
         return _Encoding(z_mu, z_logvar, interactions, expert_mask, a, prior)
 
     @torch.no_grad()
