@@ -62,6 +62,7 @@ ABLATIONS = {
     "mvpp - PoE": {"use_poe": False},
     "mvpp - label interaction": {"use_label_interaction": False},
     "mvpp - word prior": {"use_word_prior": False},
+    "mvpp - neighbour statistics": {"use_neighbour_prior": False, "use_neighbour_summary": False},
 }
 # Ablations of the data rather than the model: they need their own neighbours.
 DENSE = " (dense neighbours)"

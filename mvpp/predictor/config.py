@@ -96,12 +96,17 @@ class ModelConfig:
     # lexicon (lexicon_size > 0).
     use_word_prior: bool = True
     use_label_embedding: bool = True
-    # The neighbours' labels averaged with the retrieval weights (the k-NN estimate, and
-    # which targets it has) are also a decoder input, beside z.
-    use_neighbour_prior: bool = False
-    # Unweighted neighbourhood statistics (label mean, std, top-1 label, label share, largest
-    # and mean similarity; NeighbourAggregator.label_summary) as decoder inputs too.
-    use_neighbour_summary: bool = False
+    # Neighbour statistics beside z, as decoder inputs: through the PoE latent the
+    # neighbourhood arrives only blurred by the KL term, and the label embedding's
+    # softmax weights are relative, so it cannot tell a tight cluster of near copies
+    # from a loose set of weak matches. Together worth 0.004 nMSE on MicroLens (see
+    # benchmarks/README.md).
+    # The neighbours' labels averaged with the retrieval weights (the k-NN estimate) and
+    # which targets it has.
+    use_neighbour_prior: bool = True
+    # Unweighted statistics: label mean, std, top-1 label, share of neighbours with a
+    # label; largest and mean similarity (NeighbourAggregator.label_summary).
+    use_neighbour_summary: bool = True
     # The label embedding also sees each neighbour's similarity (how far to trust its label).
     label_similarity: bool = True
 

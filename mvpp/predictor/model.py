@@ -296,6 +296,9 @@ class NeighbourAggregator(nn.Module):
         The softmax weights are relative, so the label embedding cannot tell a tight
         cluster of near copies from a loose set of weak matches; these can."""
         dtype = sim.dtype if sim.is_floating_point() else torch.float32
+        bsz, k, n_targets = labels.shape
+        if k == 0:  # an empty bank: nothing to summarise
+            return torch.zeros(bsz, 4 * n_targets + 2, dtype=dtype, device=sim.device)
         m = label_mask.to(dtype)  # (B, k, T)
         y = _zero_invalid(labels.to(dtype).unsqueeze(-1), label_mask).squeeze(-1)  # (B, k, T)
         count = m.sum(dim=1)  # (B, T)
