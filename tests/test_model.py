@@ -591,8 +591,8 @@ def test_metadata_reaches_the_decoder_directly_when_asked() -> None:
         other = dataclasses.replace(batch, meta_numeric=batch.meta_numeric + 5.0)
         a, b = model.encode(batch), model.encode(other)
         assert a.interactions.shape[-1] == (cfg.d_model if skip else 0)
-        mu_a, _ = model.decode(a.z_mu, a.interactions, a.word_prior)
-        mu_b, _ = model.decode(a.z_mu, b.interactions, b.word_prior)  # same z
+        mu_a, _ = model.decode(a.z_mu, a.interactions, a.scalars)
+        mu_b, _ = model.decode(a.z_mu, b.interactions, a.scalars)  # same z
         moved = not torch.allclose(mu_a, mu_b)
         assert moved == skip
     # an item without metadata gives the decoder zeros, not the encoder's bias
@@ -627,7 +627,7 @@ def test_neighbour_label_average_matches_the_weighted_mean_and_ignores_missing_l
     batch.nb_label_mask[1] = False  # item 1: no neighbour label at all
     enc = model.encode(batch)
     t = cfg.n_targets
-    prior = enc.word_prior[:, -2 * t :]  # (B, 2T): averages, then availability
+    prior = enc.scalars[:, -2 * t :]  # (B, 2T): averages, then availability
     lm = batch.nb_label_mask & batch.nb_mask.unsqueeze(-1)
     a = enc.neighbour_weights
     for i in range(4):
@@ -657,7 +657,7 @@ def test_neighbour_summary_statistics_match_numpy_and_ignore_missing_labels() ->
     batch.nb_sim[3] = torch.tensor([0.9, 0.5, 0.7])
     enc = model.encode(batch)
     t = cfg.n_targets
-    summary = enc.word_prior[:, -(4 * t + 2) :].detach()
+    summary = enc.scalars[:, -(4 * t + 2) :].detach()
     lm = (batch.nb_label_mask & batch.nb_mask.unsqueeze(-1)).numpy()
     labels, sim, valid = batch.nb_labels.numpy(), batch.nb_sim.numpy(), batch.nb_mask.numpy()
     for i in range(4):

@@ -583,7 +583,7 @@ class LabelInteraction(nn.Module):
 
 
 class Decoder(nn.Module):
-    """MLP([z, interactions]) -> mu_y (B, T), logvar_y (B, T) clamped to the config range."""
+    """MLP([z, interactions, scalars]) -> mu_y (B, T), logvar_y (B, T) clamped to the config range."""
 
     def __init__(
         self,
@@ -621,7 +621,9 @@ class _Encoding:
     interactions: Tensor  # (B, P * d), plus (B, d) of metadata with meta_to_decoder
     expert_mask: Tensor  # (B, E)
     neighbour_weights: Tensor  # (B, k)
-    word_prior: Tensor  # (B, T) word prior [+ (B, 2T) label average] [+ (B, 4T + 2) summary], or (B, 0)
+    # decoder inputs beside z and the interactions: word prior (B, T), neighbour label
+    # average (B, 2T), neighbour summary (B, 4T + 2), each when switched on; or (B, 0)
+    scalars: Tensor
 
 
 def popularity_loss(
@@ -922,7 +924,7 @@ class PopularityModel(nn.Module):
         return 0.5 * (torch.exp(z_logvar) + z_mu**2 - 1.0 - z_logvar).sum(dim=-1)
 
     def decode(self, z: Tensor, interactions: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
-        """(..., d_z), (..., P * d), word prior (..., T or 0) -> mu_y, logvar_y (..., T)."""
+        """(..., d_z), (..., P * d), scalar inputs (..., S) -> mu_y, logvar_y (..., T)."""
         return self.decoder(torch.cat([z, interactions, prior], dim=-1))
 
     def forward(self, batch: ModelBatch) -> ModelOutput:
@@ -930,7 +932,7 @@ class PopularityModel(nn.Module):
         z = enc.z_mu
         if self.training and self.poe is not None:
             z = z + torch.exp(0.5 * enc.z_logvar) * torch.randn_like(z)
-        mu_y, logvar_y = self.decode(z, enc.interactions, enc.word_prior)
+        mu_y, logvar_y = self.decode(z, enc.interactions, enc.scalars)
         return ModelOutput(
             mu_y=mu_y,
             logvar_y=logvar_y,
@@ -973,7 +975,7 @@ class PopularityModel(nn.Module):
         self.eval()
         try:
             enc = self.encode(batch)
-            mean, logvar = self.decode(enc.z_mu, enc.interactions, enc.word_prior)  # (B, T)
+            mean, logvar = self.decode(enc.z_mu, enc.interactions, enc.scalars)  # (B, T)
             if n_samples <= 0:
                 std = torch.exp(0.5 * logvar)
                 normal = torch.distributions.Normal(0.0, 1.0)
@@ -986,7 +988,7 @@ class PopularityModel(nn.Module):
             eps = torch.randn(z_mu.shape, generator=gen, dtype=z_mu.dtype, device=z_mu.device)
             z = z_mu + z_std * eps
             inter = enc.interactions.expand(s, *enc.interactions.shape)  # (S, B, P * d)
-            prior = enc.word_prior.expand(s, *enc.word_prior.shape)  # (S, B, T or 0)
+            prior = enc.scalars.expand(s, *enc.scalars.shape)  # (S, B, .)
             mu_s, logvar_s = self.decode(
                 z.reshape(s * bsz, -1), inter.reshape(s * bsz, -1), prior.reshape(s * bsz, -1)
             )
