@@ -99,7 +99,7 @@ class ModelConfig:
     # Neighbour statistics beside z, as decoder inputs: through the PoE latent the
     # neighbourhood arrives only blurred by the KL term, and the label embedding's
     # softmax weights are relative, so it cannot tell a tight cluster of near copies
-    # from a loose set of weak matches. Together worth 0.004 nMSE on MicroLens (see
+    # from a loose set of weak matches. Together worth 0.0035 nMSE on MicroLens (see
     # benchmarks/README.md).
     # The neighbours' labels averaged with the retrieval weights (the k-NN estimate) and
     # which targets it has.
