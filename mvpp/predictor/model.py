@@ -313,7 +313,8 @@ class NeighbourAggregator(nn.Module):
         n_valid = nb_mask.to(dtype).sum(dim=1, keepdim=True)  # (B, 1)
         share = count / n_valid.clamp_min(1.0)
         has = n_valid > 0
-        max_sim = torch.where(has, torch.where(nb_mask, s, torch.full_like(s, lowest)).amax(dim=1, keepdim=True), torch.zeros_like(n_valid))
+        max_sim = torch.where(nb_mask, s, torch.full_like(s, lowest)).amax(dim=1, keepdim=True)
+        max_sim = torch.where(has, max_sim, torch.zeros_like(max_sim))
         mean_sim = s.sum(dim=1, keepdim=True) / n_valid.clamp_min(1.0)
         return torch.cat([mean, var.sqrt(), top1, share, max_sim, mean_sim], dim=-1)
 
@@ -816,6 +817,7 @@ class PopularityModel(nn.Module):
         # retrieved pair
         k = int(batch.nb_sim.shape[1])
         a = torch.zeros(bsz, k, dtype=ref.dtype, device=ref.device)
+        lm = batch.nb_label_mask.bool() & batch.nb_mask.bool().unsqueeze(-1)  # (B, k, T)
         if self.aggregator is not None:
             nb_mask = batch.nb_mask.bool()
             a = self.aggregator.weights(batch.nb_sim, nb_mask)  # (B, k)
@@ -842,7 +844,6 @@ class PopularityModel(nn.Module):
                 r_t = self.seq_dropout(r_t)
             self._pair(self.retrieved_attention, r_v, mr_v, r_t, mr_t, ("V_r", "T_r"), reps)
             if c.use_label_embedding:
-                lm = batch.nb_label_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, T)
                 reps["L_r"] = self.aggregator.label_embedding(batch.nb_labels, lm, a, batch.nb_sim)
 
         if self.meta is not None:
@@ -873,26 +874,26 @@ class PopularityModel(nn.Module):
             x_m, has_m = reps["M"]
             x_m = torch.where(has_m.unsqueeze(-1), x_m, torch.zeros_like(x_m))
             interactions = torch.cat([interactions, x_m], dim=-1)  # (B, P * d + d)
-        if self.word_prior is None:
-            prior = z_mu.new_zeros(bsz, 0)
-        elif batch.word_prior is not None:
-            prior = batch.word_prior.to(z_mu.dtype)
-        else:
-            prior = self.word_prior(batch.words, batch.word_weights, bsz)
+        scalars = [z_mu.new_zeros(bsz, 0)]
+        if self.word_prior is not None:
+            prior = (
+                batch.word_prior.to(z_mu.dtype)
+                if batch.word_prior is not None
+                else self.word_prior(batch.words, batch.word_weights, bsz)
+            )
+            scalars.append(prior)  # (B, T)
         if self.neighbour_prior:
             # the k-NN estimate itself (retrieval weights, learnt temperature) beside z:
             # through the PoE latent it arrives only blurred by the KL term
             assert self.aggregator is not None
-            lm = batch.nb_label_mask.bool() & batch.nb_mask.bool().unsqueeze(-1)
-            nb_avg = self.aggregator.label_average(batch.nb_labels, lm, a)  # (B, 2T)
-            prior = torch.cat([prior, nb_avg.to(prior.dtype)], dim=-1)
+            scalars.append(self.aggregator.label_average(batch.nb_labels, lm, a).to(z_mu.dtype))  # (B, 2T)
         if self.neighbour_summary:
-            lm = batch.nb_label_mask.bool() & batch.nb_mask.bool().unsqueeze(-1)
-            summary = NeighbourAggregator.label_summary(
-                batch.nb_labels, lm, batch.nb_sim.to(prior.dtype), batch.nb_mask.bool()
+            scalars.append(
+                NeighbourAggregator.label_summary(
+                    batch.nb_labels, lm, batch.nb_sim.to(z_mu.dtype), batch.nb_mask.bool()
+                )
             )  # (B, 4T + 2)
-            prior = torch.cat([prior, summary], dim=-1)
-        return _Encoding(z_mu, z_logvar, interactions, expert_mask, a, prior)
+        return _Encoding(z_mu, z_logvar, interactions, expert_mask, a, torch.cat(scalars, dim=-1))
 
     @torch.no_grad()
     def project_items(
