@@ -883,8 +883,7 @@ class PopularityModel(nn.Module):
             )
             scalars.append(prior)  # (B, T)
         if self.neighbour_prior:
-            # the k-NN estimate itself (retrieval weights, learnt temperature) beside z:
-            # through the PoE latent it arrives only blurred by the KL term
+            # the k-NN estimate itself, with the retrieval weights' learnt temperature
             assert self.aggregator is not None
             scalars.append(self.aggregator.label_average(batch.nb_labels, lm, a).to(z_mu.dtype))  # (B, 2T)
         if self.neighbour_summary:
@@ -924,9 +923,9 @@ class PopularityModel(nn.Module):
             return torch.zeros(z_mu.shape[0], dtype=z_mu.dtype, device=z_mu.device)
         return 0.5 * (torch.exp(z_logvar) + z_mu**2 - 1.0 - z_logvar).sum(dim=-1)
 
-    def decode(self, z: Tensor, interactions: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
+    def decode(self, z: Tensor, interactions: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor]:
         """(..., d_z), (..., P * d), scalar inputs (..., S) -> mu_y, logvar_y (..., T)."""
-        return self.decoder(torch.cat([z, interactions, prior], dim=-1))
+        return self.decoder(torch.cat([z, interactions, scalars], dim=-1))
 
     def forward(self, batch: ModelBatch) -> ModelOutput:
         enc = self.encode(batch)
@@ -989,9 +988,9 @@ class PopularityModel(nn.Module):
             eps = torch.randn(z_mu.shape, generator=gen, dtype=z_mu.dtype, device=z_mu.device)
             z = z_mu + z_std * eps
             inter = enc.interactions.expand(s, *enc.interactions.shape)  # (S, B, P * d)
-            prior = enc.scalars.expand(s, *enc.scalars.shape)  # (S, B, .)
+            scalars = enc.scalars.expand(s, *enc.scalars.shape)  # (S, B, S_in)
             mu_s, logvar_s = self.decode(
-                z.reshape(s * bsz, -1), inter.reshape(s * bsz, -1), prior.reshape(s * bsz, -1)
+                z.reshape(s * bsz, -1), inter.reshape(s * bsz, -1), scalars.reshape(s * bsz, -1)
             )
             mu_s = mu_s.view(s, bsz, -1)  # (S, B, T)
             var_s = torch.exp(logvar_s).view(s, bsz, -1)
