@@ -60,6 +60,9 @@ class BuildSettings:
     batch_size: int = 16  # videos encoded together (see video_batch_size)
     text_batch_size: int = 256  # text-only items encoded together
     decode_workers: int = max(1, min(4, (os.cpu_count() or 2)))
+    # Decode the next batch in `decode_workers` processes while the current one encodes
+    # (memory_bank.decoding); off: threads decode each batch just before it is encoded.
+    decode_ahead: bool = False
     label_transform: str = "log2p1"
     failures_file: Path | None = None  # default: <bank>.failures.jsonl beside the bank
     extra: dict[str, str] = field(default_factory=dict)
@@ -74,6 +77,15 @@ CUDA_VIDEO_BATCH = 64
 def video_batch_size(device: str) -> int:
     """Default number of videos encoded together on `device`."""
     return CUDA_VIDEO_BATCH if device.startswith("cuda") else CPU_VIDEO_BATCH
+
+
+def decode_ahead_default(device: str) -> bool:
+    """Whether videos decode ahead in processes by default on `device`.
+
+    On a GPU the encoders leave the CPU cores idle, so decoding can run beside them. On
+    the CPU the encoders already use every core: decoding beside them only competes.
+    """
+    return device.startswith("cuda")
 
 
 def default_failures_file(location: BankLocation) -> Path:

@@ -30,6 +30,10 @@ class MediaError(Exception):
         self.path = str(path)
         self.reason = reason
 
+    def __reduce__(self):
+        # Rebuilt from (path, reason): decoder worker processes send errors back pickled.
+        return (MediaError, (self.path, self.reason))
+
 
 @dataclass
 class Clip:

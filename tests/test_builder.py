@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_clip
+from decode_helpers import crash_on_marker, raise_on_marker
 
 from mvpp.config import BuildSettings
-from mvpp.memory_bank import builder as builder_module
+from mvpp.media import Clip, MediaError
+from mvpp.memory_bank import decoding as decoding_module
 from mvpp.memory_bank.builder import BankBuilder, BuildItem, BuildReport, Failure, plan_items
+from mvpp.memory_bank.decoding import CRASH_REASON, BatchDecoder
 from mvpp.memory_bank.encoders.profiles import Encoders, EncoderSpec, load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, MetaRow, parse_rows
 from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, TEXT, BankMismatchError, SearchFilter
@@ -302,19 +305,78 @@ def test_unexpected_decoder_error_fails_only_that_item(
     videos.mkdir()
     for i in range(3):
         write_clip(videos / f"v{i}.mp4", seed=i)
-    real = builder_module.decode_frames
+    real = decoding_module.decode_frames
 
     def flaky(path: Path, *args: object) -> object:
         if Path(path).stem == "v1":
             raise RuntimeError("decoder exploded")
         return real(path, *args)
 
-    monkeypatch.setattr(builder_module, "decode_frames", flaky)
+    monkeypatch.setattr(decoding_module, "decode_frames", flaky)
     report = build(tmp_path / "bank", encoders, videos, None)
     assert report.indexed == 2
     assert [(f.item_id, f.reason) for f in report.failures] == [
         ("v1", "decoding failed (RuntimeError: decoder exploded)")
     ]
+
+
+def _mixed_videos(folder: Path, n_good: int) -> None:
+    folder.mkdir()
+    for i in range(n_good):
+        write_clip(folder / f"good{i}.mp4", seed=i)
+    (folder / "zero.mp4").write_bytes(b"")
+    (folder / "text.mp4").write_text("not a video")
+
+
+@pytest.mark.slow
+def test_decoding_ahead_in_processes_builds_the_same_bank(tmp_path: Path, encoders: Encoders) -> None:
+    videos = tmp_path / "videos"
+    _mixed_videos(videos, 5)
+    # batches of 2: three batches, so one is always decoding while another encodes
+    ahead = build(tmp_path / "ahead", encoders, videos, None, batch_size=2, decode_ahead=True)
+    threads = build(tmp_path / "threads", encoders, videos, None, batch_size=2, decode_ahead=False)
+    assert ahead.indexed == threads.indexed == 5
+    assert read_failures(tmp_path / "ahead") == read_failures(tmp_path / "threads")
+    assert set(read_failures(tmp_path / "ahead")) == {"zero", "text"}
+    a, t = all_points(tmp_path / "ahead"), all_points(tmp_path / "threads")
+    assert set(a) == set(t) == {f"good{i}" for i in range(5)}
+    for item_id in a:
+        assert a[item_id].frames.shape == t[item_id].frames.shape
+        np.testing.assert_allclose(a[item_id].frames, t[item_id].frames, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_crashing_decoder_process_fails_only_its_video(tmp_path: Path, encoders: Encoders) -> None:
+    videos = tmp_path / "videos"
+    _mixed_videos(videos, 5)
+    write_clip(videos / "crash.mp4", seed=7)
+    items, failures = plan_items(videos, None)
+    with EdgeBankStore(tmp_path / "bank") as store:
+        builder = BankBuilder(
+            store, encoders, settings(batch_size=3, decode_ahead=True), decode=crash_on_marker
+        )
+        report = builder.build(items, failures, tmp_path / "bank.failures.jsonl")
+    assert report.indexed == 5
+    assert read_failures(tmp_path / "bank") == {
+        "crash": CRASH_REASON,
+        "text": read_failures(tmp_path / "bank")["text"],
+        "zero": "empty file (0 bytes)",
+    }
+    assert set(all_points(tmp_path / "bank")) == {f"good{i}" for i in range(5)}
+
+
+def test_decoder_errors_cross_the_process_boundary(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "good.mp4", seed=1)
+    (tmp_path / "text.mp4").write_text("not a video")
+    paths = [clip, tmp_path / "text.mp4", tmp_path / "crash.mp4", tmp_path / "missing.mp4"]
+    decoder = BatchDecoder(settings(decode_ahead=True), decode=raise_on_marker)
+    [out] = list(decoder.batches([paths]))
+    assert isinstance(out[0], Clip) and out[0].n_frames == 4
+    assert isinstance(out[1], MediaError) and "not a readable video" in out[1].reason
+    # an exception escaping the decode function fails its item with what was raised
+    assert isinstance(out[2], MediaError) and "RuntimeError: decoder exploded" in out[2].reason
+    assert isinstance(out[3], MediaError) and out[3].reason == "file not found"
+    assert out[3].path == str(paths[3])
 
 
 def test_build_after_a_creation_killed_before_its_manifest(tmp_path: Path, encoders: Encoders) -> None:

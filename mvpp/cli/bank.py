@@ -35,7 +35,7 @@ from mvpp.cli.common import (
     setup_logging,
     store_for,
 )
-from mvpp.config import BuildSettings, default_failures_file, video_batch_size
+from mvpp.config import BuildSettings, decode_ahead_default, default_failures_file, video_batch_size
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.base import resolve_device
 from mvpp.memory_bank.encoders.profiles import load_encoders
@@ -111,6 +111,14 @@ def build(
     workers: Annotated[
         int, typer.Option("--workers", help="Parallel video decoders.", min=1)
     ] = BuildSettings().decode_workers,
+    decode_ahead: Annotated[
+        bool | None,
+        typer.Option(
+            "--decode-ahead/--no-decode-ahead",
+            help="Decode the next batch in worker processes while the current one is encoded "
+            "\\[default: on with a GPU, off on the CPU, where the encoders use every core].",
+        ),
+    ] = None,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
@@ -137,10 +145,12 @@ def build(
     if label_transform not in LABEL_TRANSFORMS:
         fail(f"--label-transform must be one of {', '.join(LABEL_TRANSFORMS)}")
     loc = location(bank, qdrant_url, api_key, collection)
+    resolved_device = resolve_device(device)
     settings = BuildSettings(
         n_frames=frames,
-        batch_size=batch_size or video_batch_size(resolve_device(device)),
+        batch_size=batch_size or video_batch_size(resolved_device),
         decode_workers=workers,
+        decode_ahead=decode_ahead_default(resolved_device) if decode_ahead is None else decode_ahead,
         label_transform=label_transform,
     )
     failures_file = failures or default_failures_file(loc)

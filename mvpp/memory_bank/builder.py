@@ -13,14 +13,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mvpp.config import BuildSettings
-from mvpp.media import Clip, MediaError, decode_frames, list_videos
+from mvpp.media import Clip, MediaError, list_videos
+from mvpp.memory_bank.decoding import BatchDecoder, DecodeFn, decode_item
 from mvpp.memory_bank.encoders.profiles import Encoders
 from mvpp.memory_bank.metadata import MetaRow, transform_label
 from mvpp.memory_bank.schema import BankPoint, Manifest, content_hash
@@ -157,10 +157,14 @@ class BankBuilder:
         store: BankStore,
         encoders: Encoders,
         settings: BuildSettings | None = None,
+        decode: DecodeFn = decode_item,
     ) -> None:
         self.store = store
         self.encoders = encoders
         self.settings = settings or BuildSettings()
+        # path, n_frames, max_side -> Clip or MediaError; module-level (worker processes
+        # import it by name).
+        self.decode = decode
 
     # -- manifest -------------------------------------------------------------------
 
@@ -248,9 +252,10 @@ class BankBuilder:
             text_only = [(it, h) for it, h in todo if it.video is None]
             for batch in _chunks(text_only, self.settings.text_batch_size):
                 self._index_batch([(it, h, None) for it, h in batch], sink, report, progress)
-            with ThreadPoolExecutor(max_workers=self.settings.decode_workers) as pool:
-                for batch in _chunks(with_video, self.settings.batch_size):
-                    decoded = list(pool.map(self._decode, [it for it, _ in batch]))
+            video_batches = list(_chunks(with_video, self.settings.batch_size))
+            with BatchDecoder(self.settings, self.decode) as decoder:
+                decoded_batches = decoder.batches([[it.video for it, _ in batch] for batch in video_batches])
+                for batch, decoded in zip(video_batches, decoded_batches, strict=True):
                     ready = []
                     for (item, h), result in zip(batch, decoded, strict=True):
                         if isinstance(result, MediaError):
@@ -267,15 +272,6 @@ class BankBuilder:
             sink.close()
         report.elapsed_s = time.perf_counter() - start
         return report
-
-    def _decode(self, item: BuildItem) -> Clip | MediaError:
-        try:
-            return decode_frames(item.video, self.settings.n_frames, self.settings.frame_max_side)
-        except MediaError as exc:
-            return exc
-        except Exception as exc:  # an unforeseen decoder problem fails this item, not the batch
-            logger.debug("decoding %s", item.video, exc_info=True)
-            return MediaError(item.video, f"decoding failed ({type(exc).__name__}: {exc})")
 
     def encode(self, items: list[tuple[BuildItem, Clip | None]]) -> list[BankPoint]:
         """Encode items (with their decoded clips) into points; no store access."""
