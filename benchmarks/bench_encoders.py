@@ -21,12 +21,13 @@ Stages, timed one after the other on real clips from ../shared/data/videos (cycl
 3. frames: open_clip image features of every frame;
 4. text: the retrieval text (title + captions) and the title's token features;
 5. build: `mvpp-bank build` end to end (BankBuilder into an embedded bank, all of the
-   above plus writes), in clips per second;
+   above plus writes), in clips per second; `--decode-ahead both` times it with videos
+   decoded in threads before each batch, then ahead in worker processes;
 6. titles: text-only items (MicroLens titles), as a text-only bank encodes them.
 
     python benchmarks/bench_encoders.py [--device cuda] [--clips 64] [--titles 4096]
                                         [--models DIR] [--videos DIR] [--vocab FILE]
-                                        [--json FILE]
+                                        [--decode-ahead default|on|off|both] [--json FILE]
 
 On the CPU, use few clips (--clips 4 --titles 256): captioning at full size is slow.
 """
@@ -51,7 +52,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mvpp.cli.demo_data import SHARED_DATA  # noqa: E402
-from mvpp.config import BuildSettings, video_batch_size  # noqa: E402
+from mvpp.config import BuildSettings, decode_ahead_default, video_batch_size  # noqa: E402
 from mvpp.media import decode_frames, list_videos  # noqa: E402
 from mvpp.memory_bank.builder import BankBuilder, BuildItem  # noqa: E402
 from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders  # noqa: E402
@@ -191,9 +192,9 @@ def full_size_spec(models: Path, vocab: Path) -> tuple[EncoderSpec, dict[str, in
     return spec, params
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     return out, time.perf_counter() - t0
 
 
@@ -243,6 +244,10 @@ def main() -> None:
                              "at each, the build uses the first (default: the captioner's own)")
     parser.add_argument("--video-batch", type=int, default=None,
                         help="videos encoded together by the build (default: mvpp-bank build's for the device)")
+    parser.add_argument("--decode-ahead", choices=("default", "on", "off", "both"), default="default",
+                        help="how the build decodes: ahead in worker processes (on), in threads before "
+                             "each batch (off), both timed one after the other, or mvpp-bank build's "
+                             "default for the device")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -294,8 +299,12 @@ def main() -> None:
                                    encoders.text.encode_tokens([TITLE_NOTE] * len(clips), settings.max_tokens)))
 
         items = [BuildItem(p.stem, MetaRow(p.stem, title=TITLE_NOTE), p) for p in paths]
-        with open_store(bank=tmp / "bank") as store:
-            report, build_s = timed(lambda: BankBuilder(store, encoders, settings).build(items))
+        modes = {"default": [decode_ahead_default(device)], "on": [True], "off": [False], "both": [False, True]}
+        builds = {}
+        for ahead in modes[args.decode_ahead]:
+            with open_store(bank=tmp / f"bank-{ahead}") as store:
+                builder = BankBuilder(store, encoders, replace(settings, decode_ahead=ahead))
+                builds[ahead] = timed(builder.build, items)
         _, titles_s = timed(lambda: encoders.text.encode_both(titles, settings.max_tokens))
         peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     finally:
@@ -307,8 +316,10 @@ def main() -> None:
         *((f"caption (BLIP base), batch {size}", sweep[size], n_clips, n_frames) for size in caption_batches),
         ("frames (ViT-B-32)", frames_s, n_clips, n_frames),
         ("text (UAE-Large shape)", text_s, n_clips, None),
-        (f"build end to end ({report.indexed} indexed, {settings.batch_size} videos per batch)",
-         build_s, n_clips, n_frames),
+        *((f"build end to end ({report.indexed} indexed, {settings.batch_size} videos per batch, "
+           + (f"decoding ahead in {settings.decode_workers} processes)" if ahead
+              else f"decoding in {settings.decode_workers} threads)"),
+           build_s, n_clips, n_frames) for ahead, (report, build_s) in builds.items()),
         ("text-only titles (UAE-Large shape)", titles_s, len(titles), None),
     ]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
