@@ -248,6 +248,11 @@ def main() -> None:
                         help="how the build decodes: ahead in worker processes (on), in threads before "
                              "each batch (off), both timed one after the other, or mvpp-bank build's "
                              "default for the device")
+    parser.add_argument("--ahead-workers", type=int, nargs="+", default=None,
+                        help="worker processes when decoding ahead; several values time each "
+                             "(default: the build's decode_workers)")
+    parser.add_argument("--ahead-niceness", type=int, nargs="+", default=None,
+                        help="worker niceness when decoding ahead; several values time each")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -300,11 +305,19 @@ def main() -> None:
 
         items = [BuildItem(p.stem, MetaRow(p.stem, title=TITLE_NOTE), p) for p in paths]
         modes = {"default": [decode_ahead_default(device)], "on": [True], "off": [False], "both": [False, True]}
-        builds = {}
+        variants = []
         for ahead in modes[args.decode_ahead]:
-            with open_store(bank=tmp / f"bank-{ahead}") as store:
-                builder = BankBuilder(store, encoders, replace(settings, decode_ahead=ahead))
-                builds[ahead] = timed(builder.build, items)
+            if not ahead:
+                variants.append(replace(settings, decode_ahead=False))
+                continue
+            for workers in args.ahead_workers or [settings.decode_workers]:
+                for nice in args.ahead_niceness or [settings.decode_niceness]:
+                    variants.append(replace(settings, decode_ahead=True, decode_workers=workers,
+                                            decode_niceness=nice))
+        builds = []
+        for i, variant in enumerate(variants):
+            with open_store(bank=tmp / f"bank-{i}") as store:
+                builds.append((variant, *timed(BankBuilder(store, encoders, variant).build, items)))
         _, titles_s = timed(lambda: encoders.text.encode_both(titles, settings.max_tokens))
         peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     finally:
@@ -316,10 +329,10 @@ def main() -> None:
         *((f"caption (BLIP base), batch {size}", sweep[size], n_clips, n_frames) for size in caption_batches),
         ("frames (ViT-B-32)", frames_s, n_clips, n_frames),
         ("text (UAE-Large shape)", text_s, n_clips, None),
-        *((f"build end to end ({report.indexed} indexed, {settings.batch_size} videos per batch, "
-           + (f"decoding ahead in {settings.decode_workers} processes)" if ahead
-              else f"decoding in {settings.decode_workers} threads)"),
-           build_s, n_clips, n_frames) for ahead, (report, build_s) in builds.items()),
+        *((f"build end to end ({report.indexed} indexed, {v.batch_size} videos per batch, "
+           + (f"decoding ahead in {v.decode_workers} processes at nice {v.decode_niceness})"
+              if v.decode_ahead else f"decoding in {v.decode_workers} threads)"),
+           build_s, n_clips, n_frames) for v, report, build_s in builds),
         ("text-only titles (UAE-Large shape)", titles_s, len(titles), None),
     ]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"

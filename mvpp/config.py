@@ -63,6 +63,9 @@ class BuildSettings:
     # Decode the next batch in `decode_workers` processes while the current one encodes
     # (memory_bank.decoding); off: threads decode each batch just before it is encoded.
     decode_ahead: bool = False
+    # Scheduling priority (nice) of those worker processes: decoding runs beside the
+    # thread that feeds the GPU and must not slow it down.
+    decode_niceness: int = 10
     label_transform: str = "log2p1"
     failures_file: Path | None = None  # default: <bank>.failures.jsonl beside the bank
     extra: dict[str, str] = field(default_factory=dict)

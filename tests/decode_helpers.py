@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mvpp.media import MediaError
 from mvpp.memory_bank.decoding import Decoded, decode_item
 
 CRASH_MARKER = "crash"
@@ -22,3 +23,8 @@ def raise_on_marker(path: str, n_frames: int, max_side: int) -> Decoded:
     if CRASH_MARKER in Path(path).stem:
         raise RuntimeError("decoder exploded")
     return decode_item(path, n_frames, max_side)
+
+
+def report_niceness(path: str, n_frames: int, max_side: int) -> Decoded:
+    """The worker's scheduling priority, sent back as the reason of a `MediaError`."""
+    return MediaError(path, f"nice {os.nice(0)}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_clip
-from decode_helpers import crash_on_marker, raise_on_marker
+from decode_helpers import crash_on_marker, raise_on_marker, report_niceness
 
 from mvpp.config import BuildSettings
 from mvpp.media import Clip, MediaError
@@ -377,6 +377,17 @@ def test_decoder_errors_cross_the_process_boundary(tmp_path: Path) -> None:
     assert isinstance(out[2], MediaError) and "RuntimeError: decoder exploded" in out[2].reason
     assert isinstance(out[3], MediaError) and out[3].reason == "file not found"
     assert out[3].path == str(paths[3])
+
+
+def test_decoder_workers_run_at_a_lower_priority(tmp_path: Path) -> None:
+    """Decoding ahead must not slow the thread that feeds the GPU (measured in
+    benchmarks/README.md: at nice 0 the build got slower than with no overlap at all)."""
+    base = os.nice(0)
+    paths = [tmp_path / f"v{i}.mp4" for i in range(3)]
+    for niceness in (0, 7):
+        with BatchDecoder(settings(decode_ahead=True, decode_niceness=niceness), decode=report_niceness) as dec:
+            [out] = list(dec.batches([paths]))
+        assert {e.reason for e in out} == {f"nice {min(19, base + niceness)}"}
 
 
 def test_build_after_a_creation_killed_before_its_manifest(tmp_path: Path, encoders: Encoders) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -124,7 +125,8 @@ class BatchDecoder:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.settings.decode_workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_ignore_interrupts,
+                initializer=_init_worker,
+                initargs=(self.settings.decode_niceness,),
             )
         try:
             return self._pool.submit(self.decode, path, self.settings.n_frames, self.settings.frame_max_side)
@@ -170,10 +172,12 @@ class BatchDecoder:
         return broken
 
 
-def _ignore_interrupts() -> None:
+def _init_worker(niceness: int) -> None:
     # Ctrl-C reaches the whole process group: the build stops in the parent, which then
     # shuts the pool down, instead of every worker printing its own traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if niceness > 0 and hasattr(os, "nice"):
+        os.nice(niceness)
 
 
 def _raised(path: str, exc: Exception) -> MediaError:
