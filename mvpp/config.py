@@ -64,7 +64,8 @@ class BuildSettings:
     # (memory_bank.decoding); off: threads decode each batch just before it is encoded.
     decode_ahead: bool = False
     # Scheduling priority (nice) of those worker processes: decoding runs beside the
-    # thread that feeds the GPU and must not slow it down.
+    # thread that feeds the GPU and must not slow it down (at nice 0 an H200 build was
+    # slower than with no overlap; benchmarks/README.md).
     decode_niceness: int = 10
     label_transform: str = "log2p1"
     failures_file: Path | None = None  # default: <bank>.failures.jsonl beside the bank

@@ -5,10 +5,12 @@ Two ways, chosen by `BuildSettings.decode_ahead`:
 - in threads (off): each batch is decoded by `decode_workers` threads just before it
   is encoded. Nothing runs beside the encoders, which on the CPU need every core.
 - ahead, in processes (on): `decode_workers` worker processes decode the next batch
-  while the current one is encoded. On a GPU this hides decoding behind captioning;
-  threads cannot, because BLIP's token-by-token generation is Python-bound and loses
-  the interpreter lock to decoder threads (on an H200, decoding ahead in threads made a
-  build slower: 29.9 s against 17.6 s for 128 clips).
+  while the current one is encoded. On a GPU this hides decoding behind captioning.
+  Threads cannot: BLIP's token-by-token generation is Python-bound and loses the
+  interpreter lock to decoder threads. The workers run at a lower priority
+  (`decode_niceness`): at the same priority they took the cores from the thread that
+  feeds the GPU, and on an H200 a 256-clip build took 51.5 s against 40.4 s without
+  overlap; at nice 10 it took 29.8 s (benchmarks/README.md).
 
 A video that crashes its decoder process fails alone: the batch is retried in a fresh
 pool, then its unfinished items one at a time, so only the culprit is reported.
