@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_clip
 from typer.testing import CliRunner
 
 from mvpp.cli.demo_data import write_synthetic_titles
@@ -137,6 +138,38 @@ def test_scoring_never_retrieves_the_item_itself(run_dir, bank, encoders):
         got = row.neighbours
         assert [n for n, _ in got] == [n for n, _ in want[: len(got)]]
         np.testing.assert_allclose([s for _, s in got], [s for _, s in want[: len(got)]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("decode_ahead", [False, True], ids=["threads", "ahead"])
+def test_scoring_videos_keeps_every_row(run_dir, bank, encoders, tmp_path, decode_ahead):
+    """Videos are decoded per chunk (ahead, in worker processes, on a GPU); an unreadable
+    one fails its own row and the chunk goes on."""
+    good = [write_clip(tmp_path / f"v{i}.mp4", seed=i) for i in range(3)]
+    broken = tmp_path / "broken.mp4"
+    broken.write_text("not a video")
+    items = [
+        BuildItem("v0", MetaRow("v0", title="cat kitten prank"), good[0]),
+        BuildItem("broken", MetaRow("broken", title="cat kitten prank"), broken),
+        BuildItem("text", MetaRow("text", title="news today")),
+        BuildItem("v1", None, good[1]),  # video only
+        BuildItem("v2", MetaRow("v2", title="cooking"), good[2]),
+    ]
+    run = Run.load(run_dir)
+    with open_store(bank=bank) as store:
+        snap = read_snapshot(store)
+        settings = BuildSettings(decode_ahead=decode_ahead, decode_workers=2)
+        rows = Scorer(run, snap, BankBuilder(store, encoders, settings)).score(items, batch_size=2)
+        reference = Scorer(run, snap, BankBuilder(store, encoders, BuildSettings())).score(items[:1])
+    assert [r.item_id for r in rows] == ["v0", "broken", "text", "v1", "v2"]
+    assert rows[1].status.startswith("failed: not a readable video") and not rows[1].predictions
+    for row in rows[:1] + rows[2:]:
+        assert row.status.startswith("ok"), row.status
+        p = row.predictions["comments"]
+        assert p["lower"] <= p["pred"] <= p["upper"]
+    # the same item scores the same whichever chunk and decoding path it went through
+    assert rows[0].predictions["comments"]["pred"] == pytest.approx(
+        reference[0].predictions["comments"]["pred"], abs=1e-5
+    )
 
 
 def test_score_cli_keeps_every_row(run_dir, bank, tmp_path):

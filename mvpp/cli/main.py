@@ -29,8 +29,9 @@ from mvpp.cli.common import (
     setup_logging,
     store_for,
 )
-from mvpp.config import BuildSettings
+from mvpp.config import BuildSettings, decode_ahead_default
 from mvpp.memory_bank.builder import BankBuilder, plan_items
+from mvpp.memory_bank.encoders.base import resolve_device
 from mvpp.memory_bank.encoders.profiles import load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, parse_rows, read_table
 from mvpp.predictor.config import META_NUMERIC_EMBEDDINGS, ModelConfig
@@ -387,7 +388,11 @@ def score_cmd(
         items, plan_failures = plan_items(videos_dir, rows)
         snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
         spec = encoder_spec(None, store.manifest.profile)
-        settings = BuildSettings(n_frames=store.manifest.n_frames, max_tokens=store.manifest.max_tokens)
+        settings = BuildSettings(
+            n_frames=store.manifest.n_frames,
+            max_tokens=store.manifest.max_tokens,
+            decode_ahead=decode_ahead_default(resolve_device(device)),
+        )
         quiet_model_loading()
         builder = BankBuilder(store, load_encoders(spec, device=device), settings)
         scorer = Scorer(run, snapshot, builder)

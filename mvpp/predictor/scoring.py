@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mvpp.media import MediaError, decode_frames
+from mvpp.media import Clip, MediaError
 from mvpp.memory_bank.builder import BankBuilder, BuildItem
+from mvpp.memory_bank.decoding import BatchDecoder
 from mvpp.memory_bank.metadata import inverse_transform
 from mvpp.memory_bank.schema import BankPoint
 from mvpp.predictor.dataset import ItemFeatures, find_neighbours, make_batch
@@ -114,25 +115,29 @@ class Scorer:
         batch_size: int = 32,
         progress: Callable[[int], None] | None = None,
     ) -> list[ScoreRow]:
+        """One row per item, in order; videos are decoded as the builder's settings say
+        (on a GPU, the next chunk's while this one is scored)."""
         rows: list[ScoreRow] = []
-        for lo in range(0, len(items), batch_size):
-            chunk = items[lo : lo + batch_size]
-            rows.extend(self._score_chunk(chunk))
-            if progress:
-                progress(len(chunk))
+        chunks = [items[lo : lo + batch_size] for lo in range(0, len(items), batch_size)]
+        with BatchDecoder(self.builder.settings, self.builder.decode) as decoder:
+            decoded = decoder.batches([[it.video for it in chunk if it.video is not None] for chunk in chunks])
+            for chunk, clips in zip(chunks, decoded, strict=True):
+                rows.extend(self._score_chunk(chunk, clips))
+                if progress:
+                    progress(len(chunk))
         return rows
 
-    def _score_chunk(self, items: list[BuildItem]) -> list[ScoreRow]:
+    def _score_chunk(self, items: list[BuildItem], clips: list[Clip | MediaError]) -> list[ScoreRow]:
+        """`clips`: the decoded videos of the items that have one, in order."""
         rows = [ScoreRow(it.item_id) for it in items]
         ready: list[tuple[int, BuildItem, Any]] = []
-        settings = self.builder.settings
+        videos = iter(clips)
         for i, item in enumerate(items):
             clip = None
             if item.video is not None:
-                try:
-                    clip = decode_frames(item.video, settings.n_frames, settings.frame_max_side)
-                except MediaError as exc:
-                    rows[i].status = f"failed: {exc.reason}"
+                clip = next(videos)
+                if isinstance(clip, MediaError):
+                    rows[i].status = f"failed: {clip.reason}"
                     continue
             if clip is None and not item.title:
                 rows[i].status = "failed: no text and no video"
