@@ -109,7 +109,10 @@ def build(
         ),
     ] = None,
     workers: Annotated[
-        int, typer.Option("--workers", help="Parallel video decoders.", min=1)
+        int,
+        typer.Option(
+            "--workers", help="Parallel video decoders (threads, or processes with --decode-ahead).", min=1
+        ),
     ] = BuildSettings().decode_workers,
     decode_ahead: Annotated[
         bool | None,
