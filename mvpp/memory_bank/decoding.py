@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import cast
 
 from mvpp.config import BuildSettings
 from mvpp.media import Clip, MediaError, decode_frames
@@ -155,7 +156,7 @@ class BatchDecoder:
                 results[i] = MediaError(paths[i], CRASH_REASON)
                 logger.warning("%s: %s", paths[i], CRASH_REASON)
                 self._restart()
-        return [r if r is not None else MediaError(p, CRASH_REASON) for r, p in zip(results, paths, strict=True)]
+        return cast(list[Decoded], results)  # every position filled above
 
     @staticmethod
     def _gather(
