@@ -230,7 +230,7 @@ def test_failed_items_give_exit_code_1(small_library: Path, tmp_path: Path) -> N
     reasons = read_failures(tmp_path / "b.failures.jsonl")
     assert set(reasons) == {"odd [/] id", "neg", "ok", "blank"}
     assert "not a number" in reasons["odd [/] id"] and "negative" in reasons["neg"]
-    assert "duplicate id" in reasons["ok"] and reasons["blank"] == "no text and no video"
+    assert "duplicate id" in reasons["ok"] and reasons["blank"] == "no text, no video and no metadata"
 
 
 def test_usage_and_bank_errors_are_one_line(small_library: Path, tmp_path: Path) -> None:

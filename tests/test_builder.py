@@ -181,7 +181,7 @@ def test_failures_never_stop_the_batch(tmp_path: Path, encoders: Encoders) -> No
     assert "duplicate id" in reasons["good1"]
     assert "negative" in reasons["good2"]
     assert "not a number" in reasons["good3"]
-    assert reasons["nothing"] == "no text and no video"
+    assert reasons["nothing"] == "no text, no video and no metadata"
     assert "empty file" in reasons["zero"]
     assert "not a readable video" in reasons["text"] and "not a readable video" in reasons["cut"]
     assert "truncated" in reasons["short"]

@@ -3,12 +3,18 @@ from __future__ import annotations
 import numpy as np
 
 from mvpp.predictor.metrics import regression_metrics, spearman
-from mvpp.retriever.bulk import bulk_topk
+from mvpp.retriever.bulk import SCORE_RESOLUTION, bulk_topk
 
 
 def _unit(rng, n, d):
     x = rng.standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _ranked(scores: np.ndarray, k: int) -> np.ndarray:
+    """Brute-force ranking: by the score at SCORE_RESOLUTION, then by index."""
+    rounded = np.round(scores / SCORE_RESOLUTION)
+    return np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -rounded), axis=1)[:, :k]
 
 
 def test_bulk_matches_brute_force_and_excludes_self():
@@ -17,10 +23,24 @@ def test_bulk_matches_brute_force_and_excludes_self():
     nb = bulk_topk(keys, keys, 5, query_key_index=np.arange(300), block=64)
     sims = keys @ keys.T
     np.fill_diagonal(sims, -np.inf)
-    expect = np.argsort(-sims, axis=1)[:, :5]
+    expect = _ranked(sims, 5)
     assert (nb.indices == expect).all()
     assert (nb.indices != np.arange(300)[:, None]).all()
     np.testing.assert_allclose(nb.scores, np.take_along_axis(sims, expect, 1), rtol=1e-5)
+
+
+def test_copies_tie_by_index_whatever_the_noise_and_the_batch():
+    """Copies of an item (equal up to encoder float noise) tie, and ties go to the lowest
+    index: an item's neighbours do not depend on the queries searched with it."""
+    rng = np.random.default_rng(4)
+    base = _unit(rng, 40, 16)
+    copies = base[[3] * 12] + rng.normal(0, 1e-7, (12, 16)).astype(np.float32)
+    keys = np.concatenate([base, copies / np.linalg.norm(copies, axis=1, keepdims=True)])
+    query = base[3] + rng.normal(0, 1e-7, 16).astype(np.float32)
+    alone = bulk_topk(query[None], keys, 5)
+    batched = bulk_topk(np.concatenate([base[:7], query[None], base[7:]]), keys, 5, block=4)
+    np.testing.assert_array_equal(alone.indices[0], batched.indices[7])
+    np.testing.assert_array_equal(alone.indices[0], [3, 40, 41, 42, 43])
 
 
 def test_key_mask_and_fewer_keys_than_k():
@@ -59,7 +79,7 @@ def test_group_bonus_is_added_to_same_group_keys_only():
     sims = queries @ keys.T
     same = (query_group[:, None] == key_group[None, :]) & (query_group[:, None] >= 0)
     boosted = np.where(key_time[None, :] < q_time[:, None], sims + 0.4 * same, -np.inf)
-    expect = np.argsort(-boosted, axis=1, kind="stable")[:, :7]
+    expect = _ranked(boosted, 7)
     assert (nb.indices == expect).all()
     np.testing.assert_allclose(nb.scores, np.take_along_axis(boosted, expect, 1), rtol=1e-5)
     # the bonus reorders: some query has a same-group key it would not get by cosine alone

@@ -110,7 +110,7 @@ def test_projected_neighbours_match_projecting_every_batch() -> None:
     nb_idx = np.array([[5, 3, -1], [6, 7, 8], [9, 10, 11], [3, 4, 5], [1, 2, -1]])
     nb_sim = np.full(nb_idx.shape, 0.5, np.float32)
     raw = model(make_batch(table, table.items(query), nb_idx, nb_sim))
-    table.refresh_projection(model)
+    table.project(model)
     batch = make_batch(table, table.items(query), nb_idx, nb_sim)
     assert batch.projected_neighbours and batch.nb_tokens.shape[2] == snap.tokens.shape[1] + 1
     projected = model(batch)

@@ -112,7 +112,7 @@ def test_scoring_never_retrieves_the_item_itself(run_dir, bank, encoders):
     run = Run.load(run_dir)
     with open_store(bank=bank) as store:
         snap = read_snapshot(store)
-        scorer = Scorer(run, snap, BankBuilder(store, encoders, BuildSettings()))
+        scorer = Scorer(run, snap, BankBuilder(store, encoders, BuildSettings()), memory="train")
         train_ids = run.split_ids["train"][:20]
         titles = dict(zip(snap.item_ids, snap.titles, strict=True))
         items = [BuildItem(i, MetaRow(i, title=titles[i])) for i in train_ids]

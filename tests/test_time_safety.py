@@ -224,9 +224,10 @@ def test_scorer_never_retrieves_the_future(run_dir, bank, snapshot, encoders):
     run = Run.load(run_dir)
     with open_store(bank=bank[0]) as store:
         builder = BankBuilder(store, encoders, BuildSettings())
-        scorer = Scorer(run, snapshot, builder)
+        scorer = Scorer(run, snapshot, builder, memory="train")
         t = snapshot.published_ts
-        train_t = t[scorer.train_idx]
+        train_idx = scorer.predictor.splits["train"]
+        train_t = t[train_idx]
         # query times inside the training period: later training items exist and must not come back
         q_times = np.quantile(train_t, [0.1, 0.3, 0.5, 0.7])
         items = []
@@ -239,29 +240,40 @@ def test_scorer_never_retrieves_the_future(run_dir, bank, snapshot, encoders):
                     metadata={"followers": 1000.0, "duration": 20.0, "creator": "creator3"},
                 )))
         points = builder.encode([(it, None) for it in items])
-        _, nb_idx, _ = scorer._predict(points)
+        nb_idx = _neighbour_rows(snapshot, scorer.predictor.predict_points(points))
         rows = scorer.score(items)
         # an item of the bank scored as new never retrieves itself, nor its future
         own = [BuildItem(snapshot.item_ids[i], MetaRow(
             snapshot.item_ids[i], title=snapshot.titles[i], published_ts=float(t[i]),
-        )) for i in scorer.train_idx[-5:]]
+        )) for i in train_idx[-5:]]
         own_points = builder.encode([(it, None) for it in own])
-        _, own_idx, _ = scorer._predict(own_points)
+        own_idx = _neighbour_rows(snapshot, scorer.predictor.predict_points(own_points))
+        # with every labelled item as memory, the same holds
+        everything = Scorer(run, snapshot, builder, memory="all").predictor
+        all_idx = _neighbour_rows(snapshot, everything.predict_points(points + own_points))
     checked = 0
     for p, got in zip(points, nb_idx, strict=True):
-        got = got[got >= 0]
         assert (t[got] < p.published_ts).all()
+        assert set(got) <= set(train_idx)
         checked += len(got)
     assert checked > 0
     for p, got in zip(own_points, own_idx, strict=True):
-        got = got[got >= 0]
         assert (t[got] < p.published_ts).all()
+        assert p.item_id not in {snapshot.item_ids[g] for g in got}
+    for p, got in zip(points + own_points, all_idx, strict=True):
+        assert len(got) and (t[got] < p.published_ts).all()
         assert p.item_id not in {snapshot.item_ids[g] for g in got}
     by_id = {snapshot.item_ids[i]: t[i] for i in range(len(snapshot))}
     for item, row in zip(items, rows, strict=True):
         assert row.status.startswith("ok")
         assert set(row.predictions) == {"likes", "views"}
         assert all(by_id[nid] < item.meta.published_ts for nid, _ in row.neighbours)
+
+
+def _neighbour_rows(snapshot, rows) -> list[np.ndarray]:
+    """Each scored row's neighbours as snapshot rows."""
+    pos = snapshot.index_of()
+    return [np.array([pos[n] for n, _ in r.neighbours], np.int64) for r in rows]
 
 
 def test_no_meta_ablation(bank, tmp_path):
@@ -330,12 +342,13 @@ def test_scorer_retrieves_by_neighbour_group(bank, snapshot, encoders, tmp_path)
                                        published_ts=late, metadata={"creator": c}))
             for c in ("creator5", "creator9", "nobody")
         ]
-        _, nb_idx, nb_score = scorer._predict(scorer.builder.encode([(it, None) for it in items]))
-    for item, got, score in zip(items, nb_idx, nb_score, strict=True):
-        creators = _creators(snapshot, got[got >= 0])
+        scored = scorer.predictor.predict_points(scorer.encode([(it, None) for it in items]))
+    for item, row, got in zip(items, scored, _neighbour_rows(snapshot, scored), strict=True):
+        creators = _creators(snapshot, got)
+        score = np.array([s for _, s in row.neighbours])
         if item.meta.metadata["creator"] == "nobody":  # no post of its own: plain cosines
-            assert (score[got >= 0] <= 1.0 + 1e-5 + run.train_config.lexical_retrieval).all()
+            assert (score <= 1.0 + 1e-5 + run.train_config.lexical_retrieval).all()
             assert "nobody" not in creators
         else:
             assert (creators == item.meta.metadata["creator"]).all()
-            assert (score[got >= 0] > 2.0).all()
+            assert (score > 2.0).all()

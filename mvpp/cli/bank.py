@@ -159,6 +159,7 @@ def build(
     failures_file = failures or default_failures_file(loc)
     with friendly_errors():
         rows = None
+        columns = None
         if meta is not None:
             columns = ColumnMap(
                 id_col=id_col,
@@ -200,7 +201,7 @@ def build(
                         f"{counts['failed']} failed",
                     )
 
-                report = builder.build(items, plan_failures, failures_file, on_progress)
+                report = builder.build(items, plan_failures, failures_file, on_progress, columns)
     table = Table(title=Text(f"bank {loc.describe()}"))
     table.add_column("indexed", justify="right")
     table.add_column("unchanged", justify="right")

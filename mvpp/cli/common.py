@@ -184,7 +184,7 @@ def friendly_errors() -> Iterator[None]:
         fail(str(exc))
 
 
-def progress_bar() -> Progress:
+def progress_bar(disable: bool = False) -> Progress:
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -196,4 +196,5 @@ def progress_bar() -> Progress:
         TextColumn("{task.fields[status]}"),
         console=console,
         transient=False,
+        disable=disable,
     )

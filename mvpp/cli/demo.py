@@ -76,7 +76,7 @@ def microlens_table(work: Path) -> tuple[Path, bool]:
 def predictor_part(work: Path, epochs: int) -> None:
     table, real = microlens_table(work)
     bank = work / "microlens-bank"
-    # 72 MicroLens items have neither a title nor a video: they are reported, exit code 1.
+    # 72 MicroLens items have no title, no video and no metadata: they are reported, exit code 1.
     run(
         ["mvpp-bank", "build", "--meta", str(table), "--label-col", "comments", "--profile", "lite", "--bank", str(bank)],
         ok_codes=(0, 1),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mvpp.cli.common import (
@@ -29,16 +30,18 @@ from mvpp.cli.common import (
     setup_logging,
     store_for,
 )
-from mvpp.config import BuildSettings, decode_ahead_default
+from mvpp.cli.scores import TABLE_SUFFIXES, print_rows, print_summary, write_table
+from mvpp.config import BankLocation, BuildSettings, decode_ahead_default
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.base import resolve_device
 from mvpp.memory_bank.encoders.profiles import load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, parse_rows, read_table
+from mvpp.memory_bank.store import BankStore
 from mvpp.predictor.config import META_NUMERIC_EMBEDDINGS, ModelConfig
 from mvpp.predictor.features import DEFAULT_MIN_COUNT
 from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run, save_run
-from mvpp.predictor.scoring import Scorer, evaluate
+from mvpp.predictor.scoring import DEFAULT_MEMORY, MEMORIES, RunPredictor, Scorer
 from mvpp.predictor.training import TrainConfig, train
 from mvpp.retriever.snapshot import read_snapshot
 
@@ -294,11 +297,65 @@ def train_cmd(
                     )
 
             result = train(snapshot, cfg, mcfg, on_event)
-        save_run(result, cfg, out_dir, manifest, loc.describe())
+        save_run(result, cfg, out_dir, manifest, loc)
     console.print(f"best epoch {result.best_epoch}; {result.seconds_per_epoch:.1f} s per epoch")
     for split in ("val", "test"):
         out.print(metrics_table(f"{split} ({out_dir})", result.metrics[split]))
     console.print(f"run saved to {out_dir}")
+
+
+MemoryOpt = Annotated[
+    str,
+    typer.Option(
+        "--memory",
+        help="Neighbours come from 'all' labelled items of the bank (items added after "
+        "training too) or only the run's 'train' items, as in training.",
+    ),
+]
+
+
+def _run_location(
+    run: Run,
+    bank: Path | None,
+    qdrant_url: str | None,
+    api_key: str | None,
+    collection: str,
+    announce: bool = True,
+) -> BankLocation:
+    """The bank given by flag or environment, else the one the run was trained on (said
+    in one line when `announce`)."""
+    if bank or qdrant_url or os.environ.get("MVPP_BANK") or os.environ.get("MVPP_QDRANT_URL"):
+        return location(bank, qdrant_url, api_key, collection)
+    if run.bank is None:
+        return location(None, None, api_key, collection)
+    loc = run.bank
+    if loc.is_server:
+        loc.api_key = api_key or os.environ.get("QDRANT_API_KEY") or None
+    if announce:
+        console.print(f"bank: {escape(loc.describe())} (the run's; --bank or --qdrant-url to use another)")
+    return loc
+
+
+def _open_run_bank(run: Run, store: BankStore, loc: BankLocation) -> None:
+    """Fail unless `store` is a bank built with the run's encoders."""
+    if store.manifest is None:
+        fail(f"no bank at {loc.describe()}: give the bank the run was trained on with --bank or --qdrant-url")
+    store.manifest.check_compatible(
+        run.manifest,
+        mine="the bank has",
+        theirs="the run was trained with",
+        advice="Use the bank the run was trained on (--bank / --qdrant-url), or train a run on this bank.",
+    )
+
+
+def _check_memory(memory: str) -> None:
+    if memory not in MEMORIES:
+        fail(f"--memory must be one of {', '.join(MEMORIES)}")
+
+
+def _check_table_path(path: Path, flag: str) -> None:
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        fail(f"{flag} must end in .parquet or .csv")
 
 
 @app.command("evaluate")
@@ -306,26 +363,51 @@ def evaluate_cmd(
     run_dir: Annotated[Path, typer.Option("--run", help="Run directory written by `mvpp train`.")],
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(
+            "--predictions",
+            help="Also write each item's prediction (.parquet or .csv; the columns of "
+            "`mvpp score`, plus the true target).",
+        ),
+    ] = None,
+    memory: MemoryOpt = "train",
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
     collection: CollectionOpt = "mvpp",
     verbose: VerboseOpt = False,
 ) -> None:
-    """nMSE, MAE, Spearman SRC, R² and interval coverage of a run on a whole split."""
+    """nMSE, MAE, Spearman SRC, R² and interval coverage of a run on a whole split.
+
+    The bank is the run's own unless --bank or --qdrant-url names another.
+    """
     setup_logging(verbose)
-    loc = location(bank, qdrant_url, api_key, collection)
-    with friendly_errors(), store_for(loc) as store:
+    _check_memory(memory)
+    if predictions is not None:
+        _check_table_path(predictions, "--predictions")
+    with friendly_errors():
         run = Run.load(run_dir)  # a RunError is a ValueError: one red line, exit 2
-        if store.manifest is None:
-            fail(f"no bank at {loc.describe()}")
-        run.manifest.check_compatible(store.manifest)
-        snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
-        metrics = evaluate(run, snapshot, split)
+        loc = _run_location(run, bank, qdrant_url, api_key, collection)
+        with store_for(loc) as store:
+            _open_run_bank(run, store, loc)
+            snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
+        predictor = RunPredictor(run, snapshot, memory)
+        result = predictor.evaluate(split)
+    if predictions is not None:
+        truth = predictor.bank.with_targets(run.targets)
+        rows = []
+        for r, i in zip(result.rows, predictor.splits[split], strict=True):
+            flat = r.flat(run.targets, run.manifest.label_transform)
+            for j, t in enumerate(run.targets):
+                flat[f"{t}_true"] = float(truth.targets[i, j])
+            rows.append(flat)
+        write_table(rows, predictions, {"mvpp.memory": memory, "mvpp.memory_items": str(predictor.memory_size)})
+        console.print(f"{len(rows)} predictions written to {escape(str(predictions))}")
     if as_json:
-        out.print_json(json.dumps({name: m.to_dict() for name, m in metrics.items()}))
+        out.print_json(json.dumps({name: m.to_dict() for name, m in result.metrics.items()}))
     else:
-        out.print(metrics_table(f"{split} ({run_dir})", metrics))
+        out.print(metrics_table(f"{split} ({run_dir})", result.metrics))
 
 
 @app.command("score")
@@ -334,18 +416,29 @@ def score_cmd(
     run_dir: Annotated[Path, typer.Option("--run", help="Run directory written by `mvpp train`.")] = Path("runs/latest"),
     out_file: Annotated[Path, typer.Option("--out", help="Output table: .parquet or .csv.")] = Path("scores.parquet"),
     meta: Annotated[Path | None, typer.Option("--meta", help="Metadata of the new items (.csv/.parquet/.jsonl).")] = None,
-    id_col: Annotated[str, typer.Option("--id-col", help="Id column of the metadata.")] = "id",
-    text_col: Annotated[list[str] | None, typer.Option("--text-col", help="Text column(s) \\[default: title].")] = None,
-    time_col: Annotated[str | None, typer.Option("--time-col", help="Publish time column.")] = None,
+    id_col: Annotated[
+        str | None, typer.Option("--id-col", help="Id column of the metadata \\[default: the bank's, else id].")
+    ] = None,
+    text_col: Annotated[
+        list[str] | None, typer.Option("--text-col", help="Text column(s) \\[default: the bank's, else title].")
+    ] = None,
+    time_col: Annotated[
+        str | None, typer.Option("--time-col", help="Publish time column \\[default: the bank's, when present].")
+    ] = None,
     observed_col: Annotated[
-        str | None, typer.Option("--observed-col", help="Time the counts are predicted for.")
+        str | None,
+        typer.Option("--observed-col", help="Time the counts are predicted for \\[default: the bank's, when present]."),
     ] = None,
     meta_col: Annotated[
         list[str] | None,
         typer.Option("--meta-col", help="Metadata column(s) \\[default: those the run was trained on]."),
     ] = None,
-    video_col: Annotated[str | None, typer.Option("--video-col", help="Video path column.")] = None,
+    video_col: Annotated[
+        str | None, typer.Option("--video-col", help="Video path column \\[default: the bank's, when present].")
+    ] = None,
+    memory: MemoryOpt = DEFAULT_MEMORY,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items scored together.", min=1)] = 32,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
@@ -355,103 +448,96 @@ def score_cmd(
 ) -> None:
     """Predict popularity of new uploads: mean, 5-95% interval, top-3 neighbours.
 
-    Every input item gets a row; items that cannot be scored carry the reason in
-    `status`. Exit code 1 if any item failed.
+    Every input row gets one output row, in input order; a row that cannot be scored
+    carries the reason in `status`. The table's columns default to those the bank was
+    built from, and the bank to the run's own. Exit code 1 if any row failed.
     """
     setup_logging(verbose)
-    if out_file.suffix.lower() not in (".parquet", ".csv"):
-        fail("--out must end in .parquet or .csv")
+    _check_memory(memory)
+    _check_table_path(out_file, "--out")
     if videos_dir is None and meta is None:
         fail("give a VIDEOS_DIR, a --meta table, or both")
-    loc = location(bank, qdrant_url, api_key, collection)
-    with friendly_errors(), store_for(loc) as store:
+    with friendly_errors():
         run = Run.load(run_dir)  # a RunError is a ValueError: one red line, exit 2
-        if store.manifest is None:
-            fail(f"no bank at {loc.describe()}")
-        run.manifest.check_compatible(store.manifest)
-        rows = None
-        if meta is not None:
-            raw = read_table(meta)
-            present = set(raw[0]) if raw else set()
-            # The run's metadata columns are read where the table has them; absent ones are
-            # missing values (masked), not an error.
-            wanted = meta_col or (run.featurizer.columns if run.featurizer else [])
-            group = run.train_config.neighbour_group
-            if group and group not in wanted:  # the neighbour group is read for retrieval
-                wanted = [*wanted, group]
-            columns = ColumnMap(
-                id_col=id_col, text_cols=text_col or ["title"], time_col=time_col,
-                observed_col=observed_col, video_col=video_col, require_text=bool(text_col),
-                meta_cols=[c for c in wanted if c in present or meta_col],
+        loc = _run_location(run, bank, qdrant_url, api_key, collection, announce=not quiet)
+        with store_for(loc) as store:
+            _open_run_bank(run, store, loc)
+            assert store.manifest is not None
+            rows = None
+            if meta is not None:
+                raw = read_table(meta)
+                columns = _score_columns(
+                    run, store.manifest.columns or run.manifest.columns, set(raw[0]) if raw else set(),
+                    id_col, text_col, time_col, observed_col, meta_col, video_col,
+                )
+                rows = parse_rows(raw, columns, source=str(meta))
+            items, plan_failures = plan_items(videos_dir, rows)
+            snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
+            spec = encoder_spec(None, store.manifest.profile)
+            settings = BuildSettings(
+                n_frames=store.manifest.n_frames,
+                max_tokens=store.manifest.max_tokens,
+                decode_ahead=decode_ahead_default(resolve_device(device)),
             )
-            rows = parse_rows(raw, columns, source=str(meta))
-        items, plan_failures = plan_items(videos_dir, rows)
-        snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
-        spec = encoder_spec(None, store.manifest.profile)
-        settings = BuildSettings(
-            n_frames=store.manifest.n_frames,
-            max_tokens=store.manifest.max_tokens,
-            decode_ahead=decode_ahead_default(resolve_device(device)),
-        )
-        quiet_model_loading()
-        builder = BankBuilder(store, load_encoders(spec, device=device), settings)
-        scorer = Scorer(run, snapshot, builder)
-        with progress_bar() as bar:
-            task = bar.add_task("scoring", total=len(items), rate="", status="")
-            scored = scorer.score(items, batch_size, lambda n: bar.update(task, advance=n))
-    flat = [r.flat(run.targets, run.manifest.label_transform) for r in scored]
-    for f in plan_failures:
-        flat.append({"item_id": f.item_id, "status": f"failed: {f.reason}"})
-    _write_table(flat, out_file)
+            quiet_model_loading()
+            builder = BankBuilder(store, load_encoders(spec, device=device), settings)
+            scorer = Scorer(run, snapshot, builder, memory)
+            with progress_bar(disable=quiet) as bar:
+                task = bar.add_task("scoring", total=len(items), rate="", status="")
+                scored = scorer.score(items, batch_size, lambda n: bar.update(task, advance=n))
+    transform = run.manifest.label_transform
+    placed = [(it.position, r.flat(run.targets, transform)) for it, r in zip(items, scored, strict=True)]
+    placed += [(f.position, {"item_id": f.item_id, "status": f"failed: {f.reason}"}) for f in plan_failures]
+    flat = [row for _, row in sorted(placed, key=lambda pr: pr[0])]
+    mem = scorer.predictor
+    write_table(flat, out_file, {"mvpp.memory": memory, "mvpp.memory_items": str(mem.memory_size)})
     n_failed = sum(1 for r in flat if str(r["status"]).startswith("failed"))
-    _print_scores(flat, run.targets)
-    console.print(f"{len(flat)} rows written to {out_file} ({n_failed} failed)")
+    if not quiet:
+        print_rows(out, flat, run.targets)
+        print_summary(
+            console, flat, run.targets,
+            header=f"memory: {memory} ({mem.memory_size} labelled items)",
+            footer=f"{len(flat)} rows written to {escape(str(out_file))} ({n_failed} failed)",
+        )
     if n_failed:
         raise typer.Exit(EXIT_ITEMS_FAILED)
 
 
-def _write_table(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
+def _score_columns(
+    run: Run,
+    bank_columns: dict,
+    present: set[str],
+    id_col: str | None,
+    text_col: list[str] | None,
+    time_col: str | None,
+    observed_col: str | None,
+    meta_col: list[str] | None,
+    video_col: str | None,
+) -> ColumnMap:
+    """How to read the new items' table: flags first, then the columns the bank was built
+    from (optional ones only where the table has them), then the plain defaults."""
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns: list[str] = []
-    for r in rows:
-        columns += [c for c in r if c not in columns]
-    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
-    if path.suffix.lower() == ".csv":
-        import pyarrow.csv as pcsv
+    def optional(given: str | None, key: str) -> str | None:
+        if given:
+            return given
+        name = bank_columns.get(key)
+        return name if name and name in present else None
 
-        pcsv.write_csv(table, path)
-    else:
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, path)
-
-
-def _print_scores(rows: list[dict], targets: list[str], limit: int = 10) -> None:
-    table = Table(title=f"first {min(limit, len(rows))} of {len(rows)} scored items")
-    table.add_column("item id")
-    for t in targets:
-        table.add_column(f"{t} (5%-95%)", justify="right")
-        table.add_column(f"{t} count", justify="right")
-    table.add_column("top neighbours")
-    table.add_column("status")
-    for r in rows[:limit]:
-        cells = [str(r["item_id"])]
-        for t in targets:
-            p = r.get(f"{t}_pred")
-            if p is None or (isinstance(p, float) and math.isnan(p)):
-                cells += ["", ""]
-            else:
-                cells += [f"{p:.2f} ({r[f'{t}_lower']:.2f}-{r[f'{t}_upper']:.2f})", f"{r[f'{t}_count']:.0f}"]
-        nbs = [
-            f"{r.get(f'neighbour_{j}')} ({r.get(f'neighbour_{j}_sim'):.2f})"
-            for j in (1, 2, 3)
-            if r.get(f"neighbour_{j}")
-        ]
-        cells += [", ".join(nbs), str(r["status"])]
-        table.add_row(*cells)
-    out.print(table)
+    # The run's metadata columns are read where the table has them; absent ones are
+    # missing values (masked), not an error. The neighbour group is read for retrieval.
+    wanted = list(meta_col or (run.featurizer.columns if run.featurizer else []))
+    group = run.train_config.neighbour_group
+    if group and group not in wanted:
+        wanted.append(group)
+    return ColumnMap(
+        id_col=id_col or bank_columns.get("id_col") or "id",
+        text_cols=text_col or bank_columns.get("text_cols") or ["title"],
+        time_col=optional(time_col, "time_col"),
+        observed_col=optional(observed_col, "observed_col"),
+        video_col=optional(video_col, "video_col"),
+        require_text=bool(text_col),
+        meta_cols=[c for c in wanted if c in present or meta_col],
+    )
 
 
 def main() -> None:

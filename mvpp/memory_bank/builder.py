@@ -21,8 +21,9 @@ import numpy as np
 from mvpp.config import BuildSettings
 from mvpp.media import Clip, MediaError, list_videos
 from mvpp.memory_bank.decoding import BatchDecoder, DecodeFn, decode_item
+from mvpp.memory_bank.encoders.base import l2_normalize
 from mvpp.memory_bank.encoders.profiles import Encoders
-from mvpp.memory_bank.metadata import MetaRow, transform_label
+from mvpp.memory_bank.metadata import ColumnMap, MetaRow, transform_label
 from mvpp.memory_bank.schema import BankPoint, Manifest, content_hash
 from mvpp.memory_bank.store.base import BankStore
 
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 # Below this many points a full scan answers a query in about a millisecond, so the
 # search index is not worth its build time.
 INDEX_MIN_POINTS = 5000
+
+NO_CONTENT = "no text, no video and no metadata"
 
 # Bytes read from each end of a video for its fingerprint: cheap, and catches truncation
 # and re-encodes without reading whole files on every rebuild.
@@ -44,6 +47,8 @@ class BuildItem:
     item_id: str
     meta: MetaRow | None = None
     video: Path | None = None
+    # Place in the input: the metadata row's, then video-only files in path order.
+    position: int = -1
 
     @property
     def title(self) -> str:
@@ -55,6 +60,7 @@ class Failure:
     item_id: str
     reason: str
     video: str | None = None
+    position: int = -1  # as BuildItem.position, for items that failed before being planned
 
     def to_json(self) -> str:
         return json.dumps(
@@ -79,6 +85,37 @@ class BuildReport:
 
 
 ProgressFn = Callable[[int, str], None]
+
+
+def content_problem(item: BuildItem, clip: Clip | None) -> str | None:
+    """Why an item cannot be indexed or scored, or None when it can.
+
+    Text, a video, a publish time or any metadata value is enough: a post known only by its
+    creator, time and counts is predicted by those (and found through its neighbour group).
+    """
+    meta = item.meta
+    if item.title or clip is not None:
+        return None
+    if meta is not None and (
+        meta.published_ts is not None or any(v is not None for v in meta.metadata.values())
+    ):
+        return None
+    return NO_CONTENT
+
+
+def stored_form(point: BankPoint) -> BankPoint:
+    """The point as the bank gives it back: retrieval vector and every multivector row
+    L2-normalised (the bank's vectors are cosine vectors), multivectors rounded to
+    float16 (their storage type). Every point is made through this, so an item encoded
+    by `build`, `query` or `score` has the same features as its stored copy."""
+    if point.retrieval is not None:
+        point.retrieval = l2_normalize(point.retrieval)
+    for name in ("frames", "tokens"):
+        value = getattr(point, name)
+        if value is not None:
+            stored = l2_normalize(np.asarray(value, np.float32)).astype(np.float16).astype(np.float32)
+            setattr(point, name, stored)
+    return point
 
 
 def video_fingerprint(path: Path) -> str:
@@ -113,28 +150,31 @@ def plan_items(
             by_stem.setdefault(path.stem, []).append(path)
     failures: list[Failure] = []
     items: list[BuildItem] = []
-    for row in rows:
+    for pos, row in enumerate(rows):
         if row.problems:
-            failures.append(Failure(row.item_id, "; ".join(row.problems)))
+            failures.append(Failure(row.item_id, "; ".join(row.problems), position=pos))
             continue
         video: Path | None = None
         if row.video:
             video = _row_video(row.video, videos_dir)
             if not video.exists():
-                failures.append(Failure(row.item_id, f"video file not found: {video}", str(video)))
+                failures.append(Failure(row.item_id, f"video file not found: {video}", str(video), pos))
                 continue
         elif row.item_id in by_stem:
             video = by_stem[row.item_id][0]
-        items.append(BuildItem(row.item_id, row, video))
+        items.append(BuildItem(row.item_id, row, video, pos))
     meta_ids = {row.item_id for row in rows}
+    pos = len(rows)
     for stem, paths in by_stem.items():
         if stem not in meta_ids:
-            items.append(BuildItem(stem, None, paths[0]))
+            items.append(BuildItem(stem, None, paths[0], pos))
+            pos += 1
         first = _relative(paths[0], videos_dir)
         for path in paths[1:]:
             failures.append(
-                Failure(stem, f"duplicate id: {first} has the same file name stem", str(path))
+                Failure(stem, f"duplicate id: {first} has the same file name stem", str(path), pos)
             )
+            pos += 1
     return items, failures
 
 
@@ -168,7 +208,7 @@ class BankBuilder:
 
     # -- manifest -------------------------------------------------------------------
 
-    def manifest(self, label_names: Iterable[str] = ()) -> Manifest:
+    def manifest(self, label_names: Iterable[str] = (), columns: ColumnMap | None = None) -> Manifest:
         desc = self.encoders.describe()
         return Manifest(
             profile=desc["profile"],
@@ -182,6 +222,7 @@ class BankBuilder:
             max_tokens=self.settings.max_tokens,
             label_names=list(label_names),
             label_transform=self.settings.label_transform,
+            columns=columns.to_dict() if columns is not None else {},
         )
 
     # -- hashing --------------------------------------------------------------------
@@ -212,13 +253,15 @@ class BankBuilder:
         failures: list[Failure] | None = None,
         failures_file: Path | None = None,
         progress: ProgressFn | None = None,
+        columns: ColumnMap | None = None,
     ) -> BuildReport:
-        """Index `items`; `failures` are planning failures to report alongside."""
+        """Index `items`; `failures` are planning failures to report alongside; `columns`:
+        the metadata table's columns, recorded in the manifest for scoring to reuse."""
         start = time.perf_counter()
         progress = progress or (lambda n, status: None)
         report = BuildReport(planned=len(items) + len(failures or []), failures_file=failures_file)
         label_names = sorted({name for it in items if it.meta for name in it.meta.labels})
-        manifest = self.manifest(label_names)
+        manifest = self.manifest(label_names, columns)
         self.store.init(manifest)
 
         sink = _FailureSink(failures_file)
@@ -292,7 +335,7 @@ class BankBuilder:
         points = []
         for i, (item, clip) in enumerate(items):
             meta = item.meta
-            points.append(
+            points.append(stored_form(
                 BankPoint(
                     item_id=item.item_id,
                     retrieval=vectors[i],
@@ -309,7 +352,7 @@ class BankBuilder:
                     observed_at=meta.observed_at if meta else None,
                     observed_ts=meta.observed_ts if meta else None,
                 )
-            )
+            ))
         return points
 
     def _captions(self, clips: list[Clip]) -> list[list[str]]:
@@ -365,8 +408,9 @@ class BankBuilder:
         transform = self.settings.label_transform
         targets: list[dict[str, float]] = []
         for item, h, clip in batch:
-            if not item.title and clip is None:
-                sink.add(Failure(item.item_id, "no text and no video"), report)
+            problem = content_problem(item, clip)
+            if problem:
+                sink.add(Failure(item.item_id, problem), report)
                 progress(1, "failed")
                 continue
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -151,6 +152,18 @@ class ColumnMap:
     # The default text column may be absent (a labels-only table); named ones may not.
     require_text: bool = True
 
+    def to_dict(self) -> dict[str, Any]:
+        """The column names (what a bank's manifest records), without `require_text`."""
+        return {
+            "id_col": self.id_col,
+            "text_cols": list(self.text_cols),
+            "label_cols": list(self.label_cols),
+            "time_col": self.time_col,
+            "observed_col": self.observed_col,
+            "meta_cols": list(self.meta_cols),
+            "video_col": self.video_col,
+        }
+
 
 @dataclass
 class MetaRow:
@@ -193,6 +206,20 @@ def read_table(path: Path) -> list[dict[str, Any]]:
         with path.open(encoding="utf-8-sig", newline="") as fh:
             return list(csv.DictReader(fh, delimiter=delimiter))
     raise MetadataError(f"unknown metadata format {suffix!r}: use .csv, .tsv, .parquet or .jsonl")
+
+
+def category_key(value: Any) -> str | None:
+    """A metadata value as a category label: 12.0 and '12' are the same category; a
+    missing value (None, NaN, blank) is None."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        f = float(value)
+        if math.isnan(f):
+            return None
+        return str(int(f)) if f.is_integer() and abs(f) < 1e15 else repr(f)
+    text = str(value).strip()
+    return text or None
 
 
 def _is_missing(value: Any) -> bool:

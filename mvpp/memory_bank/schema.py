@@ -59,6 +59,10 @@ class Manifest:
     label_names: list[str] = field(default_factory=list)
     label_transform: str = "log2p1"
     schema_version: int = SCHEMA_VERSION
+    # The metadata table's columns the bank was built from (`metadata.ColumnMap` as a
+    # dict): scoring reads new items' tables with them by default. Empty for banks built
+    # from videos alone, or before columns were recorded.
+    columns: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,18 +85,23 @@ class Manifest:
         "schema_version",
     )
 
-    def check_compatible(self, other: Manifest) -> None:
-        """Raise BankMismatchError naming both sides of every disagreement."""
+    def check_compatible(
+        self,
+        other: Manifest,
+        mine: str = "the bank has",
+        theirs: str = "requested",
+        advice: str = "Open it with the same --profile and model overrides, or build a new bank.",
+    ) -> None:
+        """Raise BankMismatchError naming both sides of every disagreement (`mine` says
+        what this manifest describes, `theirs` the other)."""
         diffs = []
         for name in self.ENCODER_FIELDS:
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                diffs.append(f"{name}: bank has {mine!r}, requested {theirs!r}")
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                diffs.append(f"{name}: {mine} {a!r}, {theirs} {b!r}")
         if diffs:
             raise BankMismatchError(
-                "the bank was built with other encoders or dimensions ("
-                + "; ".join(diffs)
-                + "). Open it with the same --profile and model overrides, or build a new bank."
+                "encoders or dimensions differ (" + "; ".join(diffs) + "). " + advice
             )
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from mvpp.memory_bank.metadata import category_key
+
 FORMAT = 1
 
 #: Derived numeric sources (besides "meta", a metadata column).
@@ -57,19 +59,6 @@ def _number(v: Any) -> float:
     if _is_number(v):
         return float(v)
     return math.nan
-
-
-def category_key(v: Any) -> str | None:
-    """A metadata value as a category label: 12.0 and '12' are the same category."""
-    if v is None:
-        return None
-    if _is_number(v):
-        f = float(v)
-        if math.isnan(f):
-            return None
-        return str(int(f)) if f.is_integer() and abs(f) < 1e15 else repr(f)
-    text = str(v).strip()
-    return text or None
 
 
 @dataclass

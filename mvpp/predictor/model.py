@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from mvpp.predictor.config import ModelConfig
+from mvpp.retriever.bulk import ranking_scores
 
 __all__ = [
     "AttentivePooling",
@@ -294,7 +295,10 @@ class NeighbourAggregator(nn.Module):
         (B, k, T), (B, k, T), (B, k), (B, k) -> (B, 4T + 2); absent statistics are 0.
 
         The softmax weights are relative, so the label embedding cannot tell a tight
-        cluster of near copies from a loose set of weak matches; these can."""
+        cluster of near copies from a loose set of weak matches; these can. Similarities
+        equal at the retriever's ranking resolution count as one (copies of an item score
+        within float noise of each other): the "most similar" label is their mean, so
+        the statistics do not depend on the neighbours' order or on that noise."""
         dtype = sim.dtype if sim.is_floating_point() else torch.float32
         bsz, k, n_targets = labels.shape
         if k == 0:  # an empty bank: nothing to summarise
@@ -307,8 +311,9 @@ class NeighbourAggregator(nn.Module):
         var = (m * (y - mean.unsqueeze(1)) ** 2).sum(dim=1) / denom
         s = torch.where(nb_mask, sim.to(dtype), torch.zeros((), dtype=dtype, device=sim.device))
         lowest = torch.finfo(dtype).min
-        best = torch.where(label_mask, s.unsqueeze(-1), torch.full_like(y, lowest)).argmax(dim=1)  # (B, T)
-        top1 = torch.where(count > 0, y.gather(1, best.unsqueeze(1)).squeeze(1), torch.zeros_like(mean))
+        r = torch.where(label_mask, ranking_scores(s).unsqueeze(-1), torch.full_like(y, lowest))  # (B, k, T)
+        best = label_mask & (r == r.amax(dim=1, keepdim=True))  # (B, k, T)
+        top1 = (best * y).sum(dim=1) / best.sum(dim=1).clamp_min(1)  # (B, T); 0 without labels
         # over valid neighbours, not k: padded slots must not change any input
         n_valid = nb_mask.to(dtype).sum(dim=1, keepdim=True)  # (B, 1)
         share = count / n_valid.clamp_min(1.0)
@@ -967,6 +972,9 @@ class PopularityModel(nn.Module):
 
         Draws z from the posterior, then y ~ N(mu_y(z), sigma_y(z)^2), and takes
         empirical quantiles; with n_samples = 0 the interval is Gaussian in sigma_y at z = mu.
+        Every item gets the same standard-normal draws (common random numbers, fixed by
+        `seed`), so an item's interval does not depend on the batch it is predicted in,
+        nor on its position there: evaluation and scoring give it the same one.
         """
         lo_q, hi_q = quantiles
         if not 0.0 < lo_q < hi_q < 1.0:
@@ -981,11 +989,12 @@ class PopularityModel(nn.Module):
                 normal = torch.distributions.Normal(0.0, 1.0)
                 q = normal.icdf(torch.tensor([lo_q, hi_q], dtype=mean.dtype, device=mean.device))
                 return Prediction(mean, std, mean + q[0] * std, mean + q[1] * std, quantiles)
-            gen = torch.Generator(device=mean.device).manual_seed(seed)
+            gen = torch.Generator(device="cpu").manual_seed(seed)
             s, bsz = n_samples, mean.shape[0]
             z_mu = enc.z_mu.expand(s, *enc.z_mu.shape)  # (S, B, d_z)
             z_std = torch.exp(0.5 * enc.z_logvar)  # zero for the point-mass posterior
-            eps = torch.randn(z_mu.shape, generator=gen, dtype=z_mu.dtype, device=z_mu.device)
+            eps = torch.randn(s, 1, z_mu.shape[-1], generator=gen).to(z_mu)  # (S, 1, d_z)
+            eps_y = torch.randn(s, 1, mean.shape[-1], generator=gen).to(mean)  # (S, 1, T)
             z = z_mu + z_std * eps
             inter = enc.interactions.expand(s, *enc.interactions.shape)  # (S, B, P * d)
             scalars = enc.scalars.expand(s, *enc.scalars.shape)  # (S, B, S_in)
@@ -994,7 +1003,6 @@ class PopularityModel(nn.Module):
             )
             mu_s = mu_s.view(s, bsz, -1)  # (S, B, T)
             var_s = torch.exp(logvar_s).view(s, bsz, -1)
-            eps_y = torch.randn(mu_s.shape, generator=gen, dtype=mu_s.dtype, device=mu_s.device)
             y = mu_s + var_s.sqrt() * eps_y  # (S, B, T)
             qs = torch.quantile(
                 y, torch.tensor([lo_q, hi_q], dtype=y.dtype, device=y.device), dim=0

@@ -13,6 +13,7 @@ RUN_DIR/
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load_file, save_file
 
+from mvpp.config import DEFAULT_COLLECTION, BankLocation
 from mvpp.memory_bank.schema import Manifest
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.dataset import TargetNorm
@@ -50,8 +52,30 @@ def metrics_to_dict(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     return {s: {t: m.to_dict() for t, m in per.items()} for s, per in metrics.items()}
 
 
+def bank_record(location: BankLocation) -> dict[str, Any]:
+    """Where a run's bank lives, as config.json records it (never the API key): an
+    absolute folder for an embedded bank, so the run finds it from any directory."""
+    if location.is_server:
+        return {"location": location.describe(), "url": location.qdrant_url, "collection": location.collection}
+    return {"location": location.describe(), "path": str(Path(location.path).resolve())}
+
+
+def bank_from_record(record: dict[str, Any]) -> BankLocation | None:
+    """The location a run recorded (None when it recorded none); runs saved before the
+    record had fields hold only the display string, "PATH" or "URL (collection NAME)"."""
+    if record.get("url"):
+        return BankLocation(qdrant_url=record["url"], collection=record.get("collection") or DEFAULT_COLLECTION)
+    if record.get("path"):
+        return BankLocation(path=Path(record["path"]))
+    text = str(record.get("location") or "")
+    match = re.fullmatch(r"(\S+) \(collection (.+)\)", text)
+    if match:
+        return BankLocation(qdrant_url=match.group(1), collection=match.group(2))
+    return BankLocation(path=Path(text)) if text else None
+
+
 def save_run(
-    result: TrainResult, cfg: TrainConfig, out_dir: Path, manifest: Manifest, bank: str
+    result: TrainResult, cfg: TrainConfig, out_dir: Path, manifest: Manifest, bank: BankLocation
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
@@ -69,7 +93,7 @@ def save_run(
             "time_safe": data.time_safe,
             "meta_features": data.featurizer.to_dict() if data.featurizer is not None else None,
             "lexicon": data.lexicon.to_dict() if data.lexicon is not None else None,
-            "bank": {"location": bank, "manifest": manifest.to_dict(), "fingerprint": data.snapshot.fingerprint},
+            "bank": {**bank_record(bank), "manifest": manifest.to_dict(), "fingerprint": data.snapshot.fingerprint},
         },
     )
     ids = data.snapshot.item_ids
@@ -98,7 +122,7 @@ class Run:
     interval_scale: np.ndarray
     time_safe: bool
     manifest: Manifest
-    bank_location: str
+    bank: BankLocation | None
     split_ids: dict[str, list[str]]
     featurizer: MetaFeaturizer | None = None
     lexicon: Lexicon | None = None
@@ -129,7 +153,7 @@ class Run:
             interval_scale=np.asarray(cfg["interval_scale"], np.float32),
             time_safe=bool(cfg["time_safe"]),
             manifest=Manifest.from_dict(cfg["bank"]["manifest"]),
-            bank_location=cfg["bank"]["location"],
+            bank=bank_from_record(cfg["bank"]),
             split_ids=json.loads((path / SPLITS).read_text()),
             featurizer=MetaFeaturizer.from_dict(cfg["meta_features"])
             if cfg.get("meta_features")

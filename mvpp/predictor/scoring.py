@@ -1,9 +1,15 @@
 """Using a trained run: metrics on a split of its bank, and scoring new uploads.
 
-Scoring encodes new items exactly as the builder does, retrieves their neighbours
-among the run's training items (never the item itself, even when it is in the bank),
-and predicts a mean with an interval per target. An item that cannot be scored keeps
-its row, with the reason in `status`.
+Both go through one path, `RunPredictor`: the items' features are assembled by the same
+`FeatureTable` (from the bank's rows, or from freshly encoded points gathered in a
+snapshot of their own), their neighbours come from the same `NeighbourSearch` over a
+memory of labelled bank items, and the model predicts a mean with an interval per target.
+So an item of a split, scored as a new upload with the run's training items as memory,
+gets exactly the prediction `evaluate` gives it.
+
+Memories: "train" (the run's training items: what evaluation uses) and "all" (every
+labelled item of the bank, so items added after training inform predictions at once).
+Never the item itself, and with time safety only items published before it.
 """
 
 from __future__ import annotations
@@ -19,37 +25,42 @@ import numpy as np
 import torch
 
 from mvpp.media import Clip, MediaError
-from mvpp.memory_bank.builder import BankBuilder, BuildItem
+from mvpp.memory_bank.builder import BankBuilder, BuildItem, content_problem
 from mvpp.memory_bank.decoding import BatchDecoder
 from mvpp.memory_bank.metadata import inverse_transform
 from mvpp.memory_bank.schema import BankPoint
-from mvpp.predictor.dataset import ItemFeatures, find_neighbours, make_batch
-from mvpp.predictor.metrics import Metrics
+from mvpp.predictor.dataset import FeatureTable, make_batch
+from mvpp.predictor.metrics import Metrics, regression_metrics
+from mvpp.predictor.model import Prediction
 from mvpp.predictor.run import Run
 from mvpp.predictor.training import (
     PreparedData,
     TrainConfig,
-    predict_split,
+    neighbour_policy,
     prepare,
     scaled_interval,
-    split_metrics,
 )
-from mvpp.retriever.snapshot import BankSnapshot
+from mvpp.retriever.bulk import Neighbours
+from mvpp.retriever.search import NeighbourSearch, QueryBatch
+from mvpp.retriever.snapshot import BankSnapshot, snapshot_from_points
 
 logger = logging.getLogger(__name__)
 
 TOP_NEIGHBOURS = 3
+MEMORIES = ("all", "train")
+DEFAULT_MEMORY = "all"
 
 
 def prepare_for_run(
     run: Run, snapshot: BankSnapshot, word_prior: bool = False
 ) -> tuple[TrainConfig, PreparedData]:
-    """The run's training config and its data on `snapshot`: the run's splits, target
-    normalisation, metadata features and vocabulary, never refitted.
+    """The run's training preparation replayed on `snapshot`: its splits, target
+    normalisation, metadata features and vocabulary, never refitted, with neighbours for
+    every split (for analyses of training; predictions go through `RunPredictor`).
 
-    The model computes the word prior from its own weights; `word_prior` also refits the
-    ridge to give the table the training items' out-of-fold estimates as in training
-    (the same folds and penalties: the fit is deterministic given the run's seed).
+    `word_prior` also refits the ridge to give the table the training items' out-of-fold
+    estimates as in training (the same folds and penalties: the fit is deterministic
+    given the run's seed).
     """
     cfg = copy.deepcopy(run.train_config)
     cfg.targets = list(run.targets)
@@ -66,21 +77,20 @@ def prepare_for_run(
     return cfg, data
 
 
-def evaluate(run: Run, snapshot: BankSnapshot, split: str = "test") -> dict[str, Metrics]:
-    """Metrics of the run on one of its splits, computed over the whole split."""
-    cfg, data = prepare_for_run(run, snapshot)
-    if split not in data.splits:
-        raise ValueError(f"unknown split {split!r}; the run has {sorted(data.splits)}")
-    pred = predict_split(run.model, data, split, cfg)
-    return split_metrics(data, split, pred, run.interval_scale, cfg.interval)
-
-
 @dataclass
 class ScoreRow:
+    """One scored item: a mean and interval per target (target scale), its top neighbours
+    with their retrieval scores, and a status ("ok", or "failed: reason")."""
+
     item_id: str
     status: str = "ok"
     predictions: dict[str, dict[str, float]] = field(default_factory=dict)
+    # every neighbour the prediction used, best first (tables show the first three)
     neighbours: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status.startswith("ok")
 
     def flat(self, targets: list[str], transform: str) -> dict[str, Any]:
         row: dict[str, Any] = {"item_id": self.item_id, "status": self.status}
@@ -98,16 +108,142 @@ class ScoreRow:
         return row
 
 
+@dataclass
+class Evaluation:
+    """Metrics of a run on a split, and the per-item predictions they were computed from."""
+
+    metrics: dict[str, Metrics]
+    rows: list[ScoreRow]
+
+
+class RunPredictor:
+    """A run applied to items: of its bank (by row) or new ones (as encoded points).
+
+    memory: "train" retrieves among the run's training items, as training and `evaluate`
+    do; "all" among every labelled item of the bank.
+    """
+
+    def __init__(self, run: Run, snapshot: BankSnapshot, memory: str = "train") -> None:
+        if memory not in MEMORIES:
+            raise ValueError(f"memory must be one of {MEMORIES}, not {memory!r}")
+        self.run = run
+        self.memory_name = memory
+        cfg = run.train_config
+        self.bank = snapshot.with_targets(run.targets)
+        self.table = FeatureTable(self.bank, run.norm, run.featurizer, run.lexicon)
+        rerank, self.groups = neighbour_policy(self.bank, self.table, run.lexicon, cfg)
+        self.splits = run.splits_in(snapshot)
+        rows = self.splits["train"] if memory == "train" else np.flatnonzero(self.bank.labelled)
+        self.search = NeighbourSearch(self.bank, rows, cfg.k, run.time_safe, rerank, self.groups)
+        self._row_of = snapshot.index_of()
+
+    @property
+    def memory_size(self) -> int:
+        return len(self.search)
+
+    # -- the one prediction path ------------------------------------------------------
+
+    def _predict(
+        self, source: BankSnapshot, table: FeatureTable, rows: np.ndarray, own_rows: np.ndarray
+    ) -> tuple[Prediction, Neighbours]:
+        """Predictions (normalised scale) and neighbours of rows of `source`, whose features
+        are in `table`; `own_rows` are the items' rows in the bank (-1: not in it)."""
+        cfg = self.run.train_config
+        queries = QueryBatch(
+            vectors=source.retrieval[rows],
+            has_vector=source.has_retrieval[rows],
+            own_row=own_rows,
+            time=source.published_ts[rows],
+            bags=(table.words[rows].numpy(), table.word_weights[rows].numpy())
+            if self.search.rerank is not None and table.words is not None and table.word_weights is not None
+            else None,
+            groups=self.groups.encode([source.metadata[i] for i in rows]) if self.groups is not None else None,
+        )
+        nb = self.search.search(queries)
+        model = self.run.model
+        model.eval()
+        self.table.project(model, nb.indices[nb.indices >= 0])
+        batch = make_batch(self.table, table.items(torch.from_numpy(rows)), nb.indices, nb.scores)
+        q = ((1 - cfg.interval) / 2, 1 - (1 - cfg.interval) / 2)
+        pred = model.predict(batch, n_samples=cfg.mc_samples, quantiles=q, seed=cfg.seed)
+        return pred, nb
+
+    def _rows(self, item_ids: list[str], pred: Prediction, nb: Neighbours) -> list[ScoreRow]:
+        """Target-scale predictions with their calibrated intervals, as rows."""
+        run = self.run
+        mean = run.norm.inverse(pred.mean.numpy())
+        lower, upper = scaled_interval(pred, run.norm, run.interval_scale)
+        out = []
+        for j, item_id in enumerate(item_ids):
+            row = ScoreRow(item_id)
+            for t, name in enumerate(run.targets):
+                row.predictions[name] = {
+                    "pred": float(mean[j, t]),
+                    "lower": float(lower[j, t]),
+                    "upper": float(upper[j, t]),
+                }
+            row.neighbours = [
+                (self.bank.item_ids[n], float(s))
+                for n, s in zip(nb.indices[j], nb.scores[j], strict=True)
+                if n >= 0
+            ]
+            if not row.neighbours:
+                row.status = "ok (no neighbours)"
+            out.append(row)
+        return out
+
+    def predict_rows(self, rows: np.ndarray, batch_size: int = 512) -> list[ScoreRow]:
+        """Predictions for bank items (rows of the snapshot), in order."""
+        out: list[ScoreRow] = []
+        rows = np.asarray(rows, np.int64)
+        for lo in range(0, len(rows), batch_size):
+            part = rows[lo : lo + batch_size]
+            pred, nb = self._predict(self.bank, self.table, part, part)
+            out += self._rows([self.bank.item_ids[i] for i in part], pred, nb)
+        return out
+
+    def predict_points(self, points: list[BankPoint]) -> list[ScoreRow]:
+        """Predictions for freshly encoded items, in order. Their arrays are laid out as the
+        bank lays out its own (`snapshot_from_points`), so an item of the bank encoded
+        afresh gets the features, hence the prediction, of its bank row."""
+        if not points:
+            return []
+        fresh = snapshot_from_points(points, self.run.manifest, sort=False).with_targets(self.run.targets)
+        table = FeatureTable(fresh, self.run.norm, self.run.featurizer, self.run.lexicon)
+        own = np.array([self._row_of.get(p.item_id, -1) for p in points], np.int64)
+        pred, nb = self._predict(fresh, table, np.arange(len(points)), own)
+        return self._rows([p.item_id for p in points], pred, nb)
+
+    def evaluate(self, split: str = "test") -> Evaluation:
+        """Metrics of the run on one of its splits, over the whole split."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; the run has {sorted(self.splits)}")
+        rows = self.splits[split]
+        preds = self.predict_rows(rows, self.run.train_config.eval_batch_size)
+        y = self.bank.targets[rows]
+        metrics = {}
+        interval = self.run.train_config.interval
+        for j, name in enumerate(self.run.targets):
+            col = [[r.predictions[name][key] for r in preds] for key in ("pred", "lower", "upper")]
+            mean, lower, upper = (np.asarray(c, np.float64).reshape(-1) for c in col)
+            metrics[name] = regression_metrics(y[:, j], mean, lower, upper, interval)
+        return Evaluation(metrics, preds)
+
+
+def evaluate(run: Run, snapshot: BankSnapshot, split: str = "test", memory: str = "train") -> dict[str, Metrics]:
+    """Metrics of the run on one of its splits, computed over the whole split."""
+    return RunPredictor(run, snapshot, memory).evaluate(split).metrics
+
+
 class Scorer:
     """Scores new items with a run, its bank snapshot and the bank's encoders."""
 
-    def __init__(self, run: Run, snapshot: BankSnapshot, builder: BankBuilder) -> None:
+    def __init__(
+        self, run: Run, snapshot: BankSnapshot, builder: BankBuilder, memory: str = DEFAULT_MEMORY
+    ) -> None:
         self.run = run
-        self.snapshot = snapshot
         self.builder = builder
-        self.cfg, self.data = prepare_for_run(run, snapshot)
-        self.train_idx = self.data.splits["train"]
-        self.pos_in_train = {snapshot.item_ids[i]: p for p, i in enumerate(self.train_idx)}
+        self.predictor = RunPredictor(run, snapshot, memory)
 
     def score(
         self,
@@ -127,118 +263,38 @@ class Scorer:
                     progress(len(chunk))
         return rows
 
+    def encode(self, items: list[tuple[BuildItem, Clip | None]]) -> list[BankPoint]:
+        """Points of new items, encoded as the bank's build encodes its own."""
+        return self.builder.encode(items)
+
     def _score_chunk(self, items: list[BuildItem], clips: list[Clip | MediaError]) -> list[ScoreRow]:
         """`clips`: the decoded videos of the items that have one, in order."""
         rows = [ScoreRow(it.item_id) for it in items]
-        ready: list[tuple[int, BuildItem, Any]] = []
+        ready: list[tuple[int, BuildItem, Clip | None]] = []
         videos = iter(clips)
         for i, item in enumerate(items):
             clip = None
             if item.video is not None:
-                clip = next(videos)
-                if isinstance(clip, MediaError):
-                    rows[i].status = f"failed: {clip.reason}"
+                result = next(videos)
+                if isinstance(result, MediaError):
+                    rows[i].status = f"failed: {result.reason}"
                     continue
-            if clip is None and not item.title:
-                rows[i].status = "failed: no text and no video"
+                clip = result
+            problem = content_problem(item, clip)
+            if problem:
+                rows[i].status = f"failed: {problem}"
                 continue
             ready.append((i, item, clip))
         if not ready:
             return rows
         try:
-            points = self.builder.encode([(item, clip) for _, item, clip in ready])
-        except Exception as exc:  # an encoder failure fails this chunk, not the run
-            logger.exception("encoding failed")
+            points = self.encode([(item, clip) for _, item, clip in ready])
+            scored = self.predictor.predict_points(points)
+        except Exception as exc:  # an encoder or model failure fails this chunk, not the run
+            logger.exception("scoring failed")
             for i, _, _ in ready:
-                rows[i].status = f"failed: encoding error ({type(exc).__name__}: {exc})"
+                rows[i].status = f"failed: scoring error ({type(exc).__name__}: {exc})"
             return rows
-        pred, nb_idx, nb_sim = self._predict(points)
-        mean = self.run.norm.inverse(pred.mean.numpy())
-        lower, upper = scaled_interval(pred, self.run.norm, self.run.interval_scale)
-        for j, (i, _, _) in enumerate(ready):
-            row = rows[i]
-            for t, name in enumerate(self.run.targets):
-                row.predictions[name] = {
-                    "pred": float(mean[j, t]),
-                    "lower": float(lower[j, t]),
-                    "upper": float(upper[j, t]),
-                }
-            row.neighbours = [
-                (self.snapshot.item_ids[n], float(s))
-                for n, s in zip(nb_idx[j], nb_sim[j], strict=True)
-                if n >= 0
-            ][:TOP_NEIGHBOURS]
-            if not row.neighbours:
-                row.status = "ok (no neighbours)"
+        for (i, _, _), row in zip(ready, scored, strict=True):
+            rows[i] = row
         return rows
-
-    def _predict(self, points: list[BankPoint]):
-        snap = self.snapshot
-        d = snap.retrieval.shape[1]
-        queries = np.zeros((len(points), d), np.float32)
-        has_q = np.zeros(len(points), bool)
-        for j, p in enumerate(points):
-            if p.retrieval is not None:
-                queries[j], has_q[j] = p.retrieval, True
-        own = np.array([self.pos_in_train.get(p.item_id, -1) for p in points], dtype=np.int64)
-        q_time = np.array(
-            [p.published_ts if p.published_ts is not None else np.nan for p in points], np.float64
-        )
-        feats = self._features(points)
-        bags = None
-        if feats.words is not None and feats.word_weights is not None:
-            bags = (feats.words.numpy(), feats.word_weights.numpy())
-        groups = self.data.groups
-        nb = find_neighbours(
-            queries,
-            snap,
-            self.train_idx,
-            self.cfg.k,
-            query_key_index=own,
-            query_time=q_time if self.run.time_safe else None,
-            query_bags=bags,
-            rerank=self.data.rerank,
-            query_group=groups.encode([p.metadata for p in points]) if groups is not None else None,
-            groups=groups,
-        )
-        nb.indices[~has_q] = -1
-        nb.scores[~has_q] = -np.inf
-        batch = make_batch(self.data.table, feats, nb.indices, nb.scores)
-        q = ((1 - self.cfg.interval) / 2, 1 - (1 - self.cfg.interval) / 2)
-        pred = self.run.model.predict(batch, n_samples=self.cfg.mc_samples, quantiles=q, seed=self.cfg.seed)
-        return pred, nb.indices, nb.scores
-
-    def _features(self, points: list[BankPoint]) -> ItemFeatures:
-        snap = self.snapshot
-        n_tok = max(snap.tokens.shape[1], 1)
-        n_frm = max(snap.frames.shape[1], self.builder.settings.n_frames if snap.frames.shape[1] else 0)
-        b = len(points)
-        tokens = torch.zeros(b, snap.tokens.shape[1] or n_tok, snap.tokens.shape[2])
-        frames = torch.zeros(b, n_frm, snap.frames.shape[2])
-        token_len = torch.zeros(b, dtype=torch.long)
-        frame_len = torch.zeros(b, dtype=torch.long)
-        for j, p in enumerate(points):
-            if p.tokens is not None and len(p.tokens):
-                n = min(len(p.tokens), tokens.shape[1])
-                tokens[j, :n] = torch.from_numpy(np.asarray(p.tokens[:n], np.float32))
-                token_len[j] = n
-            if p.frames is not None and len(p.frames) and n_frm:
-                n = min(len(p.frames), n_frm)
-                frames[j, :n] = torch.from_numpy(np.asarray(p.frames[:n], np.float32))
-                frame_len[j] = n
-        feats = ItemFeatures(tokens, token_len, frames, frame_len)
-        if self.run.lexicon is not None:
-            ids, weights = self.run.lexicon.encode([p.title for p in points])
-            feats.words, feats.word_weights = torch.from_numpy(ids), torch.from_numpy(weights)
-        fz = self.run.featurizer
-        if fz is not None and fz.n_features:
-            num, mask, cat = fz.transform(
-                [p.metadata for p in points],
-                [p.duration_s for p in points],
-                [p.published_ts for p in points],
-                [p.observed_ts for p in points],
-            )
-            feats.meta_numeric = torch.from_numpy(num)
-            feats.meta_numeric_mask = torch.from_numpy(mask)
-            feats.meta_categorical = torch.from_numpy(cat)
-        return feats

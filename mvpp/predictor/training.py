@@ -185,9 +185,7 @@ def prepare(
     """
     target_idx = resolve_targets(snapshot, cfg.targets)
     # Restrict "labelled" to the chosen targets by viewing only those columns.
-    view = copy.copy(snapshot)
-    view.targets = snapshot.targets[:, target_idx]
-    view.label_names = [snapshot.label_names[i] for i in target_idx]
+    view = snapshot.with_targets([snapshot.label_names[i] for i in target_idx])
     has_time = bool(np.isfinite(snapshot.published_ts).any())
     time_safe = has_time if cfg.time_safe is None else cfg.time_safe
     if time_safe and not has_time:
@@ -218,12 +216,7 @@ def prepare(
     if lexicon is not None and (lexicon.size == 0 or not view.titles):
         lexicon = None  # no title shares a word with enough others: nothing to learn
     table = FeatureTable(view, norm, meta, lexicon)
-    rerank = lexical_rerank(table, lexicon, cfg)
-    groups = (
-        GroupBoost.fit(view, cfg.neighbour_group, cfg.group_retrieval)
-        if cfg.neighbour_group and cfg.group_retrieval != 0.0
-        else None
-    )
+    rerank, groups = neighbour_policy(view, table, lexicon, cfg)
     neighbours = split_neighbours(view, splits, cfg.k, time_safe, rerank, groups)
     ridge = None
     if word_prior and table.words is not None and table.word_weights is not None:
@@ -234,14 +227,21 @@ def prepare(
     )
 
 
-def lexical_rerank(table: FeatureTable, lexicon: Lexicon | None, cfg: TrainConfig) -> LexicalRerank | None:
-    """The hybrid re-rank of the run's neighbours; None without a vocabulary or weight."""
-    if lexicon is None or table.words is None or table.word_weights is None or cfg.lexical_retrieval == 0.0:
-        return None
-    return LexicalRerank(
-        table.words.numpy(), table.word_weights.numpy(), lexicon.size, cfg.lexical_retrieval,
-        cfg.rerank_candidates,
-    )
+def neighbour_policy(
+    snapshot: BankSnapshot, table: FeatureTable, lexicon: Lexicon | None, cfg: TrainConfig
+) -> tuple[LexicalRerank | None, GroupBoost | None]:
+    """The hybrid re-rank and the group bonus of a run's neighbours over `snapshot`
+    (`table` is its feature table); None where switched off."""
+    rerank = None
+    if lexicon is not None and table.words is not None and table.word_weights is not None and cfg.lexical_retrieval:
+        rerank = LexicalRerank(
+            table.words.numpy(), table.word_weights.numpy(), lexicon.size, cfg.lexical_retrieval,
+            cfg.rerank_candidates,
+        )
+    groups = None
+    if cfg.neighbour_group and cfg.group_retrieval != 0.0:
+        groups = GroupBoost.fit(snapshot.metadata, cfg.neighbour_group, cfg.group_retrieval)
+    return rerank, groups
 
 
 def _fit_word_prior(table: FeatureTable, train: np.ndarray, vocab_size: int, cfg: TrainConfig) -> WordRidge:
@@ -309,7 +309,8 @@ def predict_split(
     samples = cfg.mc_samples if mc_samples is None else mc_samples
     q = ((1 - cfg.interval) / 2, 1 - (1 - cfg.interval) / 2)
     model.eval()
-    data.table.refresh_projection(model)  # exact: the current weights, no dropout
+    nb = data.neighbours[split].indices
+    data.table.project(model, nb[nb >= 0])  # exact: the current weights, no dropout
     for _, batch, _ in iterate_batches(data, split, cfg.eval_batch_size):
         parts.append(model.predict(batch, n_samples=samples, quantiles=q, seed=cfg.seed))
     if not parts:
@@ -450,7 +451,7 @@ def train(
         order = rng.permutation(len(data.splits["train"]))
         for step, lo in enumerate(range(0, len(order), cfg.batch_size)):
             if cfg.projection_refresh_steps and step % cfg.projection_refresh_steps == 0:
-                data.table.refresh_projection(model)
+                data.table.project(model)
             batch, y = batch_for(data, "train", order[lo : lo + cfg.batch_size])
             out = model(batch)
             loss, _parts = model.loss(out, y, ~torch.isnan(y), cfg.lambda_kl * warm, cfg.loss, cfg.beta_nll)

@@ -8,11 +8,14 @@ keys, and keys published at or after the query's time (no peeking at the future)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 # Queries scored per block: bounds peak memory at block x n_keys floats.
 DEFAULT_BLOCK = 2048
+# Neighbours are ranked by scores rounded to this (see `ranking_scores`).
+SCORE_RESOLUTION = 1e-4
 
 
 @dataclass
@@ -37,6 +40,8 @@ def bulk_topk(
     k: int,
     *,
     key_mask: np.ndarray | None = None,
+    query_has_vector: np.ndarray | None = None,
+    key_has_vector: np.ndarray | None = None,
     query_key_index: np.ndarray | None = None,
     query_time: np.ndarray | None = None,
     key_time: np.ndarray | None = None,
@@ -49,6 +54,9 @@ def bulk_topk(
 
     queries: (N, D), keys: (M, D), both L2-normalised float32.
     key_mask: (M,) bool, keys allowed at all (labelled, training split...).
+    query_has_vector / key_has_vector: (N,), (M,) bool, False for an item without a
+    retrieval vector (a post with metadata only). Its cosines mean nothing: such a pair
+    qualifies only through a shared group, scoring the group bonus alone.
     query_key_index: (N,) int, the query's own row among the keys or -1: excluded.
     query_time / key_time: (N,), (M,) unix seconds (NaN = unknown); when given, a key
     qualifies only if published strictly before its query. Unknown times never qualify
@@ -70,6 +78,7 @@ def bulk_topk(
     kt = None
     grouped = group_weight != 0.0 and query_group is not None and key_group is not None
     kg = torch.from_numpy(np.asarray(key_group, dtype=np.int64)) if grouped else None
+    k_vec = torch.ones(m, dtype=torch.bool) if key_has_vector is None else torch.from_numpy(key_has_vector.astype(bool))
     if query_time is not None and key_time is not None:
         kt = torch.from_numpy(np.asarray(key_time, dtype=np.float64))
     neg_inf = torch.tensor(float("-inf"))
@@ -77,12 +86,21 @@ def bulk_topk(
         for lo in range(0, n, block):
             hi = min(n, lo + block)
             q = torch.from_numpy(np.ascontiguousarray(queries[lo:hi], dtype=np.float32))
-            sims = q @ key_t.T  # (b, M)
+            q_vec = (
+                torch.ones(hi - lo, dtype=torch.bool)
+                if query_has_vector is None
+                else torch.from_numpy(query_has_vector[lo:hi].astype(bool))
+            )
+            comparable = q_vec.unsqueeze(1) & k_vec.unsqueeze(0)  # (b, M)
+            sims = torch.where(comparable, q @ key_t.T, 0.0)  # (b, M)
+            mask = allowed.expand(hi - lo, m) & comparable
             if kg is not None:
                 assert query_group is not None
                 qg = torch.from_numpy(np.asarray(query_group[lo:hi], dtype=np.int64)).unsqueeze(1)
-                sims = sims + group_weight * ((qg == kg.unsqueeze(0)) & (qg >= 0)).float()
-            mask = allowed.expand(hi - lo, m).clone()
+                same = (qg == kg.unsqueeze(0)) & (qg >= 0)
+                sims = sims + group_weight * same.float()
+                mask = mask | (allowed.unsqueeze(0) & same)
+            mask = mask.clone()
             if query_key_index is not None:
                 own = torch.from_numpy(np.asarray(query_key_index[lo:hi], dtype=np.int64))
                 rows = torch.nonzero(own >= 0).squeeze(1)
@@ -95,8 +113,41 @@ def bulk_topk(
                 undated_q = torch.isnan(qt).unsqueeze(1)
                 mask &= before | undated_q
             sims = torch.where(mask, sims, neg_inf)
-            top_s, top_i = torch.topk(sims, k_eff, dim=1)
+            top_i = _topk_ties_by_index(ranking_scores(sims), k_eff)
+            top_s = torch.gather(sims, 1, top_i)
             top_i = torch.where(torch.isinf(top_s), torch.full_like(top_i, -1), top_i)
-            indices[lo:hi, :k_eff] = top_i.numpy()
-            scores[lo:hi, :k_eff] = top_s.numpy()
+            s_np, i_np = top_s.numpy(), top_i.numpy()
+            order = np.lexsort((np.where(i_np < 0, m, i_np), -ranking_scores(s_np)), axis=1)
+            indices[lo:hi, :k_eff] = np.take_along_axis(i_np, order, 1)
+            scores[lo:hi, :k_eff] = np.take_along_axis(s_np, order, 1)
     return Neighbours(indices, scores)
+
+
+def ranking_scores(scores: Any) -> Any:
+    """Scores as neighbours are ranked by: rounded to SCORE_RESOLUTION (numpy or torch).
+
+    An encoder's output for a text moves in the last float bits with the batch it was
+    encoded in, so copies of one video or title in a bank score within about 1e-7 of each
+    other, in an order that is noise. Ranked at a resolution far above that noise and far
+    below any meaningful difference, such near-equal keys tie, and ties go to the lowest
+    index: the neighbours of an item are the same whichever batch encoded it (scoring an
+    item anew gives the neighbours evaluation gave it).
+    """
+    return (scores / SCORE_RESOLUTION).round()
+
+
+def _topk_ties_by_index(sims, k: int):
+    """Indices of each row's k largest values, lowest index first among keys tied at the
+    k-th value (`torch.topk` keeps an arbitrary subset of ties, which may differ with the
+    shape of the batch)."""
+    import torch
+
+    kth = torch.topk(sims, k, dim=1).values[:, -1:]  # (b, 1)
+    above = sims > kth
+    tied = sims == kth
+    room = k - above.sum(dim=1, keepdim=True)  # ties that still fit
+    take = above | (tied & (torch.cumsum(tied, dim=1) <= room))  # exactly k per row
+    m = sims.shape[1]
+    # the taken keys' indices, lowest first: rank taken keys by m - index
+    rank = torch.where(take, m - torch.arange(m, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
+    return torch.topk(rank, k, dim=1).indices

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mvpp.retriever.bulk import Neighbours
+from mvpp.retriever.bulk import Neighbours, ranking_scores
 
 # Queries re-ranked per block: bounds memory at block x vocabulary floats.
 RERANK_BLOCK = 512
@@ -74,8 +74,8 @@ def rerank_lexical(
         safe = np.maximum(idx, 0)
         lexical = bag_similarity(query_ids, query_weights, key_ids[safe], key_weights[safe], vocab_size)
         score = np.where(valid, score + weight * lexical, -np.inf).astype(np.float32)
-    # stable: among equal scores the dense order (nearest first) is kept
-    order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    # stable: among equal scores the dense order (nearest first, then lowest index) is kept
+    order = np.argsort(-ranking_scores(score), axis=1, kind="stable")[:, :k]
     top_idx = np.take_along_axis(idx, order, 1)
     top_score = np.take_along_axis(score, order, 1)
     if top_idx.shape[1] < k:  # fewer candidates than k: pad

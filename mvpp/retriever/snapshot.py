@@ -7,6 +7,7 @@ hashes of all points) makes the next run start in seconds.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -63,6 +64,18 @@ class BankSnapshot:
 
     def index_of(self) -> dict[str, int]:
         return {item_id: i for i, item_id in enumerate(self.item_ids)}
+
+    def with_targets(self, names: list[str]) -> BankSnapshot:
+        """The same items with only the targets `names`, in that order (a shallow copy:
+        the arrays are shared). A name the bank lacks is a column of NaN."""
+        cols = [self.targets[:, self.label_names.index(n)] if n in self.label_names else None for n in names]
+        targets = np.full((len(self), len(names)), np.nan, np.float32)
+        for j, col in enumerate(cols):
+            if col is not None:
+                targets[:, j] = col
+        view = copy.copy(self)
+        view.targets, view.label_names = targets, list(names)
+        return view
 
     @property
     def labelled(self) -> np.ndarray:
@@ -150,8 +163,11 @@ def read_snapshot(
     return snap
 
 
-def snapshot_from_points(points: list[BankPoint], manifest: Manifest) -> BankSnapshot:
-    points = sorted(points, key=lambda p: p.item_id)
+def snapshot_from_points(points: list[BankPoint], manifest: Manifest, sort: bool = True) -> BankSnapshot:
+    """Arrays of `points` as the bank would hold them: sorted by item id (the bank's
+    order) or, with sort=False, in the order given (items being scored)."""
+    if sort:
+        points = sorted(points, key=lambda p: p.item_id)
     n = len(points)
     label_names = list(manifest.label_names) or sorted({k for p in points for k in p.targets})
     retrieval = np.zeros((n, manifest.retrieval_dim), np.float32)

@@ -71,11 +71,24 @@ def merge_manifest(stored: Manifest, requested: Manifest) -> tuple[Manifest, boo
     """
     stored.check_compatible(requested)
     new_labels = [n for n in requested.label_names if n not in stored.label_names]
-    if not new_labels:
+    columns = merge_columns(stored.columns, requested.columns)
+    if not new_labels and columns == stored.columns:
         return stored, False
     merged = Manifest.from_dict(stored.to_dict())
     merged.label_names = list(stored.label_names) + new_labels
+    merged.columns = columns
     return merged, True
+
+
+def merge_columns(stored: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
+    """The table columns of a bank built in several runs: the latest build's names, with
+    the label and metadata columns of every build (their values stay in the points)."""
+    if not requested:
+        return dict(stored)
+    merged = {**stored, **requested}
+    for key in ("label_cols", "meta_cols"):
+        merged[key] = list(dict.fromkeys([*stored.get(key, []), *requested.get(key, [])]))
+    return merged
 
 
 def vector_dims(manifest: Manifest) -> dict[str, int]:

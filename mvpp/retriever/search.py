@@ -1,0 +1,201 @@
+"""The predictor's neighbour search: one policy for training, evaluation and scoring.
+
+A search looks for the k best keys of each query among a *memory*: rows of a bank
+snapshot whose labels may inform a prediction (a run's training items, or every labelled
+item of the bank). The policy, saved with a run as its training config:
+
+1. dense cosine of the retrieval vectors (`bulk.bulk_topk`), with every filter of the
+   protocol: never the query itself, and with time safety only keys published strictly
+   before the query;
+2. a bonus for keys in the query's group (`GroupBoost`, e.g. the same creator), which also
+   lets items without a retrieval vector (metadata-only posts) find and be found;
+3. a lexical re-rank of the dense candidates (`LexicalRerank`, see `rerank`).
+
+Queries are described by a `QueryBatch`, made the same way from bank rows (evaluation,
+training) and from freshly encoded items (scoring), so both retrieve alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mvpp.memory_bank.metadata import category_key
+from mvpp.retriever.bulk import Neighbours, bulk_topk
+from mvpp.retriever.rerank import rerank_lexical
+from mvpp.retriever.snapshot import BankSnapshot
+
+
+@dataclass
+class LexicalRerank:
+    """Hybrid neighbours: the dense search returns `candidates` per query, re-scored as
+    cosine + `weight` * TF-IDF cosine of the title bags.
+
+    key_ids / key_weights: (N, W) bags of every item of the snapshot.
+    """
+
+    key_ids: np.ndarray
+    key_weights: np.ndarray
+    vocab_size: int
+    weight: float
+    candidates: int
+
+
+@dataclass
+class GroupBoost:
+    """Keys in the query's own group score `weight` more.
+
+    A group is the value of one metadata column, such as the creator: a creator's earlier
+    posts say more about a new post's reception than any stranger's similar caption.
+    key_group: (N,) codes of the snapshot's items, -1 where the column has no value.
+    """
+
+    column: str
+    weight: float
+    codes: dict[str, int]
+    key_group: np.ndarray
+
+    @classmethod
+    def fit(cls, metadata: list[dict[str, Any]], column: str, weight: float) -> GroupBoost:
+        """Codes for every value of `column` among the items' metadata (a snapshot's)."""
+        if not metadata or not any(m and column in m for m in metadata):
+            known = sorted({name for m in metadata for name in (m or {})})
+            if not known:
+                raise ValueError(f"neighbour group column {column!r}: the bank has no metadata")
+            raise ValueError(f"neighbour group column {column!r} is not in the bank's metadata; it has {known}")
+        codes: dict[str, int] = {}
+        for m in metadata:
+            key = category_key((m or {}).get(column))
+            if key is not None:
+                codes.setdefault(key, len(codes))
+        boost = cls(column, weight, codes, np.zeros(0, np.int64))
+        boost.key_group = boost.encode(metadata)
+        return boost
+
+    def encode(self, metadata: list[dict[str, Any] | None]) -> np.ndarray:
+        """(B,) codes of items' metadata; -1 for a missing value or one the bank lacks
+        (no key can share it)."""
+        out = np.full(len(metadata), -1, np.int64)
+        for j, m in enumerate(metadata):
+            key = category_key(m.get(self.column)) if m else None
+            if key is not None:
+                out[j] = self.codes.get(key, -1)
+        return out
+
+
+@dataclass
+class QueryBatch:
+    """What a search needs to know about B queries.
+
+    vectors: (B, D) retrieval vectors (rows of zeros where has_vector is False).
+    own_row: (B,) the query's own row in the snapshot searched, or -1: never a neighbour.
+    time: (B,) publish times in unix seconds, NaN when unknown.
+    bags: (ids (B, W), weights (B, W)) title bags for the lexical re-rank, or None.
+    groups: (B,) group codes (`GroupBoost.encode`), or None.
+    """
+
+    vectors: np.ndarray
+    has_vector: np.ndarray
+    own_row: np.ndarray
+    time: np.ndarray
+    bags: tuple[np.ndarray, np.ndarray] | None = None
+    groups: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        snapshot: BankSnapshot,
+        rows: np.ndarray,
+        rerank: LexicalRerank | None = None,
+        groups: GroupBoost | None = None,
+        own_rows: np.ndarray | None = None,
+    ) -> QueryBatch:
+        """Queries for rows of a snapshot: the bank's own items (own_rows = rows, the
+        default) or freshly encoded items gathered in a snapshot of their own (own_rows:
+        their rows in the searched bank, -1 where absent). `rerank` and `groups` must
+        describe `snapshot`."""
+        rows = np.asarray(rows, np.int64)
+        return cls(
+            vectors=snapshot.retrieval[rows],
+            has_vector=snapshot.has_retrieval[rows],
+            own_row=rows.copy() if own_rows is None else np.asarray(own_rows, np.int64),
+            time=snapshot.published_ts[rows],
+            bags=(rerank.key_ids[rows], rerank.key_weights[rows]) if rerank is not None else None,
+            groups=groups.key_group[rows] if groups is not None else None,
+        )
+
+    def subset(self, sl: slice) -> QueryBatch:
+        return QueryBatch(
+            self.vectors[sl],
+            self.has_vector[sl],
+            self.own_row[sl],
+            self.time[sl],
+            (self.bags[0][sl], self.bags[1][sl]) if self.bags is not None else None,
+            self.groups[sl] if self.groups is not None else None,
+        )
+
+
+class NeighbourSearch:
+    """Top-k neighbours among a memory of snapshot rows, by the run's policy.
+
+    memory: rows of `snapshot` that may be neighbours (labelled items).
+    time_safe: keys must be published strictly before their query (an undated query
+    gets no time filter; undated keys never qualify for a dated query).
+    rerank / groups: describe the whole snapshot (key bags, key group codes).
+    """
+
+    def __init__(
+        self,
+        snapshot: BankSnapshot,
+        memory: np.ndarray,
+        k: int,
+        time_safe: bool,
+        rerank: LexicalRerank | None = None,
+        groups: GroupBoost | None = None,
+    ) -> None:
+        self.snapshot = snapshot
+        self.memory = np.asarray(memory, np.int64)
+        self.k = k
+        self.time_safe = time_safe
+        self.rerank = rerank if rerank is not None and rerank.weight != 0.0 else None
+        self.groups = groups if groups is not None and groups.weight != 0.0 else None
+        # the query's own row as a position in the memory, for self-exclusion
+        self._pos_in_memory = np.full(len(snapshot), -1, np.int64)
+        self._pos_in_memory[self.memory] = np.arange(len(self.memory))
+
+    def __len__(self) -> int:
+        """Items in the memory."""
+        return len(self.memory)
+
+    def search(self, queries: QueryBatch) -> Neighbours:
+        """(B, k) snapshot rows of the neighbours (-1: none) and their scores: cosine, plus
+        the group bonus and the weighted lexical cosine when those are on."""
+        snap, keys = self.snapshot, self.memory
+        own = np.where(queries.own_row >= 0, self._pos_in_memory[np.maximum(queries.own_row, 0)], -1)
+        hybrid = self.rerank is not None and queries.bags is not None
+        groups = self.groups if queries.groups is not None else None
+        nb = bulk_topk(
+            queries.vectors,
+            snap.retrieval[keys],
+            max(self.k, self.rerank.candidates) if hybrid and self.rerank is not None else self.k,
+            query_has_vector=queries.has_vector,
+            key_has_vector=snap.has_retrieval[keys],
+            query_key_index=own,
+            query_time=queries.time if self.time_safe else None,
+            key_time=snap.published_ts[keys] if self.time_safe else None,
+            query_group=queries.groups if groups is not None else None,
+            key_group=groups.key_group[keys] if groups is not None else None,
+            group_weight=groups.weight if groups is not None else 0.0,
+        )
+        if hybrid:
+            assert self.rerank is not None and queries.bags is not None
+            nb = rerank_lexical(
+                nb, queries.bags[0], queries.bags[1], self.rerank.key_ids[keys],
+                self.rerank.key_weights[keys], self.rerank.vocab_size, self.k, self.rerank.weight,
+            )
+        return Neighbours(np.where(nb.indices >= 0, keys[np.maximum(nb.indices, 0)], -1), nb.scores)
