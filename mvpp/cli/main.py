@@ -332,7 +332,9 @@ def _run_location(
     if loc.is_server:
         loc.api_key = api_key or os.environ.get("QDRANT_API_KEY") or None
     if announce:
-        console.print(f"bank: {escape(loc.describe())} (the run's; --bank or --qdrant-url to use another)")
+        console.print(
+            f"bank: {escape(loc.describe())} (the run's; --bank or --qdrant-url to use another)", soft_wrap=True
+        )
     return loc
 
 

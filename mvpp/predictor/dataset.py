@@ -196,7 +196,8 @@ class FeatureTable:
         position = np.full(n, -1, np.int64)
         position[rows] = np.arange(len(rows))
         frames, tokens = [], []
-        for lo in range(0, len(rows), chunk):
+        # an empty chunk still gives the projected shapes (None only for a modality that is off)
+        for lo in range(0, max(1, len(rows)), chunk):
             sl = torch.from_numpy(rows[lo : lo + chunk])
             f_mask = _length_mask(self.frame_len[sl], self.frames.shape[1])
             t_mask = _length_mask(self.token_len[sl], self.tokens.shape[1])
@@ -267,7 +268,7 @@ def make_batch(
         n_tok, n_frm = (n_tok if proj.tokens is not None else 0), (n_frm if proj.frames is not None else 0)
     empty_tok, empty_frm = tok_src.shape[0] == 0, frm_src.shape[0] == 0
     nb_tokens = (
-        tok_src.new_zeros(b, k, 0, tok_src.shape[-1]) if empty_tok else tok_src[gather]
+        tok_src.new_zeros(b, k, *tok_src.shape[1:]) if empty_tok else tok_src[gather]
     ).float()  # (B, k, n [+ 1], d_t or d)
     nb_token_len = torch.where(valid, table.token_len[safe], 0) if n_tok else torch.zeros_like(safe)
     nb_token_mask = _length_mask(nb_token_len, n_tok)
@@ -279,7 +280,7 @@ def make_batch(
             has_words = (nb_words > 0).any(dim=-1, keepdim=True)  # (B, k, 1)
             nb_token_mask = torch.cat([nb_token_mask, has_words], dim=-1)
     nb_frames = (
-        frm_src.new_zeros(b, k, 0, frm_src.shape[-1]) if empty_frm else frm_src[gather]
+        frm_src.new_zeros(b, k, *frm_src.shape[1:]) if empty_frm else frm_src[gather]
     ).float()  # (B, k, L, d_v or d)
     nb_frame_len = torch.where(valid, table.frame_len[safe], 0) if n_frm else torch.zeros_like(safe)
     nb_labels = table.targets[safe]  # (B, k, T)

@@ -208,7 +208,7 @@ class RunPredictor:
         afresh gets the features, hence the prediction, of its bank row."""
         if not points:
             return []
-        fresh = snapshot_from_points(points, self.run.manifest, sort=False).with_targets(self.run.targets)
+        fresh = snapshot_from_points(points, self.run.manifest, fresh=True).with_targets(self.run.targets)
         table = FeatureTable(fresh, self.run.norm, self.run.featurizer, self.run.lexicon)
         own = np.array([self._row_of.get(p.item_id, -1) for p in points], np.int64)
         pred, nb = self._predict(fresh, table, np.arange(len(points)), own)

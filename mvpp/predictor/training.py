@@ -374,6 +374,23 @@ def calibrate_scale(data: PreparedData, pred: Prediction, level: float) -> np.nd
     return scales
 
 
+# Share of the steps spent warming the learning rate up (one-cycle schedule).
+WARMUP_SHARE = 0.1
+
+
+def one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Warm-up to `lr` over WARMUP_SHARE of the steps, then cosine annealing.
+
+    Short runs (a small bank, few epochs) still get at least one warm-up step and one
+    annealing step; fewer than three steps train at a constant `lr`.
+    """
+    if total_steps < 3:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    # OneCycleLR's warm-up ends at step pct_start * total - 1, which must be at least 1
+    pct = max(WARMUP_SHARE, 2.0 / total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=pct)
+
+
 ProgressFn = Callable[[str, dict], None]
 
 
@@ -424,9 +441,7 @@ def train(
         )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = math.ceil(len(data.splits["train"]) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * n_batches), pct_start=0.1
-    )
+    sched = one_cycle(opt, cfg.lr, cfg.epochs * n_batches)
     notify("start", {"epochs": cfg.epochs, "batches": n_batches, "splits": {k: len(v) for k, v in data.splits.items()}})
     # An exponential moving average of the weights is what gets evaluated and kept:
     # on small noisy targets it generalises better than the last step's weights.

@@ -163,10 +163,11 @@ def read_snapshot(
     return snap
 
 
-def snapshot_from_points(points: list[BankPoint], manifest: Manifest, sort: bool = True) -> BankSnapshot:
-    """Arrays of `points` as the bank would hold them: sorted by item id (the bank's
-    order) or, with sort=False, in the order given (items being scored)."""
-    if sort:
+def snapshot_from_points(points: list[BankPoint], manifest: Manifest, fresh: bool = False) -> BankSnapshot:
+    """Arrays of `points` as the bank holds them: sorted by item id, sequences padded to
+    the longest. `fresh` (items being scored): in the order given, sequences padded to
+    the bank's full lengths, so a chunk of items without frames still has their shape."""
+    if not fresh:
         points = sorted(points, key=lambda p: p.item_id)
     n = len(points)
     label_names = list(manifest.label_names) or sorted({k for p in points for k in p.targets})
@@ -195,6 +196,8 @@ def snapshot_from_points(points: list[BankPoint], manifest: Manifest, sort: bool
         token_len[i] = 0 if p.tokens is None else min(len(p.tokens), manifest.max_tokens)
     max_l = int(frame_len.max()) if n else 0
     max_n = int(token_len.max()) if n else 0
+    if fresh:
+        max_l, max_n = max(max_l, manifest.n_frames), max(max_n, manifest.max_tokens)
     frames = np.zeros((n, max_l, manifest.frame_dim), np.float16)
     tokens = np.zeros((n, max_n, manifest.token_dim), np.float16)
     for i, p in enumerate(points):
