@@ -340,6 +340,10 @@ def info(
     ):
         value = data[key]
         table.add_row(key, Text(", ".join(value) if isinstance(value, list) else str(value)))
+    columns = data["columns"]
+    if columns:
+        shown = {k: v for k, v in columns.items() if v}
+        table.add_row("columns", Text("; ".join(f"{k}={', '.join(v) if isinstance(v, list) else v}" for k, v in shown.items())))
     size = data["size_bytes"]
     table.add_row("size on disk", "n/a (server)" if size is None else f"{size / 1e6:.1f} MB")
     out.print(table)
