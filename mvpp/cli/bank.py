@@ -24,6 +24,8 @@ from mvpp.cli.common import (
     TextModelOpt,
     UrlOpt,
     VerboseOpt,
+    check_spec,
+    check_text_columns,
     console,
     encoder_spec,
     fail,
@@ -39,7 +41,7 @@ from mvpp.config import BuildSettings, decode_ahead_default, default_failures_fi
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.base import resolve_device
 from mvpp.memory_bank.encoders.profiles import load_encoders
-from mvpp.memory_bank.metadata import LABEL_TRANSFORMS, ColumnMap, load_metadata
+from mvpp.memory_bank.metadata import LABEL_TRANSFORMS, ColumnMap, parse_rows, read_table
 from mvpp.retriever.retriever import Query, Retriever
 
 app = typer.Typer(
@@ -171,13 +173,21 @@ def build(
                 video_col=video_col,
                 require_text=bool(text_col),
             )
-            rows = load_metadata(meta, columns)
+            raw = read_table(meta)
+            if not raw:
+                fail(f"{meta} has no rows: nothing to index")
+            check_text_columns(raw, columns, has_videos=videos_dir is not None, source=str(meta))
+            rows = parse_rows(raw, columns, source=str(meta))
         items, plan_failures = plan_items(videos_dir, rows)
+        if not items and not plan_failures:
+            fail(f"no videos in {videos_dir}: nothing to index")
         with store_for(loc) as store:
             bank_profile = store.manifest.profile if store.manifest else None
             spec = encoder_spec(
                 profile, bank_profile, text_model, captioner_model, frame_model, frame_pretrained
             )
+            if store.manifest is not None:
+                check_spec(store.manifest, spec, settings.n_frames)
             quiet_model_loading()
             encoders = load_encoders(spec, device=device)
             builder = BankBuilder(store, encoders, settings)

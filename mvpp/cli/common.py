@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,10 +29,11 @@ from mvpp.config import DEFAULT_PROFILE, BankLocation
 from mvpp.media import MediaError
 from mvpp.memory_bank.encoders.base import EncoderUnavailableError
 from mvpp.memory_bank.encoders.profiles import EncoderSpec
-from mvpp.memory_bank.metadata import MetadataError
-from mvpp.memory_bank.schema import BankMismatchError
+from mvpp.memory_bank.metadata import ColumnMap, MetadataError
+from mvpp.memory_bank.schema import BankMismatchError, Manifest
 from mvpp.memory_bank.store import (
     BankBusyError,
+    BankDamagedError,
     BankNotInitialisedError,
     BankStore,
     NotABankError,
@@ -159,6 +162,43 @@ def _silent_tqdm(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return factory(*args, **{**kwargs, "disable": True})
 
 
+def check_spec(manifest: Manifest, spec: EncoderSpec, n_frames: int) -> None:
+    """Refuse, before any weights load, to open a bank with other encoders than it was
+    built with (so a lite bank opened with --profile full says that, not that the full
+    profile's weights are missing offline)."""
+    ids = spec.expected_ids()
+    wanted = {**ids, "n_frames": n_frames, "max_tokens": spec.max_tokens}
+    diffs = [
+        f"{name}: the bank has {getattr(manifest, name)!r}, requested {value!r}"
+        for name, value in wanted.items()
+        if getattr(manifest, name) != value
+    ]
+    if diffs:
+        raise BankMismatchError(
+            f"encoders or dimensions differ ({'; '.join(diffs)}). Leave out --profile and the "
+            f"model flags to use the bank's own (profile {manifest.profile!r}), or build a new bank."
+        )
+
+
+def check_text_columns(raw: list[dict[str, Any]], columns: ColumnMap, has_videos: bool, source: str) -> None:
+    """The default text column absent from a table: an error when the rows would then have
+    nothing at all to index, else a warning (the rows are indexed without text)."""
+    present = list(raw[0]) if raw else []
+    missing = [c for c in columns.text_cols if c not in present]
+    if columns.require_text or not missing:
+        return
+    found = ", ".join(map(repr, present))
+    if not (has_videos or columns.meta_cols or columns.time_col):
+        raise MetadataError(
+            f"{source}: no text column {missing[0]!r}; name it with --text-col (the table has {found})"
+        )
+    console.print(
+        f"[yellow]warning:[/] {escape(source)} has no {escape(repr(missing[0]))} column: items are "
+        f"indexed without text; name the text column with --text-col (the table has {escape(found)})",
+        soft_wrap=True,
+    )
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> None:
     # one logical line (the terminal wraps it), whatever the console's width
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
@@ -174,6 +214,7 @@ def friendly_errors() -> Iterator[None]:
         EncoderUnavailableError,
         BankMismatchError,
         BankBusyError,
+        BankDamagedError,
         NotABankError,
         BankNotInitialisedError,
         MetadataError,
@@ -184,7 +225,70 @@ def friendly_errors() -> Iterator[None]:
         fail(str(exc))
 
 
-def progress_bar(disable: bool = False) -> Progress:
+class LineProgress:
+    """What `progress_bar` gives when stderr is not a terminal (a log file, CI): a plain
+    line every `interval` seconds and one at the end, with items done, rate and time
+    left, instead of a bar nobody sees. The subset of rich's Progress the CLI uses."""
+
+    @dataclass
+    class _Task:
+        description: str
+        total: float | None
+        fields: dict[str, Any]
+        completed: float = 0.0
+        start: float = field(default_factory=time.monotonic)
+
+        @property
+        def elapsed(self) -> float:
+            return time.monotonic() - self.start
+
+    def __init__(self, target: Console, interval: float = 10.0) -> None:
+        self.console = target
+        self.interval = interval
+        self.tasks: list[LineProgress._Task] = []
+        self._last = time.monotonic()
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for task_id in range(len(self.tasks)):
+            self._line(task_id)
+
+    def add_task(self, description: str, total: float | None = None, **fields: Any) -> int:
+        self.tasks.append(self._Task(description, total, dict(fields)))
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, advance: float = 0, total: float | None = None, **fields: Any) -> None:
+        task = self.tasks[task_id]
+        task.completed += advance
+        if total is not None:
+            task.total = total
+        task.fields.update(fields)
+        if time.monotonic() - self._last >= self.interval:
+            self._line(task_id)
+
+    def _line(self, task_id: int) -> None:
+        self._last = time.monotonic()
+        task = self.tasks[task_id]
+        done, total, elapsed = task.completed, task.total, task.elapsed
+        rate = done / elapsed if elapsed > 0 else 0.0
+        parts = [f"{task.description}: {done:,.0f}" + (f"/{total:,.0f}" if total else "")]
+        if total:
+            parts.append(f"{100 * done / total:.1f}%")
+        parts.append(f"{rate:,.1f}/s")
+        if total and rate > 0 and done < total:
+            parts.append(f"about {(total - done) / rate:,.0f} s left")
+        status = task.fields.get("status")
+        if status:
+            parts.append(str(status))
+        self.console.print(escape(", ".join(parts)), soft_wrap=True, highlight=False)
+
+
+def progress_bar(disable: bool = False) -> Progress | LineProgress:
+    """A live bar on a terminal; periodic plain lines otherwise."""
+    if not disable and not console.is_terminal:
+        return LineProgress(console)
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),

@@ -43,7 +43,7 @@ from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run, save_run
 from mvpp.predictor.scoring import DEFAULT_MEMORY, MEMORIES, RunPredictor, Scorer
 from mvpp.predictor.training import TrainConfig, train
-from mvpp.retriever.snapshot import read_snapshot
+from mvpp.retriever.snapshot import BankSnapshot, read_snapshot
 
 app = typer.Typer(
     help="Train, evaluate and apply the mvpp popularity predictor.",
@@ -350,6 +350,33 @@ def _open_run_bank(run: Run, store: BankStore, loc: BankLocation) -> None:
     )
 
 
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Refuse a bank that lacks some of the run's items, instead of a warning."),
+]
+
+
+def _check_bank_content(run: Run, snapshot: BankSnapshot, strict: bool, announce: bool = True) -> None:
+    """Say when the bank is not the one the run was trained on: items of the run missing
+    (a warning, or an error with --strict), or items added or changed since (a note)."""
+    missing, total = run.missing_from(snapshot)
+    if missing:
+        message = (
+            f"{missing} of the run's {total} items are not in this bank (it holds part of the "
+            "bank the run was trained on, or items were removed): the memory and any metrics "
+            "cover the rest"
+        )
+        if strict:
+            fail(message)
+        console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+    elif announce and run.bank_fingerprint and snapshot.fingerprint != run.bank_fingerprint:
+        added = len(snapshot) - total
+        console.print(
+            f"note: the bank changed since training ({added} more items than the run's splits, "
+            "or items re-indexed)", soft_wrap=True,
+        )
+
+
 def _check_memory(memory: str) -> None:
     if memory not in MEMORIES:
         fail(f"--memory must be one of {', '.join(MEMORIES)}")
@@ -374,6 +401,7 @@ def evaluate_cmd(
         ),
     ] = None,
     memory: MemoryOpt = "train",
+    strict: StrictOpt = False,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
@@ -394,6 +422,7 @@ def evaluate_cmd(
         with store_for(loc) as store:
             _open_run_bank(run, store, loc)
             snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
+        _check_bank_content(run, snapshot, strict)
         predictor = RunPredictor(run, snapshot, memory)
         result = predictor.evaluate(split)
     if predictions is not None:
@@ -439,6 +468,7 @@ def score_cmd(
         str | None, typer.Option("--video-col", help="Video path column \\[default: the bank's, when present].")
     ] = None,
     memory: MemoryOpt = DEFAULT_MEMORY,
+    strict: StrictOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items scored together.", min=1)] = 32,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     bank: BankOpt = None,
@@ -475,6 +505,7 @@ def score_cmd(
                 rows = parse_rows(raw, columns, source=str(meta))
             items, plan_failures = plan_items(videos_dir, rows)
             snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
+            _check_bank_content(run, snapshot, strict, announce=not quiet)
             spec = encoder_spec(None, store.manifest.profile)
             settings = BuildSettings(
                 n_frames=store.manifest.n_frames,

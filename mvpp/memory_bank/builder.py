@@ -8,6 +8,7 @@ an interrupted build keeps everything upserted so far and a rerun resumes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -143,10 +144,10 @@ def plan_items(
     each other one is a duplicate-id failure.
     """
     rows = meta_rows or []
-    named = {_row_video(row.video, videos_dir).resolve() for row in rows if row.video}
+    named = {_resolved(_row_video(row.video, videos_dir)) for row in rows if row.video}
     by_stem: dict[str, list[Path]] = {}
     for path in list_videos(videos_dir) if videos_dir is not None else []:
-        if path.resolve() not in named:
+        if _resolved(path) not in named:
             by_stem.setdefault(path.stem, []).append(path)
     failures: list[Failure] = []
     items: list[BuildItem] = []
@@ -157,8 +158,9 @@ def plan_items(
         video: Path | None = None
         if row.video:
             video = _row_video(row.video, videos_dir)
-            if not video.exists():
-                failures.append(Failure(row.item_id, f"video file not found: {video}", str(video), pos))
+            problem = _video_problem(video)
+            if problem:
+                failures.append(Failure(row.item_id, problem, str(video), pos))
                 continue
         elif row.item_id in by_stem:
             video = by_stem[row.item_id][0]
@@ -176,6 +178,27 @@ def plan_items(
             )
             pos += 1
     return items, failures
+
+
+def _resolved(path: Path) -> Path:
+    """The path with links resolved; as given when it cannot be (a link loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
+def _video_problem(path: Path) -> str | None:
+    """Why a row's video file cannot be used, or None."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return f"video file not found: {path}"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"video path is a loop of symbolic links: {path}"
+        return f"cannot read video: {exc.strerror or exc}: {path}"
+    return None
 
 
 def _row_video(video: str, videos_dir: Path | None) -> Path:
@@ -205,6 +228,9 @@ class BankBuilder:
         # path, n_frames, max_side -> Clip or MediaError; module-level (worker processes
         # import it by name).
         self.decode = decode
+        # Set per build: the label columns it reads, and the items already in the bank.
+        self._label_cols: set[str] = set()
+        self._existing: set[str] = set()
 
     # -- manifest -------------------------------------------------------------------
 
@@ -263,6 +289,9 @@ class BankBuilder:
         label_names = sorted({name for it in items if it.meta for name in it.meta.labels})
         manifest = self.manifest(label_names, columns)
         self.store.init(manifest)
+        # labels of columns this build does not read are kept when an item is re-indexed
+        self._label_cols = set(columns.label_cols) if columns is not None else set(label_names)
+        self._existing: set[str] = set()
 
         sink = _FailureSink(failures_file)
         try:
@@ -281,6 +310,7 @@ class BankBuilder:
                         sink.add(Failure(item.item_id, f"cannot read video: {exc}", str(item.video)), report)
                         progress(1, "failed")
                 stored = self.store.hashes([it.item_id for it in chunk])
+                self._existing.update(stored)
                 for item, h in zip(chunk, hashes, strict=True):
                     if not h:
                         continue
@@ -423,13 +453,78 @@ class BankBuilder:
             targets.append(tg)
         if not keep:
             return
-        points = self.encode([(item, clip) for item, _, clip in keep])
+        points = self._encode_isolated(keep, sink, report, progress)
         for point, (_, h, _), tg in zip(points, keep, targets, strict=True):
-            point.content_hash = h
-            point.targets = tg
-        self.store.upsert(points)
-        report.indexed += len(points)
-        progress(len(points), "indexed")
+            if point is not None:
+                point.content_hash = h
+                point.targets = tg
+        done = [(p, item) for p, (item, _, _) in zip(points, keep, strict=True) if p is not None]
+        self._keep_other_labels([p for p, _ in done])
+        stored = self._upsert_isolated(done, sink, report, progress)
+        report.indexed += stored
+        progress(stored, "indexed")
+
+    def _encode_isolated(
+        self,
+        batch: list[tuple[BuildItem, str, Clip | None]],
+        sink: _FailureSink,
+        report: BuildReport,
+        progress: ProgressFn,
+    ) -> list[BankPoint | None]:
+        """Points of a batch; when the batch fails to encode, each item alone, so one item
+        the encoders cannot take fails with its reason and the others go on."""
+        try:
+            return list(self.encode([(item, clip) for item, _, clip in batch]))
+        except Exception as exc:
+            if len(batch) == 1:
+                item = batch[0][0]
+                logger.debug("encoding %s failed", item.item_id, exc_info=True)
+                sink.add(Failure(item.item_id, f"encoding failed: {type(exc).__name__}: {exc}",
+                                 str(item.video) if item.video else None), report)
+                progress(1, "failed")
+                return [None]
+        out: list[BankPoint | None] = []
+        for one in batch:
+            out += self._encode_isolated([one], sink, report, progress)
+        return out
+
+    def _upsert_isolated(
+        self,
+        done: list[tuple[BankPoint, BuildItem]],
+        sink: _FailureSink,
+        report: BuildReport,
+        progress: ProgressFn,
+    ) -> int:
+        """Store points; when the batch is refused, each point alone. Returns how many were stored."""
+        if not done:
+            return 0
+        try:
+            self.store.upsert([p for p, _ in done])
+            return len(done)
+        except Exception as exc:
+            if len(done) == 1:
+                point, item = done[0]
+                logger.debug("storing %s failed", point.item_id, exc_info=True)
+                sink.add(Failure(point.item_id, f"cannot store the item: {exc}",
+                                 str(item.video) if item.video else None), report)
+                progress(1, "failed")
+                return 0
+        return sum(self._upsert_isolated([one], sink, report, progress) for one in done)
+
+    def _keep_other_labels(self, points: list[BankPoint]) -> None:
+        """Give re-indexed items back their stored labels of columns this build does not
+        read: rebuilding with another --label-col adds labels, it never drops them."""
+        again = [p for p in points if p.item_id in self._existing]
+        if not again:
+            return
+        for point, old in zip(again, self.store.get([p.item_id for p in again], vectors=()), strict=True):
+            if old is None:
+                continue
+            for name, value in old.labels.items():
+                if name not in self._label_cols and name not in point.labels:
+                    point.labels[name] = value
+                    if name in old.targets:
+                        point.targets[name] = old.targets[name]
 
 
 class _FailureSink:

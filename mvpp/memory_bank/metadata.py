@@ -19,10 +19,13 @@ from typing import Any
 
 LABEL_TRANSFORMS = ("log2p1", "log2", "log1p", "none")
 
-# A number, an optional K / M / B multiplier and an optional unit word ("3 videos").
+# A number (scientific notation too), an optional K / M / B multiplier and an optional
+# unit word ("3 videos").
 _COUNT_RE = re.compile(
-    r"^\s*([-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+)\s*([kKmMbB]?)(?:\s+[^\W\d_]+)?\s*$"
+    r"^\s*((?:[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+)(?:[eE][-+]?\d+)?)\s*([kKmMbB]?)(?:\s+[^\W\d_]+)?\s*$"
 )
+# Labels above this are data errors, not counts (more than a thousand views per person alive).
+MAX_LABEL = 1e15
 # mm:ss or hh:mm:ss, optionally with fractional seconds.
 _DURATION_RE = re.compile(r"^\s*(\d+):([0-5]?\d)(?::([0-5]?\d))?(\.\d+)?\s*$")
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9}
@@ -42,15 +45,21 @@ def parse_count(value: Any) -> float | None:
     if isinstance(value, bool):
         raise ValueError(f"not a number: {value!r}")
     if isinstance(value, (int, float)):
-        return None if isinstance(value, float) and math.isnan(value) else float(value)
-    text = str(value).strip()
-    if text == "" or text.lower() in {"nan", "none", "null", "na", "n/a"}:
-        return None
-    match = _COUNT_RE.match(text)
-    if not match:
-        raise ValueError(f"not a number: {text!r}")
-    number, suffix = match.groups()
-    return float(number.replace(",", "")) * _SUFFIX[suffix.lower()]
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        number = float(value)
+    else:
+        text = str(value).strip()
+        if text == "" or text.lower() in {"nan", "none", "null", "na", "n/a"}:
+            return None
+        match = _COUNT_RE.match(text)
+        if not match:
+            raise ValueError(f"not a number: {text!r}")
+        digits, suffix = match.groups()
+        number = float(digits.replace(",", "")) * _SUFFIX[suffix.lower()]
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
 
 
 def parse_duration(value: Any) -> float | None:
@@ -230,17 +239,21 @@ def _is_missing(value: Any) -> bool:
 
 def _meta_value(value: Any) -> Any:
     """Numbers (human-formatted too, durations as seconds) become floats; other values
-    stay strings."""
+    stay strings. An infinite number is a missing value."""
     if _is_missing(value):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     try:
         return parse_duration(value)
     except ValueError:
-        return str(value).strip()
+        text = str(value).strip()
+        return None if text.lower() in {"inf", "-inf", "infinity", "-infinity"} else text
 
 
 def parse_rows(rows: list[dict[str, Any]], columns: ColumnMap, source: str = "") -> list[MetaRow]:
-    """Map raw rows to MetaRows. Duplicate ids: every occurrence after the first gets a problem."""
+    """Map raw rows to MetaRows, one per row. A row's problems (duplicate id after the
+    first occurrence, empty id, bad label or time) fail that row alone."""
     if rows:
         present = set(rows[0].keys())
         wanted = [columns.id_col, *columns.label_cols, *columns.meta_cols]
@@ -255,10 +268,12 @@ def parse_rows(rows: list[dict[str, Any]], columns: ColumnMap, source: str = "")
             )
     seen: set[str] = set()
     out: list[MetaRow] = []
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         raw_id = row.get(columns.id_col)
         if _is_missing(raw_id):
-            continue  # unaddressable; counted by the caller as a skipped row
+            # kept, so that every input row is accounted for
+            out.append(MetaRow(item_id="", problems=[f"empty id: {columns.id_col!r} is blank in data row {n}"]))
+            continue
         item_id = str(raw_id).strip()
         rec = MetaRow(item_id=item_id)
         if item_id in seen:
@@ -277,16 +292,19 @@ def parse_rows(rows: list[dict[str, Any]], columns: ColumnMap, source: str = "")
             if value < 0:
                 rec.problems.append(f"label {col!r}: negative value {value:g}")
                 continue
+            if value > MAX_LABEL:
+                rec.problems.append(f"label {col!r}: {value:g} is beyond any real count (> {MAX_LABEL:g})")
+                continue
             rec.labels[col] = value
         if columns.time_col:
             try:
                 rec.published_at, rec.published_ts = parse_time(row.get(columns.time_col))
-            except ValueError as exc:
+            except (ValueError, OverflowError, OSError) as exc:
                 rec.problems.append(f"time {columns.time_col!r}: {exc}")
         if columns.observed_col:
             try:
                 rec.observed_at, rec.observed_ts = parse_time(row.get(columns.observed_col))
-            except ValueError as exc:
+            except (ValueError, OverflowError, OSError) as exc:
                 rec.problems.append(f"time {columns.observed_col!r}: {exc}")
         for col in columns.meta_cols:
             rec.metadata[col] = _meta_value(row.get(col))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -143,8 +144,8 @@ class BankPoint:
         return self.frames is not None and len(self.frames) > 0
 
     def payload(self) -> dict[str, Any]:
-        """The Qdrant payload of this point (JSON-safe)."""
-        return {
+        """The Qdrant payload of this point (JSON-safe: a non-finite number is None)."""
+        return json_safe({
             "item_id": self.item_id,
             "title": self.title,
             "captions": list(self.captions),
@@ -161,7 +162,7 @@ class BankPoint:
             "video": self.video,
             "observed_at": self.observed_at,
             "observed_ts": self.observed_ts,
-        }
+        })
 
     @classmethod
     def from_payload(
@@ -219,6 +220,18 @@ class Hit:
     item_id: str
     score: float
     payload: dict[str, Any]
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None, in nested dicts
+    and lists too: JSON and the Qdrant payload have no place for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def content_hash(parts: dict[str, Any]) -> str:

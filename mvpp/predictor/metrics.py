@@ -19,7 +19,9 @@ class Metrics:
     interval: float | None = None  # nominal level of that interval, e.g. 0.9
 
     def to_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
+        """The metrics as JSON-safe values: one that could not be computed (no labelled
+        item, a constant target) is None, never NaN."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 def _rank(x: np.ndarray) -> np.ndarray:

@@ -12,17 +12,22 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
 from mvpp.config import DEFAULT_COLLECTION, BankLocation
-from mvpp.memory_bank.schema import Manifest
+from mvpp.memory_bank.schema import Manifest, json_safe
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.dataset import TargetNorm
 from mvpp.predictor.features import MetaFeaturizer
@@ -42,9 +47,25 @@ class RunError(ValueError):
     """A run directory is missing, incomplete or incompatible."""
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path} is damaged (not valid JSON: {exc}): train the run again") from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_json(path: Path, data: Any) -> None:
+    """Valid JSON always (a NaN metric is null), written beside and renamed into place."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    tmp.write_text(json.dumps(json_safe(data), indent=2, ensure_ascii=False, allow_nan=False))
     tmp.replace(path)
 
 
@@ -77,7 +98,34 @@ def bank_from_record(record: dict[str, Any]) -> BankLocation | None:
 def save_run(
     result: TrainResult, cfg: TrainConfig, out_dir: Path, manifest: Manifest, bank: BankLocation
 ) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write the run into a fresh folder beside `out_dir`, then put it in `out_dir`'s
+    place: a run that dies half-way leaves the previous run whole, never new weights
+    with an old config."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write_run(result, cfg, work, manifest, bank)
+        _swap_in(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    """Move the folder `new` to `out_dir`, replacing what was there."""
+    if not out_dir.exists():
+        new.replace(out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    out_dir.replace(old)
+    new.replace(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_run(
+    result: TrainResult, cfg: TrainConfig, out_dir: Path, manifest: Manifest, bank: BankLocation
+) -> None:
     state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS))
     data = result.data
@@ -85,6 +133,8 @@ def save_run(
         out_dir / CONFIG,
         {
             "format": RUN_FORMAT,
+            # the weights this config belongs to: a run torn apart is refused on load
+            "weights_sha256": _sha256(out_dir / WEIGHTS),
             "model": result.model_config.to_dict(),
             "train": cfg.to_dict(),
             "targets": data.target_names,
@@ -126,40 +176,72 @@ class Run:
     split_ids: dict[str, list[str]]
     featurizer: MetaFeaturizer | None = None
     lexicon: Lexicon | None = None
+    # the bank's content when the run was trained (retriever.snapshot.bank_fingerprint)
+    bank_fingerprint: str = ""
 
     @classmethod
     def load(cls, path: Path) -> Run:
+        """Read a run directory. Anything missing, damaged or torn (weights that are not
+        the config's) is a RunError naming the file and what to do."""
         path = Path(path)
         for name in (WEIGHTS, CONFIG, SPLITS):
             if not (path / name).exists():
                 raise RunError(f"{path} is not a run directory: {name} is missing")
-        cfg = json.loads((path / CONFIG).read_text())
-        if cfg.get("format") != RUN_FORMAT:
-            raise RunError(f"{path}: run format {cfg.get('format')} is not supported")
-        model_config = ModelConfig.from_dict(cfg["model"])
-        model = PopularityModel(model_config)
-        state = load_file(str(path / WEIGHTS))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        cfg = _read_json(path / CONFIG)
+        if not isinstance(cfg, dict) or cfg.get("format") != RUN_FORMAT:
+            found = cfg.get("format") if isinstance(cfg, dict) else None
+            raise RunError(f"{path / CONFIG}: run format {found} is not supported (expected {RUN_FORMAT})")
+        recorded = cfg.get("weights_sha256")
+        if recorded and recorded != _sha256(path / WEIGHTS):
+            raise RunError(
+                f"{path / WEIGHTS} is not the weights {path / CONFIG} was written with (the run "
+                "was written only in part, or the file was changed): train the run again"
+            )
+        try:
+            model_config = ModelConfig.from_dict(cfg["model"])
+            run = cls(
+                path=path,
+                model=PopularityModel(model_config),
+                model_config=model_config,
+                train_config=TrainConfig.from_dict(cfg["train"]),
+                targets=list(cfg["targets"]),
+                norm=TargetNorm.from_dict(cfg["target_norm"]),
+                interval_scale=np.asarray(cfg["interval_scale"], np.float32),
+                time_safe=bool(cfg["time_safe"]),
+                manifest=Manifest.from_dict(cfg["bank"]["manifest"]),
+                bank=bank_from_record(cfg["bank"]),
+                split_ids=_read_json(path / SPLITS),
+                featurizer=MetaFeaturizer.from_dict(cfg["meta_features"])
+                if cfg.get("meta_features")
+                else None,
+                lexicon=Lexicon.from_dict(cfg["lexicon"]) if cfg.get("lexicon") else None,
+                bank_fingerprint=str(cfg["bank"].get("fingerprint") or ""),
+            )
+        except RunError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise RunError(f"{path / CONFIG} is incomplete or damaged ({what}): train the run again") from exc
+        try:
+            state = load_file(str(path / WEIGHTS))
+        except Exception as exc:  # safetensors raises its own error type for a damaged file
+            raise RunError(f"{path / WEIGHTS} is damaged ({exc}): train the run again") from exc
+        bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise RunError(f"{path / WEIGHTS} holds weights that are not finite ({', '.join(bad[:3])}): train the run again")
+        missing, unexpected = run.model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise RunError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
-        model.eval()
-        return cls(
-            path=path,
-            model=model,
-            model_config=model_config,
-            train_config=TrainConfig.from_dict(cfg["train"]),
-            targets=list(cfg["targets"]),
-            norm=TargetNorm.from_dict(cfg["target_norm"]),
-            interval_scale=np.asarray(cfg["interval_scale"], np.float32),
-            time_safe=bool(cfg["time_safe"]),
-            manifest=Manifest.from_dict(cfg["bank"]["manifest"]),
-            bank=bank_from_record(cfg["bank"]),
-            split_ids=json.loads((path / SPLITS).read_text()),
-            featurizer=MetaFeaturizer.from_dict(cfg["meta_features"])
-            if cfg.get("meta_features")
-            else None,
-            lexicon=Lexicon.from_dict(cfg["lexicon"]) if cfg.get("lexicon") else None,
-        )
+            raise RunError(
+                f"{path / WEIGHTS} does not match {path / CONFIG} (missing {missing}, unexpected {unexpected})"
+            )
+        run.model.eval()
+        return run
+
+    def missing_from(self, snapshot: BankSnapshot) -> tuple[int, int]:
+        """(items of the run's splits that `snapshot` lacks, items of the run's splits)."""
+        have = snapshot.index_of()
+        ids = [i for split in self.split_ids.values() for i in split]
+        return sum(1 for i in ids if i not in have), len(ids)
 
     def splits_in(self, snapshot: BankSnapshot) -> dict[str, np.ndarray]:
         """The run's splits as snapshot indices; items since removed from the bank are dropped."""

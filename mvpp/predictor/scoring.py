@@ -47,6 +47,7 @@ from mvpp.retriever.snapshot import BankSnapshot, snapshot_from_points
 logger = logging.getLogger(__name__)
 
 TOP_NEIGHBOURS = 3
+NON_FINITE = "the model gave a prediction that is not a finite number (its weights may be damaged: train the run again)"
 MEMORIES = ("all", "train")
 DEFAULT_MEMORY = "all"
 
@@ -174,8 +175,13 @@ class RunPredictor:
         mean = run.norm.inverse(pred.mean.numpy())
         lower, upper = scaled_interval(pred, run.norm, run.interval_scale)
         out = []
+        finite = np.isfinite(mean).all(axis=1) & np.isfinite(lower).all(axis=1) & np.isfinite(upper).all(axis=1)
         for j, item_id in enumerate(item_ids):
             row = ScoreRow(item_id)
+            if not finite[j]:
+                row.status = f"failed: {NON_FINITE}"
+                out.append(row)
+                continue
             for t, name in enumerate(run.targets):
                 row.predictions[name] = {
                     "pred": float(mean[j, t]),
@@ -220,6 +226,12 @@ class RunPredictor:
             raise ValueError(f"unknown split {split!r}; the run has {sorted(self.splits)}")
         rows = self.splits[split]
         preds = self.predict_rows(rows, self.run.train_config.eval_batch_size)
+        failed = [r for r in preds if not r.ok]
+        if failed:
+            raise ValueError(
+                f"{len(failed)} of {len(preds)} {split} items could not be predicted "
+                f"({failed[0].status.removeprefix('failed: ')}); no metrics are reported"
+            )
         y = self.bank.targets[rows]
         metrics = {}
         interval = self.run.train_config.interval

@@ -193,9 +193,22 @@ def prepare(
     if cfg.split_by_time and not has_time:
         raise ValueError("--split-by-time needs publish times: build the bank with --time-col")
     if splits is None:
+        n_labelled = int(view.labelled.sum())
+        if n_labelled < MIN_LABELLED:
+            raise ValueError(
+                f"too few labelled items to train: {n_labelled}, need at least {MIN_LABELLED} "
+                "(build the bank with more rows that have --label-col values)"
+            )
         splits = make_splits(view, SplitConfig(seed=cfg.seed, by_time=cfg.split_by_time))
     if len(splits["train"]) == 0:
         raise ValueError("no labelled training items in the bank")
+    train_targets = view.targets[splits["train"]]
+    unlabelled = [n for j, n in enumerate(view.label_names) if np.isnan(train_targets[:, j]).all()]
+    if unlabelled:
+        raise ValueError(
+            f"target(s) {unlabelled} have no labelled item in the training split; "
+            "choose others with --target, or build the bank with their labels"
+        )
     norm = norm or TargetNorm.fit(view.targets[splits["train"]])
     if isinstance(meta, str):
         if meta != "fit":
@@ -374,6 +387,8 @@ def calibrate_scale(data: PreparedData, pred: Prediction, level: float) -> np.nd
     return scales
 
 
+# Fewest labelled items a run trains on: 80/10/10 must leave one item to validate and test.
+MIN_LABELLED = 10
 # Share of the steps spent warming the learning rate up (one-cycle schedule).
 WARMUP_SHARE = 0.1
 
@@ -487,8 +502,12 @@ def train(
         log = EpochLog(epoch + 1, float(np.mean(losses)), val_nmse, val_src, time.perf_counter() - t0)
         history.append(log)
         notify("epoch", asdict(log))
-        if val_nmse < best[0]:
-            best = (val_nmse, epoch + 1, copy.deepcopy(evaluated.state_dict()))
+        if not math.isfinite(log.train_loss):
+            raise ValueError(f"training diverged in epoch {epoch + 1} (loss {log.train_loss}): try a lower --lr")
+        # a validation split too small to measure (one item, or equal targets) gives no
+        # nMSE: then every epoch counts as the best so far and training runs its course
+        if not math.isfinite(val_nmse) or val_nmse < best[0]:
+            best = (val_nmse if math.isfinite(val_nmse) else math.inf, epoch + 1, copy.deepcopy(evaluated.state_dict()))
             bad_epochs = 0
         else:
             bad_epochs += 1

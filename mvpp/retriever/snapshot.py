@@ -90,7 +90,9 @@ class BankSnapshot:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / "arrays.npz", **{n: getattr(self, n) for n in self._ARRAYS})
+        tmp_arrays = folder / "arrays.tmp.npz"
+        np.savez(tmp_arrays, **{n: getattr(self, n) for n in self._ARRAYS})
+        tmp_arrays.replace(folder / "arrays.npz")
         meta = {
             "version": CACHE_VERSION,
             "fingerprint": self.fingerprint,
@@ -106,13 +108,18 @@ class BankSnapshot:
 
     @classmethod
     def load(cls, folder: Path) -> BankSnapshot | None:
+        """The cached snapshot in `folder`; None when there is none, or it is of another
+        version, or damaged (then the caller reads the bank again and rewrites it)."""
+        if not (folder / "index.json").exists():
+            return None
         try:
             meta = json.loads((folder / "index.json").read_text())
             if meta.get("version") != CACHE_VERSION:
                 return None
             with np.load(folder / "arrays.npz", allow_pickle=False) as data:
                 arrays = {n: data[n] for n in cls._ARRAYS}
-        except (OSError, ValueError, KeyError):
+        except Exception as exc:  # a truncated zip, a torn JSON, a missing array, ...
+            logger.warning("the bank cache %s is damaged (%s): reading the bank again", folder, exc)
             return None
         return cls(
             item_ids=meta["item_ids"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import BankBusyError, BankNotInitialisedError, BankStore, NotABankError
+from .base import BankBusyError, BankDamagedError, BankNotInitialisedError, BankStore, NotABankError
 from .edge import EdgeBankStore
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_BANK",
     "LOCAL_PREFIX",
     "BankBusyError",
+    "BankDamagedError",
     "BankNotInitialisedError",
     "BankStore",
     "EdgeBankStore",

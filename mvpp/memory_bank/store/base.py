@@ -34,6 +34,7 @@ from ..schema import (
     FRAMES,
     RETRIEVAL,
     TEXT,
+    BankMismatchError,
     BankPoint,
     Hit,
     Manifest,
@@ -58,6 +59,17 @@ class NotABankError(ValueError):
     """A folder or collection that exists and holds something other than an mvpp bank."""
 
 
+class BankDamagedError(RuntimeError):
+    """The engine cannot read a bank's files (truncated, deleted, overwritten)."""
+
+    def __init__(self, location: str, detail: str) -> None:
+        super().__init__(
+            f"the bank at {location} cannot be read ({detail}); its files may be damaged: "
+            "restore it from a copy or a snapshot, or build it again into a new folder with "
+            "`mvpp-bank build` (the same table and flags)"
+        )
+
+
 class BankNotInitialisedError(RuntimeError):
     """A write on a bank that has no manifest yet: call `init(manifest)` first."""
 
@@ -70,6 +82,12 @@ def merge_manifest(stored: Manifest, requested: Manifest) -> tuple[Manifest, boo
     manifest and whether it changed.
     """
     stored.check_compatible(requested)
+    if stored.label_names and requested.label_names and stored.label_transform != requested.label_transform:
+        raise BankMismatchError(
+            f"the bank's labels were transformed with {stored.label_transform!r}, this build asks for "
+            f"{requested.label_transform!r}; build with --label-transform {stored.label_transform}, "
+            "or into a new bank"
+        )
     new_labels = [n for n in requested.label_names if n not in stored.label_names]
     columns = merge_columns(stored.columns, requested.columns)
     if not new_labels and columns == stored.columns:

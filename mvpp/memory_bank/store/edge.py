@@ -40,6 +40,7 @@ from .base import (
     MULTIVECTOR_NAMES,
     UPSERT_BATCH,
     BankBusyError,
+    BankDamagedError,
     BankNotInitialisedError,
     BankStore,
     NotABankError,
@@ -171,19 +172,50 @@ def _is_manifest_tmp(name: str) -> bool:
     return name.startswith(".manifest-") and name.endswith(".json")
 
 
+class _GuardedShard:
+    """A shard whose reads turn the engine's errors (a bare Exception whose text says what
+    the engine could not read) into BankDamagedError naming the bank and what to do.
+    Writes are left as they are: a point the engine refuses is that point's failure."""
+
+    READS = frozenset({"retrieve", "scroll", "count", "query", "query_batch"})
+
+    def __init__(self, shard: qe.EdgeShard, folder: Path) -> None:
+        self._shard = shard
+        self._folder = folder
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._shard, name)
+        if name not in self.READS:
+            return attr
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                if type(exc) is not Exception:  # the engine's errors are plain Exceptions
+                    raise
+                raise BankDamagedError(str(self._folder), _one_line(exc)) from exc
+
+        return guarded
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _load_shard(folder: Path) -> qe.EdgeShard:
     shard_path = folder / SHARD_DIR
     if not shard_path.is_dir():
         raise NotABankError(f"{folder} has a {MANIFEST_FILE} but no {SHARD_DIR}/ folder")
     try:
-        return qe.EdgeShard.load(str(shard_path))
+        return _GuardedShard(qe.EdgeShard.load(str(shard_path)), folder)  # type: ignore[return-value]
     except Exception as exc:
         if "WouldBlock" in str(exc) or "Can't init WAL" in str(exc):
             raise BankBusyError(
                 f"the bank at {folder} is open in another process; close it there, "
                 "or share one bank through a Qdrant server (--qdrant-url)"
             ) from exc
-        raise RuntimeError(f"cannot open the bank at {folder}: {exc}") from exc
+        raise BankDamagedError(str(folder), _one_line(exc)) from exc
 
 
 def _disk_usage(root: Path) -> int:
@@ -326,7 +358,7 @@ class EdgeBankStore(BankStore):
         self._check_free_folder()
         self._clear_interrupted_creation()
         self.path.mkdir(parents=True, exist_ok=True)
-        shard = qe.EdgeShard.create(str(self.path / SHARD_DIR), edge_config(manifest))
+        shard = _GuardedShard(qe.EdgeShard.create(str(self.path / SHARD_DIR), edge_config(manifest)), self.path)
         try:
             for field, kind in INDEXED_FIELDS.items():
                 shard.update(qe.UpdateOperation.create_field_index(field, _SCHEMA_TYPES[kind]))
