@@ -103,7 +103,10 @@ def build(
         Path | None,
         typer.Option("--failures", help="Failures file (JSONL) \\[default: beside the bank]."),
     ] = None,
-    frames: Annotated[int, typer.Option("--frames", help="Frames decoded per video.", min=1)] = 10,
+    frames: Annotated[
+        int | None,
+        typer.Option("--frames", help="Frames decoded per video \\[default: the bank's, else 10].", min=1),
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -152,7 +155,7 @@ def build(
     loc = location(bank, qdrant_url, api_key, collection)
     resolved_device = resolve_device(device)
     settings = BuildSettings(
-        n_frames=frames,
+        n_frames=frames or BuildSettings().n_frames,
         batch_size=batch_size or video_batch_size(resolved_device),
         decode_workers=workers,
         decode_ahead=decode_ahead_default(resolved_device) if decode_ahead is None else decode_ahead,
@@ -186,6 +189,8 @@ def build(
             spec = encoder_spec(
                 profile, bank_profile, text_model, captioner_model, frame_model, frame_pretrained
             )
+            if frames is None and store.manifest is not None:
+                settings.n_frames = store.manifest.n_frames
             if store.manifest is not None:
                 check_spec(store.manifest, spec, settings.n_frames)
             quiet_model_loading()

@@ -556,12 +556,13 @@ def _score_columns(
         name = bank_columns.get(key)
         return name if name and name in present else None
 
-    # The run's metadata columns are read where the table has them; absent ones are
-    # missing values (masked), not an error. The neighbour group is read for retrieval.
-    wanted = list(meta_col or (run.featurizer.columns if run.featurizer else []))
-    group = run.train_config.neighbour_group
-    if group and group not in wanted:
-        wanted.append(group)
+    # The run's and the bank's metadata columns are read where the table has them (absent
+    # ones are missing values, masked, not an error): the run's feed its metadata expert,
+    # the neighbour group its retrieval, and any of them makes a row without text or video
+    # a post to score, as it made it one to index.
+    run_cols = run.featurizer.columns if run.featurizer else []
+    group = [run.train_config.neighbour_group] if run.train_config.neighbour_group else []
+    wanted = list(dict.fromkeys([*(meta_col or [*run_cols, *bank_columns.get("meta_cols", [])]), *group]))
     return ColumnMap(
         id_col=id_col or bank_columns.get("id_col") or "id",
         text_cols=text_col or bank_columns.get("text_cols") or ["title"],

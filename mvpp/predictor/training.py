@@ -387,6 +387,12 @@ def calibrate_scale(data: PreparedData, pred: Prediction, level: float) -> np.nd
     return scales
 
 
+def _finite_mean(values: list[float]) -> float:
+    """Mean of the finite values; NaN when there is none (a target without a measure)."""
+    ok = [v for v in values if math.isfinite(v)]
+    return float(np.mean(ok)) if ok else math.nan
+
+
 # Fewest labelled items a run trains on: 80/10/10 must leave one item to validate and test.
 MIN_LABELLED = 10
 # Share of the steps spent warming the learning rate up (one-cycle schedule).
@@ -497,8 +503,8 @@ def train(
             notify("step", {"loss": losses[-1]})
         train_seconds.append(time.perf_counter() - t0)
         val = split_metrics(data, "val", predict_split(evaluated, data, "val", cfg, mc_samples=0))
-        val_nmse = float(np.nanmean([m.nmse for m in val.values()]))
-        val_src = float(np.nanmean([m.src for m in val.values()]))
+        val_nmse = _finite_mean([m.nmse for m in val.values()])
+        val_src = _finite_mean([m.src for m in val.values()])
         log = EpochLog(epoch + 1, float(np.mean(losses)), val_nmse, val_src, time.perf_counter() - t0)
         history.append(log)
         notify("epoch", asdict(log))

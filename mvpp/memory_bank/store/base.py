@@ -99,11 +99,12 @@ def merge_manifest(stored: Manifest, requested: Manifest) -> tuple[Manifest, boo
 
 
 def merge_columns(stored: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
-    """The table columns of a bank built in several runs: the latest build's names, with
-    the label and metadata columns of every build (their values stay in the points)."""
+    """The table columns of a bank built in several runs: the latest build's names where
+    it has them (an earlier build's time or video column stays when a later table had
+    none), with the label and metadata columns of every build."""
     if not requested:
         return dict(stored)
-    merged = {**stored, **requested}
+    merged = {**stored, **{k: v for k, v in requested.items() if v}}
     for key in ("label_cols", "meta_cols"):
         merged[key] = list(dict.fromkeys([*stored.get(key, []), *requested.get(key, [])]))
     return merged
