@@ -48,6 +48,14 @@ def write_clip(path: Path, n_frames: int = 24, size: tuple[int, int] = (64, 48),
     return path
 
 
+@pytest.fixture(scope="session")
+def encoders():
+    """The lite profile's encoders (the real MiniLM text model, frame statistics), loaded once."""
+    from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
+
+    return load_encoders(EncoderSpec.from_profile("lite"))
+
+
 @pytest.fixture
 def real_videos() -> Path:
     return shared_path("videos")

@@ -17,7 +17,6 @@ from mvpp.cli.demo_data import write_synthetic_titles
 from mvpp.cli.main import app
 from mvpp.config import BuildSettings
 from mvpp.memory_bank.builder import BankBuilder, BuildItem, plan_items
-from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, MetaRow, load_metadata
 from mvpp.memory_bank.store import open_store
 from mvpp.predictor.run import Run
@@ -27,10 +26,6 @@ from mvpp.retriever.snapshot import read_snapshot
 runner = CliRunner()
 pytestmark = pytest.mark.slow  # trains small models end to end
 
-
-@pytest.fixture(scope="module")
-def encoders():
-    return load_encoders(EncoderSpec.from_profile("lite"))
 
 
 @pytest.fixture(scope="module")

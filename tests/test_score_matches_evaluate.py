@@ -22,7 +22,6 @@ from mvpp.cli.main import app
 from mvpp.config import BuildSettings
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.decoding import decode_item
-from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, load_metadata
 from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, TEXT
 from mvpp.memory_bank.store import open_store
@@ -33,10 +32,6 @@ from mvpp.retriever.snapshot import read_snapshot, snapshot_from_points
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow  # trains small models end to end
-
-@pytest.fixture(scope="module")
-def encoders():
-    return load_encoders(EncoderSpec.from_profile("lite"))
 
 
 @pytest.fixture(scope="module")

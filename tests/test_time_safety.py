@@ -19,7 +19,6 @@ from mvpp.cli.bank import app as bank_app
 from mvpp.cli.main import app
 from mvpp.config import BuildSettings
 from mvpp.memory_bank.builder import BankBuilder, BuildItem
-from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
 from mvpp.memory_bank.metadata import MetaRow
 from mvpp.memory_bank.store import open_store
 from mvpp.predictor.dataset import SplitConfig, make_splits
@@ -68,10 +67,6 @@ def write_table(path: Path, n: int = N_ITEMS, seed: int = 0) -> Path:
             ])
     return path
 
-
-@pytest.fixture(scope="module")
-def encoders():
-    return load_encoders(EncoderSpec.from_profile("lite"))
 
 
 @pytest.fixture(scope="module")
