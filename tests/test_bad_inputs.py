@@ -99,7 +99,7 @@ def test_rebuilding_with_another_label_column_keeps_the_old_labels(tmp_path):
     assert all(p.targets["views"] == pytest.approx(math.log2(1 + p.labels["views"])) for p in points)
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--bank", str(bank), "--target", "views", "--epochs", "2",
-                                 "--d-model", "8", "--out", str(out)])
+                                 "--set", "model.d_model=8", "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]["test"]["views"]
     assert metrics["n"] == 6 and math.isfinite(metrics["nmse"])
@@ -116,7 +116,7 @@ def test_metrics_that_cannot_be_computed_are_null_in_json(tmp_path):
     bank = tmp_path / "bank"
     assert _build("--meta", table, "--label-col", "flat", "--bank", bank).exit_code == 0
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--bank", str(bank), "--epochs", "2", "--d-model", "8", "--out", str(out)])
+    result = runner.invoke(app, ["train", "--bank", str(bank), "--epochs", "2", "--set", "model.d_model=8", "--out", str(out)])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["evaluate", "--run", str(out), "--json"])
     assert result.exit_code == 0, result.output
@@ -289,7 +289,7 @@ def test_every_row_is_accounted_for_exactly_once(tmp_path, seed):
     extra = _write_jsonl(tmp_path / "more.jsonl", _rows(40, seed))
     assert _build("--meta", extra, "--label-col", "views", "--bank", bank).exit_code == 0
     run_dir = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--bank", str(bank), "--epochs", "1", "--d-model", "8",
+    result = runner.invoke(app, ["train", "--bank", str(bank), "--epochs", "1", "--set", "model.d_model=8",
                                  "--out", str(run_dir)])
     assert result.exit_code == 0, result.output
     out = tmp_path / "scores.csv"

@@ -12,7 +12,8 @@ from mvpp.cli.main import app as main_app
 @pytest.mark.parametrize(
     ("app", "command", "expected"),
     [
-        (main_app, "train", ["[default: all]", "[default: all labels of", "--lexicon", "--beta-nll"]),
+        (main_app, "train", ["[default: all]", "[default: every label of", "--config", "--set", "--ablate",
+                             "word-prior", "lexical-retrieval"]),
         (main_app, "score", ["[default: those the run was"]),
         (bank_app, "build", ["[default: title]", "[default: beside the bank]"]),
     ],
@@ -23,3 +24,27 @@ def test_help_shows_computed_defaults(app, command: str, expected: list[str]) ->
     text = " ".join(result.output.replace("│", " ").split())
     for piece in expected:
         assert piece in text, piece
+
+
+def test_train_defaults_come_from_the_dataclasses() -> None:
+    """Options that set a TrainConfig field have no default of their own (None: the
+    dataclass's, or the config file's, applies) and show the dataclass's in --help."""
+    from dataclasses import fields
+
+    import typer
+
+    from mvpp.predictor.training import TrainConfig
+
+    command = typer.main.get_command(main_app).commands["train"]
+    names = {f.name for f in fields(TrainConfig)}
+    aliases = {"target": "targets", "meta_col": "meta_cols"}
+    checked = 0
+    for param in command.params:
+        field = aliases.get(param.name, param.name)
+        if field in names:
+            assert param.default is None, f"--{param.name} repeats a default: {param.default!r}"
+            checked += 1
+    assert checked >= 8
+    text = " ".join(CliRunner().invoke(main_app, ["train", "--help"], env={"COLUMNS": "200"}).output.replace("│", " ").split())
+    for name in ("k", "epochs", "seed"):
+        assert f"[default: {getattr(TrainConfig(), name)}]" in text

@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
                                       "--bank", str(bank)])
     assert result.exit_code == 0, result.output
     run = root / "run"
-    result = runner.invoke(app, ["train", "--bank", str(bank), "--epochs", "2", "--d-model", "8", "--out", str(run)])
+    result = runner.invoke(app, ["train", "--bank", str(bank), "--epochs", "2", "--set", "model.d_model=8", "--out", str(run)])
     assert result.exit_code == 0, result.output
     return root, bank, run
 

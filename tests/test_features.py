@@ -18,7 +18,7 @@ from mvpp.memory_bank.metadata import (
     parse_duration,
     parse_rows,
 )
-from mvpp.predictor.config import ModelConfig
+from mvpp.predictor.config import InputSizes, ModelConfig
 from mvpp.predictor.features import MetaFeaturizer, hour_of_day, weekday
 from mvpp.predictor.model import MetadataEncoder
 
@@ -226,9 +226,8 @@ def test_round_trip_through_json_and_model_sizes():
     for a, b in zip(fz.transform(items, None, pub[:3]), back.transform(items, None, pub[:3]), strict=True):
         np.testing.assert_array_equal(a, b)
     assert fz.columns == ["followers", "creator"]
-    sizes = fz.model_sizes()
-    assert sizes == {"n_meta_numeric": 3, "meta_cardinalities": [2, 7]}
-    cfg = ModelConfig(**sizes)
+    assert (fz.n_numeric, fz.cardinalities) == (3, [2, 7])
+    cfg = ModelConfig(inputs=InputSizes(n_meta_numeric=fz.n_numeric, meta_cardinalities=fz.cardinalities))
     assert "M" in cfg.expert_names
     with pytest.raises(ValueError, match="format"):
         MetaFeaturizer.from_dict({"format": 99})

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from mvpp.predictor.config import ModelConfig
-from mvpp.predictor.dataset import FeatureTable, TargetNorm, make_batch
 from mvpp.predictor.lexicon import Lexicon, terms_of, words_of
-from mvpp.predictor.model import LexicalToken, PopularityModel
-from mvpp.retriever.snapshot import BankSnapshot
 
 
 def test_words_are_distinct_lowercase_and_unicode() -> None:
@@ -63,71 +59,13 @@ def test_fit_rejects_bad_settings() -> None:
         Lexicon(["a"], [1.0, 2.0])
 
 
-def test_lexical_token_ignores_padding_and_reports_availability() -> None:
-    torch.manual_seed(0)
-    tok = LexicalToken(vocab_size=5, d_model=8)
-    ids = torch.tensor([[1, 3, 0, 0], [0, 0, 0, 0]])
-    w = torch.tensor([[0.6, 0.8, 5.0, float("nan")], [0.0, 0.0, 0.0, 0.0]])
-    out, has = tok(ids, w)
-    assert has.tolist() == [True, False]
-    ref, _ = tok(ids[:1, :2], w[:1, :2])
-    torch.testing.assert_close(out[:1], ref)  # padded slots (any weight) change nothing
-    assert torch.isfinite(out).all()
+def test_configs_that_switched_on_the_removed_lexicon_token_are_named() -> None:
+    """The learnt bag-of-words position is gone (it overfitted, benchmarks/README.md):
+    configs that had it off still load, those that had it on say so."""
 
-
-def _snapshot(n: int = 12, n_tok: int = 4, d_tok: int = 6) -> BankSnapshot:
-    rng = np.random.default_rng(0)
-    words = ["cat", "dog", "bird", "fish"]
-    titles = [" ".join(rng.choice(words, size=2)) for _ in range(n)]
-    titles[3] = "zebra"  # no known word
-    retrieval = rng.normal(size=(n, 8)).astype(np.float32)
-    return BankSnapshot(
-        item_ids=[f"i{i}" for i in range(n)],
-        retrieval=retrieval / np.linalg.norm(retrieval, axis=1, keepdims=True),
-        has_retrieval=np.ones(n, bool),
-        targets=rng.normal(size=(n, 1)).astype(np.float32),
-        label_names=["y"],
-        published_ts=np.full(n, np.nan),
-        frames=np.zeros((n, 0, 1), np.float16),
-        frame_len=np.zeros(n, np.int32),
-        tokens=rng.normal(size=(n, n_tok, d_tok)).astype(np.float16),
-        token_len=rng.integers(1, n_tok + 1, size=n).astype(np.int32),
-        titles=titles,
-    )
-
-
-def test_projected_neighbours_match_projecting_every_batch() -> None:
-    snap = _snapshot()
-    lex = Lexicon.fit(snap.titles, min_count=2)
-    table = FeatureTable(snap, TargetNorm.fit(snap.targets), lexicon=lex)
-    cfg = ModelConfig(
-        d_frame=1, d_token=6, d_model=16, d_z=8, expert_hidden=16, decoder_hidden=16,
-        use_frames=False, lexicon_size=lex.size, use_lexicon=True,
-    )
-    torch.manual_seed(0)
-    model = PopularityModel(cfg).eval()
-    query = torch.arange(0, 5)
-    nb_idx = np.array([[5, 3, -1], [6, 7, 8], [9, 10, 11], [3, 4, 5], [1, 2, -1]])
-    nb_sim = np.full(nb_idx.shape, 0.5, np.float32)
-    raw = model(make_batch(table, table.items(query), nb_idx, nb_sim))
-    table.project(model)
-    batch = make_batch(table, table.items(query), nb_idx, nb_sim)
-    assert batch.projected_neighbours and batch.nb_tokens.shape[2] == snap.tokens.shape[1] + 1
-    projected = model(batch)
-    torch.testing.assert_close(projected.mu_y, raw.mu_y, atol=1e-5, rtol=1e-5)
-    # the words matter: without them the prediction changes
-    table.clear_projection()
-    no_words = make_batch(table, table.items(query), nb_idx, nb_sim)
-    no_words.words = no_words.word_weights = None
-    assert not torch.allclose(model(no_words).mu_y, raw.mu_y)
-
-
-def test_lexicon_switch_and_old_configs() -> None:
-    cfg = ModelConfig(lexicon_size=10, use_lexicon=False)
-    assert ModelConfig(lexicon_size=10, use_lexicon=True).has_lexicon
-    assert not cfg.has_lexicon and PopularityModel(cfg).lexical is None
-    assert ModelConfig(lexicon_size=10, use_text=False, use_frames=True).has_lexicon is False
-    # runs saved before the lexicon existed have no lexicon_size: no lexical position
     old = ModelConfig().to_dict()
-    del old["lexicon_size"], old["use_lexicon"], old["word_dropout"]
-    assert not ModelConfig.from_dict(old).has_lexicon
+    old.update(use_lexicon=False, word_dropout=0.5)
+    assert ModelConfig.from_dict(old) == ModelConfig()
+    old["use_lexicon"] = True
+    with pytest.raises(ValueError, match="use_lexicon=True"):
+        ModelConfig.from_dict(old)

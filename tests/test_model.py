@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvpp.predictor.config import ModelConfig
+from mvpp.predictor.config import InputSizes, ModelConfig
 from mvpp.predictor.model import (
     AttentivePooling,
     BipolarCrossModalAttention,
@@ -19,6 +19,7 @@ from mvpp.predictor.model import (
     NeighbourAggregator,
     PopularityModel,
     ProductOfExperts,
+    neighbour_summary,
     popularity_loss,
 )
 
@@ -26,29 +27,36 @@ D_FRAME, D_TOKEN = 12, 10
 RETRIEVAL_EXPERTS = ("V_r", "T_r", "L_r")
 
 
+SIZE_KEYS = {f.name for f in dataclasses.fields(InputSizes)}
+
+
 def small_config(**overrides: object) -> ModelConfig:
-    base: dict[str, object] = {
-        "d_frame": D_FRAME,
-        "d_token": D_TOKEN,
-        "d_model": 16,
-        "d_z": 8,
-        "expert_hidden": 16,
-        "decoder_hidden": 16,
-        "n_targets": 2,
-        "n_meta_numeric": 3,
-        "meta_cardinalities": [4, 2],
-        "meta_embed_dim": 4,
-        "dropout": 0.1,
+    sizes: dict[str, object] = {
+        "d_frame": D_FRAME, "d_token": D_TOKEN, "n_targets": 2, "n_meta_numeric": 3, "meta_cardinalities": [4, 2],
     }
-    base.update(overrides)
-    return ModelConfig(**base)  # type: ignore[arg-type]
+    base: dict[str, object] = {
+        "d_model": 16, "d_z": 8, "expert_hidden": 16, "decoder_hidden": 16, "meta_embed_dim": 4, "dropout": 0.1,
+    }
+    for key, value in overrides.items():
+        (sizes if key in SIZE_KEYS else base)[key] = value
+    return ModelConfig(inputs=InputSizes(**sizes), **base)  # type: ignore[arg-type]
+
+
+def summarise(batch: ModelBatch) -> ModelBatch:
+    """The batch with its neighbour statistics computed from its neighbours, as
+    dataset.make_batch computes them."""
+    batch.nb_summary = neighbour_summary(batch.nb_labels, batch.nb_label_mask, batch.nb_score, batch.nb_mask.bool())
+    return batch
 
 
 def make_batch(
     cfg: ModelConfig, b: int = 5, n_frames: int = 4, n_tokens: int = 6, k: int = 3, seed: int = 0
 ) -> ModelBatch:
+    """Random inputs; the neighbours' features are projected ones (width d_model), as the
+    feature table gives them."""
     g = torch.Generator().manual_seed(seed)
-    t = cfg.n_targets
+    t = cfg.inputs.n_targets
+    d = cfg.d_model
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g)
@@ -62,23 +70,24 @@ def make_batch(
     if k > 1:
         nb_mask[0, -1] = False  # one item with fewer neighbours
     nb_label_mask = torch.rand(b, k, t, generator=g) > 0.2
-    return ModelBatch(
+    return summarise(ModelBatch(
         frames=rand(b, n_frames, D_FRAME),
         frame_mask=lengths(n_frames, b),
         tokens=rand(b, n_tokens, D_TOKEN),
         token_mask=lengths(n_tokens, b),
-        nb_frames=rand(b, k, n_frames, D_FRAME),
+        nb_frames=torch.relu(rand(b, k, n_frames, d)),
         nb_frame_mask=lengths(n_frames, b, k),
-        nb_tokens=rand(b, k, n_tokens, D_TOKEN),
+        nb_tokens=torch.relu(rand(b, k, n_tokens, d)),
         nb_token_mask=lengths(n_tokens, b, k),
-        nb_sim=torch.rand(b, k, generator=g) * 0.6 + 0.3,
+        nb_score=torch.rand(b, k, generator=g) * 0.6 + 0.3,
         nb_mask=nb_mask,
         nb_labels=rand(b, k, t) * 2 + 5,
         nb_label_mask=nb_label_mask,
-        meta_numeric=rand(b, cfg.n_meta_numeric),
-        meta_numeric_mask=torch.rand(b, cfg.n_meta_numeric, generator=g) > 0.3,
-        meta_categorical=torch.randint(0, 3, (b, len(cfg.meta_cardinalities)), generator=g),
-    )
+        nb_summary=torch.zeros(b, 4 * t + 2),
+        meta_numeric=rand(b, cfg.inputs.n_meta_numeric),
+        meta_numeric_mask=torch.rand(b, cfg.inputs.n_meta_numeric, generator=g) > 0.3,
+        meta_categorical=torch.randint(0, 3, (b, len(cfg.inputs.meta_cardinalities)), generator=g),
+    ))
 
 
 def expert_column(model: PopularityModel, name: str) -> int:
@@ -151,7 +160,6 @@ def make_attention(alpha: float = 0.5, **kw: bool) -> BipolarCrossModalAttention
     return BipolarCrossModalAttention(
         16,
         alpha=alpha,
-        alpha_learnable=False,
         use_positive=kw.get("use_positive", True),
         use_negative=kw.get("use_negative", True),
         dropout=0.0,
@@ -265,24 +273,26 @@ def pad_batch(batch: ModelBatch, extra_frames: int, extra_tokens: int, extra_nb:
     b, k, lf = batch.nb_frames.shape[:3]
     n, t = batch.nb_tokens.shape[2], batch.nb_labels.shape[2]
     lf2, n2 = lf + extra_frames, n + extra_tokens
-    nb_frames = cat(batch.nb_frames, garbage(b, k, extra_frames, D_FRAME), 2)
+    d = batch.nb_frames.shape[-1]
+    nb_frames = cat(batch.nb_frames, garbage(b, k, extra_frames, d), 2)
     nb_frame_mask = cat(batch.nb_frame_mask, torch.zeros(b, k, extra_frames), 2)
-    nb_tokens = cat(batch.nb_tokens, garbage(b, k, extra_tokens, D_TOKEN), 2)
+    nb_tokens = cat(batch.nb_tokens, garbage(b, k, extra_tokens, d), 2)
     nb_token_mask = cat(batch.nb_token_mask, torch.zeros(b, k, extra_tokens), 2)
     return ModelBatch(
         frames=cat(batch.frames, garbage(b, extra_frames, D_FRAME), 1),
         frame_mask=cat(batch.frame_mask, torch.zeros(b, extra_frames), 1),
         tokens=cat(batch.tokens, garbage(b, extra_tokens, D_TOKEN), 1),
         token_mask=cat(batch.token_mask, torch.zeros(b, extra_tokens), 1),
-        nb_frames=cat(nb_frames, garbage(b, extra_nb, lf2, D_FRAME), 1),
+        nb_frames=cat(nb_frames, garbage(b, extra_nb, lf2, d), 1),
         # padded neighbours claim valid frames / labels: nb_mask alone must exclude them
         nb_frame_mask=cat(nb_frame_mask, torch.ones(b, extra_nb, lf2), 1),
-        nb_tokens=cat(nb_tokens, garbage(b, extra_nb, n2, D_TOKEN), 1),
+        nb_tokens=cat(nb_tokens, garbage(b, extra_nb, n2, d), 1),
         nb_token_mask=cat(nb_token_mask, torch.ones(b, extra_nb, n2), 1),
-        nb_sim=cat(batch.nb_sim, garbage(b, extra_nb), 1),
+        nb_score=cat(batch.nb_score, garbage(b, extra_nb), 1),
         nb_mask=cat(batch.nb_mask, torch.zeros(b, extra_nb), 1),
         nb_labels=cat(batch.nb_labels, garbage(b, extra_nb, t), 1),
         nb_label_mask=cat(batch.nb_label_mask, torch.ones(b, extra_nb, t), 1),
+        nb_summary=batch.nb_summary,
         meta_numeric=torch.where(batch.meta_numeric_mask, batch.meta_numeric, float("nan")),
         meta_numeric_mask=batch.meta_numeric_mask,
         meta_categorical=batch.meta_categorical,
@@ -331,21 +341,21 @@ def test_empty_bank_drops_retrieval_experts() -> None:
     # an item whose neighbours are all invalid scores as if the bank were empty
     with_nb = make_batch(cfg, k=3)
     with_nb.nb_mask[0] = False
-    out_nb = model(with_nb)
+    out_nb = model(summarise(with_nb))
     for name in RETRIEVAL_EXPERTS:
         assert not out_nb.expert_mask[0, expert_column(model, name)]
         assert out_nb.expert_mask[1:, expert_column(model, name)].all()
     nb_fields = [
         f.name
         for f in dataclasses.fields(ModelBatch)
-        if f.name.startswith("nb_") and getattr(with_nb, f.name) is not None
+        if f.name.startswith("nb_") and f.name != "nb_summary" and getattr(with_nb, f.name) is not None
     ]
-    no_nb = dataclasses.replace(with_nb, **{f: getattr(with_nb, f)[:, :0] for f in nb_fields})
+    no_nb = summarise(dataclasses.replace(with_nb, **{f: getattr(with_nb, f)[:, :0] for f in nb_fields}))
     torch.testing.assert_close(out_nb.mu_y[0], model(no_nb).mu_y[0], atol=1e-5, rtol=0)
     # and training on an empty bank works (with interactions too)
     full = PopularityModel(small_config()).train()
     o = full(batch)
-    loss, _ = full.loss(o, torch.randn(5, 2), torch.ones(5, 2, dtype=torch.bool), kl_weight=1.0)
+    loss, _ = popularity_loss(o, torch.randn(5, 2), torch.ones(5, 2, dtype=torch.bool), kl_weight=1.0)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in full.parameters() if p.grad is not None)
 
@@ -365,7 +375,7 @@ def test_text_only_and_video_only_items_in_one_batch() -> None:
     assert em[0].tolist()[col["V"]] is False and em[0, col["T"]] and not em[0, col["V_r"]]
     assert em[1, col["V"]] and not em[1, col["T"]] and not em[1, col["T_r"]]
     assert em[2:, list(col.values())].all()
-    loss, _ = model.loss(out, torch.randn(4, 2), torch.ones(4, 2, dtype=torch.bool), 0.5)
+    loss, _ = popularity_loss(out, torch.randn(4, 2), torch.ones(4, 2, dtype=torch.bool), 0.5)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -380,7 +390,7 @@ def test_whole_batch_without_one_modality(n_frames: int, n_tokens: int) -> None:
     missing = ("V", "V_r") if n_frames == 0 else ("T", "T_r")
     for name in missing:
         assert not out.expert_mask[:, expert_column(model, name)].any()
-    model.loss(out, torch.randn(5, 2), torch.ones(5, 2, dtype=torch.bool), 1.0)[0].backward()
+    popularity_loss(out, torch.randn(5, 2), torch.ones(5, 2, dtype=torch.bool), 1.0)[0].backward()
 
 
 SWITCHES = [
@@ -402,7 +412,7 @@ SWITCHES = [
     + [{s: False} for s in SWITCHES]
     + [
         {"use_positive_attention": False, "use_negative_attention": False},
-        {"alpha_learnable": True, "tau_learnable": False},
+        {"tau_learnable": False},
         {"n_meta_numeric": 0, "meta_cardinalities": []},
         {"decoder_layers": 0, "n_targets": 1},
     ],
@@ -413,11 +423,11 @@ def test_every_ablation_runs_forward_and_backward(overrides: dict[str, object]) 
     model = PopularityModel(cfg).train()
     batch = make_batch(cfg)
     out = model(batch)
-    assert out.mu_y.shape == (5, cfg.n_targets)
+    assert out.mu_y.shape == (5, cfg.inputs.n_targets)
     assert out.expert_mask.shape == (5, len(cfg.expert_names))
     assert_finite(out.mu_y, out.logvar_y, out.kl)
-    target = torch.randn(5, cfg.n_targets)
-    loss, parts = model.loss(out, target, torch.ones_like(target, dtype=torch.bool), 1.0)
+    target = torch.randn(5, cfg.inputs.n_targets)
+    loss, parts = popularity_loss(out, target, torch.ones_like(target, dtype=torch.bool), 1.0)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -543,10 +553,9 @@ def test_beta_nll_weights_items_by_their_variance() -> None:
 # ----------------------------------------------------------- metadata paths
 
 
-@pytest.mark.parametrize("embedding", ["linear", "periodic"])
-def test_missing_numbers_are_masked_not_read(embedding: str) -> None:
+def test_missing_numbers_are_masked_not_read() -> None:
     """Whatever value sits under a missing number (NaN or garbage) never reaches the output."""
-    cfg = small_config(meta_numeric_embedding=embedding, meta_to_decoder=True, meta_interactions=True)
+    cfg = small_config()
     torch.manual_seed(0)
     model = PopularityModel(cfg).eval()
     batch = make_batch(cfg, b=6)
@@ -563,59 +572,6 @@ def test_missing_numbers_are_masked_not_read(embedding: str) -> None:
     torch.testing.assert_close(model(nan).mu_y, ref)
 
 
-def test_periodic_embedding_shapes_and_features() -> None:
-    from mvpp.predictor.model import PeriodicEmbedding
-
-    torch.manual_seed(0)
-    emb = PeriodicEmbedding(n_features=3, n_frequencies=5, sigma=1.0, embed_dim=4)
-    x = torch.randn(7, 3)
-    out = emb(x)  # (B, M, e)
-    assert out.shape == (7, 3, 4) and (out >= 0).all()
-    # feature j's embedding depends on x[:, j] alone
-    x2 = x.clone()
-    x2[:, 1] += 3.0
-    out2 = emb(x2)
-    torch.testing.assert_close(out2[:, [0, 2]], out[:, [0, 2]])
-    assert not torch.allclose(out2[:, 1], out[:, 1])
-
-
-def test_metadata_reaches_the_decoder_directly_when_asked() -> None:
-    """meta_to_decoder: the metadata representation is a decoder input beside z, so with
-    z held fixed the metadata still moves the prediction; without it, it cannot."""
-    base = small_config(use_label_interaction=False)
-    for skip in (False, True):
-        cfg = dataclasses.replace(base, meta_to_decoder=skip)
-        torch.manual_seed(0)
-        model = PopularityModel(cfg).eval()
-        batch = make_batch(cfg, b=4)
-        other = dataclasses.replace(batch, meta_numeric=batch.meta_numeric + 5.0)
-        a, b = model.encode(batch), model.encode(other)
-        assert a.interactions.shape[-1] == (cfg.d_model if skip else 0)
-        mu_a, _ = model.decode(a.z_mu, a.interactions, a.scalars)
-        mu_b, _ = model.decode(a.z_mu, b.interactions, a.scalars)  # same z
-        moved = not torch.allclose(mu_a, mu_b)
-        assert moved == skip
-    # an item without metadata gives the decoder zeros, not the encoder's bias
-    cfg = dataclasses.replace(base, meta_to_decoder=True)
-    model = PopularityModel(cfg).eval()
-    batch = make_batch(cfg, b=2)
-    none = dataclasses.replace(batch, meta_numeric=None, meta_numeric_mask=None, meta_categorical=None)
-    assert torch.all(model.encode(none).interactions == 0)
-
-
-def test_meta_interaction_pairs() -> None:
-    cfg = small_config(meta_interactions=True)
-    assert {("M", "V_r"), ("M", "T_r"), ("M", "L_r")} <= set(cfg.interaction_pairs)
-    assert not any("M" in p for p in small_config().interaction_pairs)
-    assert not any("M" in p for p in small_config(meta_interactions=True, use_meta=False).interaction_pairs)
-    torch.manual_seed(0)
-    model = PopularityModel(cfg).eval()
-    out = model(make_batch(cfg))
-    assert_finite(out.mu_y, out.logvar_y)
-    with pytest.raises(ValueError, match="meta_numeric_embedding"):
-        small_config(meta_numeric_embedding="spline")
-
-
 # -------------------------------------------------------------- neighbour prior
 
 
@@ -625,8 +581,8 @@ def test_neighbour_label_average_matches_the_weighted_mean_and_ignores_missing_l
     model = PopularityModel(cfg).eval()
     batch = make_batch(cfg, b=4, k=3)
     batch.nb_label_mask[1] = False  # item 1: no neighbour label at all
-    enc = model.encode(batch)
-    t = cfg.n_targets
+    enc = model.encode(summarise(batch))
+    t = cfg.inputs.n_targets
     prior = enc.scalars[:, -2 * t :]  # (B, 2T): averages, then availability
     lm = batch.nb_label_mask & batch.nb_mask.unsqueeze(-1)
     a = enc.neighbour_weights
@@ -654,12 +610,12 @@ def test_neighbour_summary_statistics_match_numpy_and_ignore_missing_labels() ->
     batch.nb_label_mask[1] = False  # item 1: neighbours without labels
     batch.nb_mask[2] = False  # item 2: no neighbours at all
     batch.nb_label_mask[3, 0, 0] = False  # item 3: its most similar neighbour lacks target 0
-    batch.nb_sim[3] = torch.tensor([0.9, 0.5, 0.7])
-    enc = model.encode(batch)
-    t = cfg.n_targets
+    batch.nb_score[3] = torch.tensor([0.9, 0.5, 0.7])
+    enc = model.encode(summarise(batch))
+    t = cfg.inputs.n_targets
     summary = enc.scalars[:, -(4 * t + 2) :].detach()
     lm = (batch.nb_label_mask & batch.nb_mask.unsqueeze(-1)).numpy()
-    labels, sim, valid = batch.nb_labels.numpy(), batch.nb_sim.numpy(), batch.nb_mask.numpy()
+    labels, sim, valid = batch.nb_labels.numpy(), batch.nb_score.numpy(), batch.nb_mask.numpy()
     for i in range(4):
         for j in range(t):
             has = lm[i, :, j]
@@ -676,5 +632,43 @@ def test_neighbour_summary_statistics_match_numpy_and_ignore_missing_labels() ->
     # item 3, target 0: the top label is the most similar neighbour that has one (the third)
     assert summary[3, 2 * t] == batch.nb_labels[3, 2, 0]
     noisy = dataclasses.replace(batch, nb_labels=torch.where(torch.from_numpy(lm), batch.nb_labels, torch.tensor(1e6)))
-    torch.testing.assert_close(model(noisy).mu_y, model(batch).mu_y)
+    torch.testing.assert_close(model(summarise(noisy)).mu_y, model(batch).mu_y)
     assert not PopularityModel(dataclasses.replace(cfg, use_retrieval=False)).neighbour_summary
+    # copies (scores equal up to float noise) count as one: their labels' mean is the top label
+    copies = dataclasses.replace(batch)
+    copies.nb_score = batch.nb_score.clone()
+    copies.nb_score[0, :2] = torch.tensor([0.8, 0.8 + 1e-7])
+    copies.nb_label_mask = torch.ones_like(batch.nb_label_mask)
+    copies.nb_mask = torch.ones_like(batch.nb_mask)
+    top = summarise(copies).nb_summary[0, 2 * t : 3 * t]
+    torch.testing.assert_close(top, copies.nb_labels[0, :2].mean(dim=0))
+    # and the statistics do not depend on the neighbours' order
+    order = torch.tensor([2, 0, 1])
+    shuffled = dataclasses.replace(
+        copies, **{f: getattr(copies, f)[:, order] for f in ("nb_score", "nb_mask", "nb_labels", "nb_label_mask")}
+    )
+    torch.testing.assert_close(summarise(shuffled).nb_summary, summarise(copies).nb_summary)
+
+
+def test_a_prediction_does_not_depend_on_its_batch_or_its_neighbours_order() -> None:
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = PopularityModel(cfg).eval()
+    batch = make_batch(cfg, b=6, k=4)
+    ref = model.predict(batch, n_samples=32, seed=3)
+    # the neighbours in another order
+    order = torch.tensor([3, 1, 0, 2])
+    nb_fields = [f.name for f in dataclasses.fields(ModelBatch) if f.name.startswith("nb_") and f.name != "nb_summary"]
+    shuffled = summarise(dataclasses.replace(batch, **{f: getattr(batch, f)[:, order] for f in nb_fields}))
+    # the items in another order, and each item alone
+    perm = torch.tensor([5, 2, 0, 4, 1, 3])
+    items = [f.name for f in dataclasses.fields(ModelBatch) if isinstance(getattr(batch, f.name), torch.Tensor)]
+    permuted = dataclasses.replace(batch, **{f: getattr(batch, f)[perm] for f in items})
+    for other, index in ((shuffled, torch.arange(6)), (permuted, perm)):
+        got = model.predict(other, n_samples=32, seed=3)
+        for name in ("mean", "lower", "upper"):
+            torch.testing.assert_close(getattr(got, name), getattr(ref, name)[index], atol=1e-5, rtol=1e-5)
+    for i in range(6):
+        alone = dataclasses.replace(batch, **{f: getattr(batch, f)[i : i + 1] for f in items})
+        got = model.predict(alone, n_samples=32, seed=3)
+        torch.testing.assert_close(got.lower[0], ref.lower[i], atol=1e-5, rtol=1e-5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -46,8 +45,8 @@ def run_dir(bank, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
     result = runner.invoke(
         app,
-        ["train", "--bank", str(bank), "--k", "5", "--epochs", "20", "--batch-size", "64", "--lr", "3e-3",
-         "--d-model", "32", "--out", str(out)],
+        ["train", "--bank", str(bank), "--k", "5", "--epochs", "20", "--set", "train.batch_size=64", "--set", "train.lr=3e-3",
+         "--set", "model.d_model=32", "--out", str(out)],
     )
     assert result.exit_code == 0, result.output
     return out
@@ -195,7 +194,7 @@ def test_score_cli_keeps_every_row(run_dir, bank, tmp_path):
 def test_empty_bank_k0_trains(bank, tmp_path):
     out = tmp_path / "r0"
     result = runner.invoke(
-        app, ["train", "--bank", str(bank), "--k", "0", "--epochs", "2", "--d-model", "16", "--out", str(out)]
+        app, ["train", "--bank", str(bank), "--k", "0", "--epochs", "2", "--set", "model.d_model=16", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
     cfg = json.loads((out / "config.json").read_text())
@@ -212,37 +211,50 @@ def test_seeded_training_is_reproducible(bank, tmp_path):
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        runner.invoke(app, ["train", "--bank", str(bank), "--k", "3", "--epochs", "1", "--d-model", "16",
+        runner.invoke(app, ["train", "--bank", str(bank), "--k", "3", "--epochs", "1", "--set", "model.d_model=16",
                             "--out", str(out), "--seed", "3"])
         outs.append(json.loads((out / "metrics.json").read_text())["metrics"]["test"]["comments"]["nmse"])
     assert outs[0] == pytest.approx(outs[1], abs=1e-6)
     assert torch.get_num_threads() >= 1 and np.isfinite(outs[0])
 
 
-def test_lexicon_run_round_trips_through_the_cli(bank, tmp_path):
-    out = tmp_path / "lex"
-    result = runner.invoke(
-        app,
-        ["train", "--bank", str(bank), "--k", "3", "--epochs", "3", "--d-model", "16", "--lexicon",
-         "--lexicon-min-count", "2", "--out", str(out)],
-    )
+def test_a_run_is_trained_again_from_its_config_json(bank, tmp_path):
+    first = tmp_path / "first"
+    result = runner.invoke(app, [
+        "train", "--bank", str(bank), "--k", "3", "--epochs", "2", "--set", "model.d_model=16",
+        "--set", "train.lexicon_min_count=3", "--ablate", "poe", "--seed", "5", "--out", str(first),
+    ])
     assert result.exit_code == 0, result.output
-    config = json.loads((out / "config.json").read_text())
-    assert config["model"]["use_lexicon"] and config["model"]["lexicon_size"] == len(config["lexicon"]["words"]) > 0
-    run = Run.load(out)
-    assert run.lexicon is not None and run.model.lexical is not None
-    result = runner.invoke(app, ["evaluate", "--run", str(out), "--bank", str(bank), "--json"])
+    again = tmp_path / "again"
+    result = runner.invoke(app, ["train", "--bank", str(bank), "--config", str(first / "config.json"), "--out", str(again)])
     assert result.exit_code == 0, result.output
-    saved = json.loads((out / "metrics.json").read_text())["metrics"]["test"]["comments"]
-    assert json.loads(result.stdout)["comments"]["nmse"] == pytest.approx(saved["nmse"], abs=1e-5)
-    uploads = tmp_path / "uploads.jsonl"
-    uploads.write_text(json.dumps({"id": "u1", "title": "cat kitten prank amazing"}) + "\n")
-    scores = tmp_path / "scores.csv"
-    result = runner.invoke(
-        app, ["score", "--meta", str(uploads), "--run", str(out), "--bank", str(bank), "--out", str(scores)]
-    )
+    a, b = (json.loads((d / "config.json").read_text()) for d in (first, again))
+    assert a["train"] == b["train"] and a["model"] == b["model"]
+    assert b["model"]["use_poe"] is False and b["train"]["lexicon_min_count"] == 3 and b["train"]["seed"] == 5
+    ma, mb = (json.loads((d / "metrics.json").read_text())["metrics"]["test"] for d in (first, again))
+    assert ma["comments"]["nmse"] == pytest.approx(mb["comments"]["nmse"], abs=1e-6)
+
+
+def test_settings_from_a_toml_file_and_overrides(bank, tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text("[train]\nk = 4\nepochs = 1\n\n[model]\nd_model = 8\ndropout = 0.1\n")
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["train", "--bank", str(bank), "--config", str(config), "--set", "model.alpha=0.7",
+                                 "--epochs", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    with scores.open(newline="") as fh:
-        (row,) = list(csv.DictReader(fh))
-    assert row["item_id"] == "u1" and row["status"] == "ok"
-    assert math.isfinite(float(row["comments_pred"]))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["k"] == 4 and saved["train"]["epochs"] == 2  # the flag wins over the file
+    assert saved["model"]["d_model"] == 8 and saved["model"]["dropout"] == 0.1 and saved["model"]["alpha"] == 0.7
+    for bad, message in (
+        ("[model]\nd_modle = 8\n", "unknown model config key(s): d_modle"),
+        ("[train]\nlearning_rate = 1\n", "unknown train config key(s): learning_rate"),
+        ("[model]\nmeta_to_decoder = true\n", "no longer has: meta_to_decoder=True"),
+        ("[model]\nd_model = \n", "is not valid TOML"),
+    ):
+        config.write_text(bad)
+        result = runner.invoke(app, ["train", "--bank", str(bank), "--config", str(config), "--out", str(out)])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    result = runner.invoke(app, ["train", "--bank", str(bank), "--set", "model.d_frame=3", "--out", str(out)])
+    assert result.exit_code == 2 and "set from the bank" in result.output
+    result = runner.invoke(app, ["train", "--bank", str(bank), "--ablate", "poe,nothing", "--out", str(out)])
+    assert result.exit_code == 2 and "--ablate 'nothing'" in result.output

@@ -4,7 +4,6 @@ single and batched queries, self-exclusion, filters, and bulk top-k over a bank 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from mvpp.media import MediaError
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.profiles import Encoders, EncoderSpec, load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, parse_rows
-from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, TEXT, BankMismatchError, SearchFilter
+from mvpp.memory_bank.schema import BankMismatchError, SearchFilter
 from mvpp.memory_bank.store import BankStore, EdgeBankStore, ServerBankStore
 from mvpp.retriever.bulk import bulk_topk
 from mvpp.retriever.retriever import Query, Retriever
@@ -90,10 +89,6 @@ def bank(
     settings = BuildSettings(n_frames=6, batch_size=4, decode_workers=2)
     report = BankBuilder(store, encoders, settings).build(library["items"], [])  # type: ignore[arg-type]
     assert (report.indexed, report.failed) == (18, 0)
-    # splits are assigned by whoever trains; here round-robin by sorted id
-    ids = sorted(it.item_id for it in library["items"])  # type: ignore[attr-defined]
-    points = store.get(ids, vectors=(RETRIEVAL, FRAMES, TEXT))
-    store.upsert([replace(p, split=SPLITS[i % 3]) for i, p in enumerate(points) if p is not None])
     yield store
     store.close()
 
@@ -104,7 +99,7 @@ def retriever(bank: BankStore, encoders: Encoders) -> Retriever:
 
 
 def payloads(bank: BankStore) -> dict[str, dict]:
-    return {p.item_id: p.payload() for p in bank.scroll(vectors=())}
+    return {p.item_id: p.payload() for p in bank.scroll(vectors=(FRAMES,))}
 
 
 def test_title_query_finds_the_item_first(retriever: Retriever, library: dict) -> None:
@@ -170,12 +165,7 @@ def test_filters(retriever: Retriever, bank: BankStore) -> None:
     searchable = {i for i, p in meta.items() if p["title"]}
     assert ids(SearchFilter()) == searchable
     assert ids(SearchFilter(labelled_only=True)) == {i for i in searchable if meta[i]["labelled"]}
-    assert ids(SearchFilter(splits=["train"])) == {
-        i for i in searchable if meta[i]["split"] == "train"
-    }
-    assert ids(SearchFilter(splits=["val", "test"])) == {
-        i for i in searchable if meta[i]["split"] in ("val", "test")
-    }
+    assert ids(SearchFilter(has_video=True)) == {i for i in searchable if meta[i]["has_video"]}
     cut = T0 + 3 * DAY
     before = ids(SearchFilter(published_before=cut))
     # strictly before; items without a time (t9) never pass a time filter
@@ -184,10 +174,8 @@ def test_filters(retriever: Retriever, bank: BankStore) -> None:
         if meta[i]["published_ts"] is not None and meta[i]["published_ts"] < cut
     }
     assert {"c0", "t0", "c1", "t1", "c2", "t2"} == before
-    both = ids(SearchFilter(labelled_only=True, splits=["train"], published_before=cut))
-    assert both == {
-        i for i in before if meta[i]["labelled"] and meta[i]["split"] == "train"
-    }
+    both = ids(SearchFilter(labelled_only=True, has_video=True, published_before=cut))
+    assert both == {i for i in before if meta[i]["labelled"] and meta[i]["has_video"]}
     assert ids(SearchFilter(published_before=T0 - 1)) == set()
 
 

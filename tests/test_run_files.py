@@ -41,7 +41,7 @@ def _build(table, bank):
 
 
 def _train(bank, out, *extra):
-    return runner.invoke(app, ["train", "--bank", str(bank), "--epochs", "2", "--d-model", "8", "--out", str(out), *extra])
+    return runner.invoke(app, ["train", "--bank", str(bank), "--epochs", "2", "--set", "model.d_model=8", "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")

@@ -55,14 +55,14 @@ def banks(tmp_path_factory):
 # Each option of `mvpp train` on and off at least once, on both backends and both banks.
 CASES = {
     "everything": (True, "embedded", []),
-    "plain": (False, "embedded", ["--no-meta", "--no-word-prior", "--lexical-retrieval", "0",
+    "plain": (False, "embedded", ["--ablate", "meta", "--ablate", "word-prior", "--ablate", "lexical-retrieval",
                                   "--no-time-safe", "--target", "views"]),
     "local-grouped": (True, "local", ["--neighbour-group", "creator", "--no-time-safe",
                                       "--target", "likes"]),
     "local-text-time-split": (False, "local", ["--split-by-time", "--neighbour-group", "creator",
-                                               "--no-meta", "--no-neighbour-summary"]),
-    "frames-no-prior": (True, "embedded", ["--no-word-prior", "--neighbour-group", "creator",
-                                           "--no-retrieval"]),
+                                               "--ablate", "meta", "--ablate", "neighbour-summary"]),
+    "frames-no-prior": (True, "embedded", ["--ablate", "word-prior", "--neighbour-group", "creator",
+                                           "--ablate", "retrieval"]),
 }
 
 
@@ -77,7 +77,7 @@ def test_scoring_a_split_item_gives_what_evaluate_gave(case, banks, encoders, tm
     table, location = banks[(videos, backend)]
     run_dir = tmp_path / "run"
     result = runner.invoke(app, [
-        "train", *location, "--k", "5", "--epochs", "2", "--batch-size", "32", "--d-model", "16",
+        "train", *location, "--k", "5", "--epochs", "2", "--set", "train.batch_size=32", "--set", "model.d_model=16",
         "--out", str(run_dir), *flags,
     ])
     assert result.exit_code == 0, result.output
@@ -124,7 +124,7 @@ def test_one_encoding_path_for_build_query_and_score(banks, encoders, tmp_path):
     rows = load_metadata(table, columns)
     items, _ = plan_items(table.parent / "clips", rows[:N_VIDEOS + 3])
     run_dir = tmp_path / "run"
-    result = runner.invoke(app, ["train", *location, "--k", "3", "--epochs", "1", "--d-model", "8", "--out", str(run_dir)])
+    result = runner.invoke(app, ["train", *location, "--k", "3", "--epochs", "1", "--set", "model.d_model=8", "--out", str(run_dir)])
     assert result.exit_code == 0, result.output
     with _open(location) as store:
         settings = BuildSettings(n_frames=4)
@@ -177,7 +177,7 @@ def test_score_cli_matches_evaluate_on_real_posts(tmp_path):
     assert build.exit_code in (0, 1), build.output
     run_dir = tmp_path / "run"
     train = runner.invoke(app, [
-        "train", "--bank", str(bank), "--k", "8", "--epochs", "2", "--d-model", "32",
+        "train", "--bank", str(bank), "--k", "8", "--epochs", "2", "--set", "model.d_model=32",
         "--neighbour-group", "user_name", "--out", str(run_dir),
     ])
     assert train.exit_code == 0, train.output

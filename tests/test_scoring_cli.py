@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
         result = runner.invoke(bank_app, build_args(Path("posts.csv"), ["--bank", "bank"]))
         assert result.exit_code == 0, result.output
         result = runner.invoke(app, [
-            "train", "--bank", "bank", "--k", "5", "--epochs", "2", "--d-model", "16",
+            "train", "--bank", "bank", "--k", "5", "--epochs", "2", "--set", "model.d_model=16",
             "--neighbour-group", "creator", "--out", "run",
         ])
         assert result.exit_code == 0, result.output

@@ -103,7 +103,6 @@ def make_points(n: int = N, seed: int = 0) -> list[BankPoint]:
                 published_ts=float(1_600_000_000 + 1000 * i) if i % 7 != 0 else None,
                 metadata={"followers": i, "tags": ["a", "b"], "nested": {"x": 1.5}},
                 content_hash=f"hash-{i}",
-                split=SPLITS[i % 3],
                 duration_s=float(i % 30) + 0.5,
                 video=f"v{i}.mp4" if has_video else None,
             )
@@ -172,8 +171,6 @@ def matching(points: list[BankPoint], flt: SearchFilter, with_retrieval: bool = 
             continue
         if flt.labelled_only and not p.labelled:
             continue
-        if flt.splits is not None and p.split not in flt.splits:
-            continue
         if flt.published_before is not None and (
             p.published_ts is None or not p.published_ts < flt.published_before
         ):
@@ -188,12 +185,11 @@ CUTOFF = 1_600_000_000 + 1000 * 120.0
 FILTERS = {
     "exclude_ids": SearchFilter(exclude_ids=["item-0", "item-1", "item-57"]),
     "labelled_only": SearchFilter(labelled_only=True),
-    "splits": SearchFilter(splits=["train", "test"]),
     "published_before": SearchFilter(published_before=CUTOFF),
     "has_video": SearchFilter(has_video=True),
     "no_video": SearchFilter(has_video=False),
     "combined": SearchFilter(
-        exclude_ids=["item-4"], labelled_only=True, splits=["train"], published_before=CUTOFF
+        exclude_ids=["item-4"], labelled_only=True, has_video=True, published_before=CUTOFF
     ),
 }
 
@@ -281,7 +277,6 @@ def test_reupsert_replaces(fresh_bank: BankStore, points: list[BankPoint]) -> No
         tokens=p.tokens,
         title="new title",
         content_hash="new-hash",
-        split="test",
     )
     bank.upsert([changed])
     assert bank.count() == N

@@ -151,8 +151,8 @@ def test_time_safe_retrieval_in_every_split(snapshot, by_time):
 def run_dir(bank, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "r"
     result = runner.invoke(app, [
-        "train", "--bank", str(bank[0]), "--k", "5", "--epochs", "2", "--batch-size", "64",
-        "--d-model", "32", "--split-by-time", "--meta-categorical", "creator",
+        "train", "--bank", str(bank[0]), "--k", "5", "--epochs", "2", "--set", "train.batch_size=64",
+        "--set", "model.d_model=32", "--split-by-time", "--meta-categorical", "creator",
         "--out", str(out),
     ])
     assert result.exit_code == 0, result.output
@@ -163,12 +163,12 @@ def test_run_has_metadata_expert_and_every_target(run_dir):
     run = Run.load(run_dir)
     assert run.time_safe and run.train_config.split_by_time
     assert set(run.targets) == {"likes", "views"}
-    assert run.model_config.n_targets == 2 and "M" in run.model_config.expert_names
+    assert run.model_config.inputs.n_targets == 2 and "M" in run.model_config.expert_names
     fz = run.featurizer
     assert fz is not None and fz.columns == ["followers", "duration", "creator"]
     assert {"age_h", "hour_sin", "hour_cos", "weekday"} <= set(fz.feature_names)
-    assert run.model_config.n_meta_numeric == fz.n_numeric
-    assert run.model_config.meta_cardinalities == fz.cardinalities
+    assert run.model_config.inputs.n_meta_numeric == fz.n_numeric
+    assert run.model_config.inputs.meta_cardinalities == fz.cardinalities
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     for split in ("val", "test"):
         assert set(metrics[split]) == {"likes", "views"}
@@ -274,8 +274,8 @@ def _neighbour_rows(snapshot, rows) -> list[np.ndarray]:
 def test_no_meta_ablation(bank, tmp_path):
     out = tmp_path / "nometa"
     result = runner.invoke(app, [
-        "train", "--bank", str(bank[0]), "--k", "5", "--epochs", "1", "--batch-size", "64",
-        "--d-model", "32", "--split-by-time", "--no-meta", "--out", str(out),
+        "train", "--bank", str(bank[0]), "--k", "5", "--epochs", "1", "--set", "train.batch_size=64",
+        "--set", "model.d_model=32", "--split-by-time", "--ablate", "meta", "--out", str(out),
     ])
     assert result.exit_code == 0, result.output
     run = Run.load(out)
@@ -321,9 +321,9 @@ def test_neighbour_group_must_be_a_metadata_column(snapshot):
 def test_scorer_retrieves_by_neighbour_group(bank, snapshot, encoders, tmp_path):
     out = tmp_path / "grouped"
     result = runner.invoke(app, [
-        "train", "--bank", str(bank[0]), "--k", "4", "--epochs", "1", "--batch-size", "64",
-        "--d-model", "16", "--split-by-time", "--neighbour-group", "creator",
-        "--group-retrieval", "2", "--out", str(out),
+        "train", "--bank", str(bank[0]), "--k", "4", "--epochs", "1", "--set", "train.batch_size=64",
+        "--set", "model.d_model=16", "--split-by-time", "--neighbour-group", "creator",
+        "--set", "train.group_retrieval=2", "--out", str(out),
     ])
     assert result.exit_code == 0, result.output
     run = Run.load(out)

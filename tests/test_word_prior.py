@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvpp.predictor.config import ModelConfig
+from mvpp.predictor.config import InputSizes, ModelConfig
 from mvpp.predictor.model import PopularityModel, WordPrior
 from mvpp.predictor.word_prior import WordPriorConfig, _solve, fit_word_ridge
 
@@ -91,15 +91,20 @@ def test_module_matches_the_fitted_ridge_and_ignores_padding() -> None:
 
 
 def test_word_prior_is_switched_by_config_and_kept_in_the_weights() -> None:
-    on = PopularityModel(ModelConfig(d_model=8, d_z=4, lexicon_size=10, n_targets=2))
+    def config(lexicon_size: int, **kw: object) -> ModelConfig:
+        return ModelConfig(inputs=InputSizes(lexicon_size=lexicon_size, n_targets=2), d_model=8, d_z=4, **kw)
+
+    on = PopularityModel(config(10))
     assert on.word_prior is not None and "word_prior.coef" in on.state_dict()
-    assert PopularityModel(ModelConfig(d_model=8, d_z=4, lexicon_size=10, use_word_prior=False)).word_prior is None
-    assert PopularityModel(ModelConfig(d_model=8, d_z=4, lexicon_size=0)).word_prior is None
+    assert PopularityModel(config(10, use_word_prior=False)).word_prior is None
+    assert PopularityModel(config(0)).word_prior is None
+    assert config(10, use_text=False, use_frames=True).has_word_prior is False
 
 
 def test_runs_saved_before_the_word_prior_load_without_one() -> None:
-    old = ModelConfig(lexicon_size=10, use_lexicon=True).to_dict()
-    del old["use_word_prior"]
+    """A run's config of an earlier version (input sizes at the top level, no
+    use_word_prior) loads as the model it was: without a word prior."""
+    old = {k: v for k, v in ModelConfig().to_dict().items() if k not in ("inputs", "use_word_prior")}
+    old.update(lexicon_size=10, d_frame=512, d_token=384, n_targets=1, use_lexicon=False)
     cfg = ModelConfig.from_dict(old)
-    assert not cfg.has_word_prior and PopularityModel(cfg).word_prior is None
-    assert ModelConfig(lexicon_size=10, use_text=False, use_frames=True).has_word_prior is False
+    assert cfg.inputs.lexicon_size == 10 and not cfg.has_word_prior and PopularityModel(cfg).word_prior is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -37,12 +38,12 @@ from mvpp.memory_bank.encoders.base import resolve_device
 from mvpp.memory_bank.encoders.profiles import load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, parse_rows, read_table
 from mvpp.memory_bank.store import BankStore
-from mvpp.predictor.config import META_NUMERIC_EMBEDDINGS, ModelConfig
-from mvpp.predictor.features import DEFAULT_MIN_COUNT
+from mvpp.predictor.config import ABLATIONS, ModelConfig
+from mvpp.predictor.config_file import build_configs
 from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run, save_run
 from mvpp.predictor.scoring import DEFAULT_MEMORY, MEMORIES, RunPredictor, Scorer
-from mvpp.predictor.training import TrainConfig, train
+from mvpp.predictor.training import TRAIN_ABLATIONS, TrainConfig, train
 from mvpp.retriever.snapshot import BankSnapshot, read_snapshot
 
 app = typer.Typer(
@@ -70,39 +71,47 @@ def metrics_table(title: str, metrics: dict[str, Metrics]) -> Table:
     return table
 
 
+def _default(value: object) -> str:
+    """A dataclass default as it reads in --help (rich markup's bracket escaped)."""
+    return f"\\[default: {value}]"
+
+
 @app.command("train")
 def train_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/latest"),
-    k: Annotated[int, typer.Option("--k", help="Neighbours retrieved per item (0 = no retrieval).", min=0)] = 10,
-    epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs.", min=1)] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per step.", min=1)] = 256,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, one-cycle).")] = 1e-3,
-    lambda_kl: Annotated[float, typer.Option("--lambda-kl", help="Weight of the KL term after warm-up.")] = 1e-3,
-    kl_warmup: Annotated[int, typer.Option("--kl-warmup", help="Epochs of linear KL warm-up.")] = 5,
-    patience: Annotated[int, typer.Option("--patience", help="Early stopping patience (epochs).")] = 5,
-    alpha: Annotated[float, typer.Option("--alpha", help="Bipolar attention alpha in [0, 1].")] = 0.5,
-    d_model: Annotated[int, typer.Option("--d-model", help="Model width.")] = 128,
-    dropout: Annotated[
-        float | None, typer.Option("--dropout", help="Dropout rate in [0, 1) \\[default: model's].")
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the training.")] = 0,
-    target: Annotated[
-        list[str] | None, typer.Option("--target", help="Label(s) to predict \\[default: all labels of the bank].")
-    ] = None,
-    loss: Annotated[str, typer.Option("--loss", help="gaussian_nll or mse.")] = "gaussian_nll",
-    beta_nll: Annotated[
-        float,
+    config: Annotated[
+        Path | None,
         typer.Option(
-            "--beta-nll",
-            help="beta-NLL exponent in [0, 1]: weights each item's Gaussian NLL by its "
-            "predicted variance^beta, so noisy items still pull the mean (0 = plain NLL).",
-            min=0.0,
-            max=1.0,
+            "--config",
+            help="Settings file (.toml or .json) with sections [train] and [model]: any field of "
+            "TrainConfig and ModelConfig. A run's config.json is one: it trains that run again.",
         ),
-    ] = TrainConfig().beta_nll,
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override one setting: SECTION.KEY=VALUE, e.g. model.dropout=0.1 or train.lr=2e-3 "
+            "(repeatable; after --config).",
+        ),
+    ] = None,
+    k: Annotated[
+        int | None,
+        typer.Option("--k", help=f"Neighbours retrieved per item; 0: no retrieval. {_default(TrainConfig().k)}", min=0),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help=f"Most epochs (early stopping may end sooner). {_default(TrainConfig().epochs)}", min=1)
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help=f"Seed of the split and the training. {_default(TrainConfig().seed)}")
+    ] = None,
+    target: Annotated[
+        list[str] | None, typer.Option("--target", help="Label(s) to predict \\[default: every label of the bank].")
+    ] = None,
     split_by_time: Annotated[
-        bool, typer.Option("--split-by-time", help="Train on the earliest 80%, test on the latest 10%.")
-    ] = False,
+        bool | None,
+        typer.Option("--split-by-time", help="Train on the earliest 80%, validate on the next 10%, test on the latest 10%."),
+    ] = None,
     time_safe: Annotated[
         bool | None,
         typer.Option(
@@ -110,165 +119,60 @@ def train_cmd(
             help="Retrieve only items published before the query \\[default: on when the bank has times].",
         ),
     ] = None,
-    no_retrieval: Annotated[bool, typer.Option("--no-retrieval", help="Ablation: no retrieved neighbours.")] = False,
-    no_poe: Annotated[bool, typer.Option("--no-poe", help="Ablation: concatenation instead of PoE.")] = False,
-    no_interaction: Annotated[
-        bool, typer.Option("--no-interaction", help="Ablation: no label interaction.")
-    ] = False,
-    no_positive: Annotated[bool, typer.Option("--no-positive", help="Ablation: no positive attention.")] = False,
-    no_negative: Annotated[bool, typer.Option("--no-negative", help="Ablation: no negative attention.")] = False,
-    no_frames: Annotated[bool, typer.Option("--no-frames", help="Ablation: drop the visual modality.")] = False,
-    no_text: Annotated[bool, typer.Option("--no-text", help="Ablation: drop the text modality.")] = False,
-    no_meta: Annotated[
-        bool, typer.Option("--no-meta", help="Ablation: no metadata expert (metadata, duration, times).")
-    ] = False,
-    lexicon: Annotated[
-        bool,
-        typer.Option(
-            "--lexicon/--no-lexicon",
-            help="Give the text a title bag-of-words position (vocabulary from the training split).",
-        ),
-    ] = ModelConfig().use_lexicon,
-    word_prior: Annotated[
-        bool,
-        typer.Option(
-            "--word-prior/--no-word-prior",
-            help="Give the decoder a ridge regression's estimate from the title's words "
-            "(fitted on the training split, out-of-fold on training items).",
-        ),
-    ] = ModelConfig().use_word_prior,
-    neighbour_prior: Annotated[
-        bool,
-        typer.Option(
-            "--neighbour-prior/--no-neighbour-prior",
-            help="Give the decoder the neighbours' labels averaged with the retrieval weights.",
-        ),
-    ] = ModelConfig().use_neighbour_prior,
-    neighbour_summary: Annotated[
-        bool,
-        typer.Option(
-            "--neighbour-summary/--no-neighbour-summary",
-            help="Give the decoder unweighted statistics of the neighbourhood: label mean, "
-            "std and top-1 label, share of neighbours with a label, largest and mean similarity.",
-        ),
-    ] = ModelConfig().use_neighbour_summary,
-    lexicon_min_count: Annotated[
-        int,
-        typer.Option(
-            "--lexicon-min-count",
-            help="Training titles a term must appear in to enter the vocabulary.",
-            min=1,
-        ),
-    ] = TrainConfig().lexicon_min_count,
-    lexicon_ngrams: Annotated[
-        int,
-        typer.Option(
-            "--lexicon-ngrams",
-            help="Longest run of adjacent title words counted as one term (1: single words).",
-            min=1,
-        ),
-    ] = TrainConfig().lexicon_ngrams,
-    lexical_retrieval: Annotated[
-        float,
-        typer.Option(
-            "--lexical-retrieval",
-            help="Hybrid neighbours: the dense search's best candidates are re-scored as "
-            "cosine + this weight x TF-IDF cosine of the titles' terms (0 = dense only).",
-            min=0.0,
-        ),
-    ] = TrainConfig().lexical_retrieval,
-    rerank_candidates: Annotated[
-        int,
-        typer.Option("--rerank-candidates", help="Dense candidates re-scored per item by --lexical-retrieval.", min=1),
-    ] = TrainConfig().rerank_candidates,
     neighbour_group: Annotated[
         str | None,
         typer.Option(
             "--neighbour-group",
-            help="Metadata column (e.g. a creator id) whose equal values make a neighbour "
-            "score --group-retrieval more: a creator's earlier posts are retrieved first.",
+            help="Metadata column (e.g. a creator id) whose equal values put a neighbour first: "
+            "a creator's earlier posts are retrieved before any other's.",
         ),
     ] = None,
-    group_retrieval: Annotated[
-        float,
-        typer.Option(
-            "--group-retrieval",
-            help="Retrieval bonus of a neighbour in the query's --neighbour-group, on the cosine's scale.",
-            min=0.0,
-        ),
-    ] = TrainConfig().group_retrieval,
-    meta_to_decoder: Annotated[
-        bool,
-        typer.Option(
-            "--meta-to-decoder/--no-meta-to-decoder",
-            help="Also give the metadata representation to the decoder directly, not only through z.",
-        ),
-    ] = ModelConfig().meta_to_decoder,
-    meta_numbers: Annotated[
-        str,
-        typer.Option(
-            "--meta-numbers",
-            help="How numeric metadata enters: 'linear' (as is) or 'periodic' (each number "
-            "its own learnt sin/cos embedding).",
-        ),
-    ] = ModelConfig().meta_numeric_embedding,
     meta_col: Annotated[
         list[str] | None,
         typer.Option("--meta-col", help="Metadata column(s) of the bank to use \\[default: all]."),
     ] = None,
     meta_categorical: Annotated[
         list[str] | None,
+        typer.Option("--meta-categorical", help="Metadata column to treat as categories even if numeric (e.g. a creator id)."),
+    ] = None,
+    ablate: Annotated[
+        list[str] | None,
         typer.Option(
-            "--meta-categorical",
-            help="Metadata column to treat as categories even if numeric (e.g. a creator id).",
+            "--ablate",
+            help=f"Switch parts off, comma-separated or repeated: {', '.join([*ABLATIONS, *TRAIN_ABLATIONS])}.",
         ),
     ] = None,
-    meta_min_count: Annotated[
-        int,
-        typer.Option(
-            "--meta-min-count",
-            help="Categories seen fewer times in training go to the unknown bucket.",
-            min=1,
-        ),
-    ] = DEFAULT_MIN_COUNT,
+    device: DeviceOpt = None,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
     collection: CollectionOpt = "mvpp",
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train the predictor on the bank's labelled items, with retrieval."""
+    """Train the predictor on the bank's labelled items, with retrieval.
+
+    Every setting has a default in TrainConfig / ModelConfig; --config and --set change
+    any of them, the flags the common ones.
+    """
     setup_logging(verbose)
-    if not 0.0 <= alpha <= 1.0:
-        fail("--alpha must lie in [0, 1]")
-    if loss not in ("gaussian_nll", "mse"):
-        fail("--loss must be gaussian_nll or mse")
-    if dropout is not None and not 0.0 <= dropout < 1.0:
-        fail("--dropout must lie in [0, 1)")
-    if meta_numbers not in META_NUMERIC_EMBEDDINGS:
-        fail(f"--meta-numbers must be one of {', '.join(META_NUMERIC_EMBEDDINGS)}")
-    cfg = TrainConfig(
-        k=k, epochs=epochs, batch_size=batch_size, lr=lr, lambda_kl=lambda_kl,
-        kl_warmup_epochs=kl_warmup, patience=patience, seed=seed, targets=target or [],
-        loss=loss, beta_nll=beta_nll, split_by_time=split_by_time, time_safe=time_safe,
-        meta_cols=meta_col or [], meta_categorical=meta_categorical or [],
-        meta_min_count=meta_min_count, lexicon_min_count=lexicon_min_count,
-        lexicon_ngrams=lexicon_ngrams, lexical_retrieval=lexical_retrieval,
-        rerank_candidates=rerank_candidates, neighbour_group=neighbour_group or "",
-        group_retrieval=group_retrieval,
-    )
-    mcfg = ModelConfig(
-        d_model=d_model, alpha=alpha, use_retrieval=not no_retrieval and k > 0,
-        use_poe=not no_poe, use_label_interaction=not no_interaction,
-        use_positive_attention=not no_positive, use_negative_attention=not no_negative,
-        use_frames=not no_frames, use_text=not no_text, use_meta=not no_meta,
-        use_lexicon=lexicon, use_word_prior=word_prior, use_neighbour_prior=neighbour_prior,
-        use_neighbour_summary=neighbour_summary,
-        meta_to_decoder=meta_to_decoder,
-        meta_numeric_embedding=meta_numbers,
-    )
-    if dropout is not None:
-        mcfg.dropout = dropout
+    with friendly_errors():
+        cfg, mcfg = build_configs(config, set_)
+        flags = {
+            "k": k, "epochs": epochs, "seed": seed, "split_by_time": split_by_time, "time_safe": time_safe,
+            "targets": target, "neighbour_group": neighbour_group, "meta_cols": meta_col,
+            "meta_categorical": meta_categorical, "device": device,
+        }
+        cfg = replace(cfg, **{name: value for name, value in flags.items() if value is not None})
+        for name in (n.strip() for part in ablate or [] for n in part.split(",") if n.strip()):
+            if name in ABLATIONS:
+                setattr(mcfg, ABLATIONS[name], False)
+            elif name in TRAIN_ABLATIONS:
+                field_name, off = TRAIN_ABLATIONS[name]
+                cfg = replace(cfg, **{field_name: off})
+            else:
+                fail(f"--ablate {name!r}: choose from {', '.join([*ABLATIONS, *TRAIN_ABLATIONS])}")
+        mcfg.use_retrieval = mcfg.use_retrieval and cfg.k > 0
+        ModelConfig.from_dict(mcfg.to_dict())  # the switches must leave something to encode
     loc = location(bank, qdrant_url, api_key, collection)
     with friendly_errors():
         # The bank is read once and closed: training never holds it open.

@@ -28,7 +28,6 @@ ITEM_NAMESPACE = uuid.UUID("6f1c1c9e-4a8e-5b8e-9a55-2f1b7d0c3e11")
 # Payload keys that get a payload index (filters used by the retriever).
 INDEXED_FIELDS: dict[str, str] = {
     "item_id": "keyword",
-    "split": "keyword",
     "labelled": "bool",
     "has_video": "bool",
     "published_ts": "float",
@@ -128,7 +127,6 @@ class BankPoint:
     published_ts: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
-    split: str | None = None
     duration_s: float | None = None
     video: str | None = None
     # When the labels were observed (e.g. scrape time): the post's age at observation.
@@ -157,7 +155,6 @@ class BankPoint:
             "published_ts": self.published_ts,
             "metadata": dict(self.metadata),
             "content_hash": self.content_hash,
-            "split": self.split,
             "duration_s": self.duration_s,
             "video": self.video,
             "observed_at": self.observed_at,
@@ -185,7 +182,6 @@ class BankPoint:
             published_ts=payload.get("published_ts"),
             metadata=dict(payload.get("metadata") or {}),
             content_hash=payload.get("content_hash") or "",
-            split=payload.get("split"),
             duration_s=payload.get("duration_s"),
             video=payload.get("video"),
             observed_at=payload.get("observed_at"),
@@ -199,7 +195,6 @@ class SearchFilter:
 
     exclude_ids: list[str] = field(default_factory=list)
     labelled_only: bool = False
-    splits: list[str] | None = None
     published_before: float | None = None  # unix seconds; strict
     has_video: bool | None = None
 
@@ -207,7 +202,6 @@ class SearchFilter:
         return (
             not self.exclude_ids
             and not self.labelled_only
-            and self.splits is None
             and self.published_before is None
             and self.has_video is None
         )

@@ -16,7 +16,7 @@ import torch
 
 from mvpp.predictor.features import MetaFeaturizer
 from mvpp.predictor.lexicon import Lexicon
-from mvpp.predictor.model import ModelBatch, PopularityModel
+from mvpp.predictor.model import ModelBatch, PopularityModel, neighbour_summary
 from mvpp.retriever.bulk import Neighbours
 from mvpp.retriever.search import GroupBoost, LexicalRerank, NeighbourSearch, QueryBatch
 from mvpp.retriever.snapshot import BankSnapshot
@@ -126,17 +126,16 @@ class ItemFeatures:
 
 @dataclass
 class ProjectedRows:
-    """Projected features (`PopularityModel.project_items`) of some snapshot rows.
+    """Projected features (`PopularityModel.project_items`) of some snapshot rows: what
+    they bring as neighbours.
 
     position: (N,) a row's position in the tensors below, -1 where it was not projected.
-    frames: (R, L, d) or None when frames are off; tokens: (R, n [+ 1], d) or None, with
-    the bag-of-words position last when `word_slot` (the model's lexicon is on).
+    frames: (R, L, d), tokens: (R, n, d); None for a modality the model has switched off.
     """
 
     position: np.ndarray
     frames: torch.Tensor | None
     tokens: torch.Tensor | None
-    word_slot: bool
 
 
 class FeatureTable:
@@ -196,23 +195,21 @@ class FeatureTable:
         position = np.full(n, -1, np.int64)
         position[rows] = np.arange(len(rows))
         frames, tokens = [], []
+        dev = next(model.parameters()).device
         # an empty chunk still gives the projected shapes (None only for a modality that is off)
         for lo in range(0, max(1, len(rows)), chunk):
             sl = torch.from_numpy(rows[lo : lo + chunk])
             f_mask = _length_mask(self.frame_len[sl], self.frames.shape[1])
             t_mask = _length_mask(self.token_len[sl], self.tokens.shape[1])
-            words = self.words[sl] if self.words is not None else None
-            weights = self.word_weights[sl] if self.word_weights is not None else None
             x_v, x_t = model.project_items(
-                self.frames[sl].float(), f_mask, self.tokens[sl].float(), t_mask, words, weights
+                self.frames[sl].to(dev).float(), f_mask.to(dev), self.tokens[sl].to(dev).float(), t_mask.to(dev)
             )
-            frames.append(x_v)
-            tokens.append(x_t)
+            frames.append(x_v.cpu() if x_v is not None else None)
+            tokens.append(x_t.cpu() if x_t is not None else None)
         self.projection = ProjectedRows(
             position,
             torch.cat(frames) if frames and frames[0] is not None else None,
             torch.cat(tokens) if tokens and tokens[0] is not None else None,
-            word_slot=model.lexical is not None,
         )
 
     def clear_projection(self) -> None:
@@ -245,67 +242,54 @@ def make_batch(
     nb_indices: np.ndarray,
     nb_scores: np.ndarray,
 ) -> ModelBatch:
-    """A model batch for queries (features given) and their neighbours (snapshot rows).
+    """A model batch for queries (features given) and their neighbours (snapshot rows,
+    -1 for none, in `table`, whose projection must hold every one of them).
 
-    nb_indices: (B, k) rows of the snapshot, -1 for no neighbour. With a projection on
-    the table, the neighbours' features come from it and every neighbour must be in it.
+    nb_indices, nb_scores: (B, k).
     """
+    proj = table.projection
+    if proj is None:
+        raise ValueError("the feature table has no projection: project the neighbours' rows first")
     b, k = nb_indices.shape
     idx = torch.from_numpy(nb_indices)
     valid = idx >= 0
     safe = idx.clamp(min=0)
-    proj = table.projection
-    n_tok, n_frm = table.tokens.shape[1], table.frames.shape[1]
-    tok_src, frm_src, gather = table.tokens, table.frames, safe
-    if proj is not None:
-        pos = proj.position[nb_indices.clip(min=0)]
-        if (pos[nb_indices >= 0] < 0).any():
-            raise ValueError("a neighbour was not projected: project the rows the batch needs first")
-        gather = torch.from_numpy(np.maximum(pos, 0))
-        # a switched-off modality keeps an empty source, only for shapes: never read
-        tok_src = proj.tokens if proj.tokens is not None else table.tokens[:0, :0]
-        frm_src = proj.frames if proj.frames is not None else table.frames[:0, :0]
-        n_tok, n_frm = (n_tok if proj.tokens is not None else 0), (n_frm if proj.frames is not None else 0)
-    empty_tok, empty_frm = tok_src.shape[0] == 0, frm_src.shape[0] == 0
-    nb_tokens = (
-        tok_src.new_zeros(b, k, *tok_src.shape[1:]) if empty_tok else tok_src[gather]
-    ).float()  # (B, k, n [+ 1], d_t or d)
-    nb_token_len = torch.where(valid, table.token_len[safe], 0) if n_tok else torch.zeros_like(safe)
-    nb_token_mask = _length_mask(nb_token_len, n_tok)
-    nb_words = nb_word_weights = None
-    if table.words is not None and table.word_weights is not None:
-        nb_words = torch.where(valid.unsqueeze(-1), table.words[safe], 0)  # (B, k, W)
-        nb_word_weights = table.word_weights[safe]
-        if proj is not None and proj.word_slot and proj.tokens is not None:
-            has_words = (nb_words > 0).any(dim=-1, keepdim=True)  # (B, k, 1)
-            nb_token_mask = torch.cat([nb_token_mask, has_words], dim=-1)
-    nb_frames = (
-        frm_src.new_zeros(b, k, *frm_src.shape[1:]) if empty_frm else frm_src[gather]
-    ).float()  # (B, k, L, d_v or d)
-    nb_frame_len = torch.where(valid, table.frame_len[safe], 0) if n_frm else torch.zeros_like(safe)
+    pos = proj.position[nb_indices.clip(min=0)]
+    if (pos[nb_indices >= 0] < 0).any():
+        raise ValueError("a neighbour was not projected: project the rows the batch needs first")
+    gather = torch.from_numpy(np.maximum(pos, 0))
+
+    def sequences(projected: torch.Tensor | None, lengths: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, k, P, d) and (B, k, P); a modality that is off keeps an empty sequence
+        if projected is None:
+            return torch.zeros(b, k, 0, 1), torch.zeros(b, k, 0, dtype=torch.bool)
+        x = projected.new_zeros(b, k, *projected.shape[1:]) if len(projected) == 0 else projected[gather]
+        return x.float(), _length_mask(torch.where(valid, lengths[safe], 0), size)
+
+    nb_frames, nb_frame_mask = sequences(proj.frames, table.frame_len, table.frames.shape[1])
+    nb_tokens, nb_token_mask = sequences(proj.tokens, table.token_len, table.tokens.shape[1])
     nb_labels = table.targets[safe]  # (B, k, T)
     nb_label_mask = valid.unsqueeze(-1) & ~torch.isnan(nb_labels)
-    sims = torch.from_numpy(np.where(nb_indices >= 0, nb_scores, 0.0).astype(np.float32))
+    nb_labels = torch.nan_to_num(nb_labels, nan=0.0)
+    scores = torch.from_numpy(np.where(nb_indices >= 0, nb_scores, 0.0).astype(np.float32))
     return ModelBatch(
         frames=query.frames,
         frame_mask=_length_mask(query.frame_len, query.frames.shape[1]),
         tokens=query.tokens,
         token_mask=_length_mask(query.token_len, query.tokens.shape[1]),
         nb_frames=nb_frames,
-        nb_frame_mask=_length_mask(nb_frame_len, n_frm),
+        nb_frame_mask=nb_frame_mask,
         nb_tokens=nb_tokens,
         nb_token_mask=nb_token_mask,
-        nb_sim=sims,
+        nb_score=scores,
         nb_mask=valid,
-        nb_labels=torch.nan_to_num(nb_labels, nan=0.0),
+        nb_labels=nb_labels,
         nb_label_mask=nb_label_mask,
+        nb_summary=neighbour_summary(nb_labels, nb_label_mask, scores, valid),
         meta_numeric=query.meta_numeric,
         meta_numeric_mask=query.meta_numeric_mask,
         meta_categorical=query.meta_categorical,
         words=query.words,
         word_weights=query.word_weights,
         word_prior=query.word_prior,
-        nb_words=nb_words,
-        nb_word_weights=nb_word_weights,
-        projected_neighbours=proj is not None,
     )

@@ -186,10 +186,6 @@ class MetaFeaturizer:
         """Names of the numeric output columns: NAME, then NAME#1.. for the pieces."""
         return [f.name if t == 0 else f"{f.name}#{t}" for f in self.numeric for t in range(f.width)]
 
-    def model_sizes(self) -> dict[str, Any]:
-        """The ModelConfig fields this featurizer implies."""
-        return {"n_meta_numeric": self.n_numeric, "meta_cardinalities": self.cardinalities}
-
     # -- fitting ---------------------------------------------------------------------
 
     @classmethod

@@ -37,6 +37,7 @@ from mvpp.predictor.training import (
     PreparedData,
     TrainConfig,
     neighbour_policy,
+    predict_batch,
     prepare,
     scaled_interval,
 )
@@ -165,9 +166,7 @@ class RunPredictor:
         model.eval()
         self.table.project(model, nb.indices[nb.indices >= 0])
         batch = make_batch(self.table, table.items(torch.from_numpy(rows)), nb.indices, nb.scores)
-        q = ((1 - cfg.interval) / 2, 1 - (1 - cfg.interval) / 2)
-        pred = model.predict(batch, n_samples=cfg.mc_samples, quantiles=q, seed=cfg.seed)
-        return pred, nb
+        return predict_batch(model, batch, cfg.mc_samples, cfg.quantiles, cfg.seed), nb
 
     def _rows(self, item_ids: list[str], pred: Prediction, nb: Neighbours) -> list[ScoreRow]:
         """Target-scale predictions with their calibrated intervals, as rows."""

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from mvpp.predictor.config import ModelConfig
+from mvpp.predictor.config import ModelConfig, check_keys, drop_removed
 from mvpp.predictor.dataset import (
     FeatureTable,
     GroupBoost,
@@ -33,7 +33,7 @@ from mvpp.predictor.lexicon import DEFAULT_MIN_COUNT as LEXICON_MIN_COUNT
 from mvpp.predictor.lexicon import DEFAULT_NGRAMS as LEXICON_NGRAMS
 from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.metrics import Metrics, regression_metrics
-from mvpp.predictor.model import ModelBatch, PopularityModel, Prediction
+from mvpp.predictor.model import LOSSES, ModelBatch, PopularityModel, Prediction, popularity_loss
 from mvpp.predictor.word_prior import WordPriorConfig, WordRidge, fit_word_ridge
 from mvpp.retriever.bulk import Neighbours
 from mvpp.retriever.snapshot import BankSnapshot
@@ -77,11 +77,10 @@ class TrainConfig:
     eval_batch_size: int = 512
     threads: int | None = None
     # Neighbours' projected features come from a table refreshed every this many steps
-    # instead of being projected in every batch (several times faster on CPU; the
-    # neighbour side then passes no gradient). 0 projects every neighbour every step.
+    # instead of being projected in every batch: several times faster on CPU, the
+    # neighbour side then passes no gradient, and projecting afresh every step measured
+    # no better (benchmarks/README.md).
     projection_refresh_steps: int = 20
-    # Decay of the weight average that is evaluated and saved (0 = the raw weights).
-    ema_decay: float = 0.0
     # Metadata expert inputs (features.MetaFeaturizer): the bank's metadata columns to use
     # (empty: all), columns to treat as categories even when numeric (e.g. a creator id),
     # and the training count below which a category goes to the unknown bucket.
@@ -105,16 +104,43 @@ class TrainConfig:
     # equal values make a key score `group_retrieval` more; empty: no groups.
     neighbour_group: str = ""
     group_retrieval: float = GROUP_RETRIEVAL_WEIGHT
+    # Torch device of the model while training and predicting; None: CUDA when present.
+    device: str | None = None
+
+    @property
+    def quantiles(self) -> tuple[float, float]:
+        """The predictive interval's lower and upper quantiles (0.05, 0.95 for 0.9)."""
+        return (1 - self.interval) / 2, 1 - (1 - self.interval) / 2
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __post_init__(self) -> None:
+        if self.projection_refresh_steps < 1:
+            raise ValueError("TrainConfig.projection_refresh_steps must be at least 1")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.beta_nll <= 1.0:
+            raise ValueError(f"TrainConfig.beta_nll must lie in [0, 1], got {self.beta_nll}")
+        if self.k < 0 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("TrainConfig: k must be >= 0, epochs and batch_size >= 1")
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = set(cls.__dataclass_fields__)
-        # runs saved before hybrid neighbours existed were trained on dense ones
-        d = {"lexical_retrieval": 0.0, **d}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Inverse of `to_dict`. Unknown keys are an error that names them; configs of
+        earlier versions load (options since removed left off)."""
+        # a run saved before hybrid neighbours existed (a run's config holds every field)
+        legacy = "lexical_retrieval" not in d and {"mc_samples", "eval_batch_size", "calibrate_interval"} <= set(d)
+        d = drop_removed("train", dict(d), {"ema_decay": 0.0})
+        if d.get("projection_refresh_steps") == 0:
+            raise ValueError(
+                "train config switches on an option this version no longer has: "
+                "projection_refresh_steps=0 (see benchmarks/README.md, \"Removed options\")"
+            )
+        if legacy:  # runs saved before hybrid neighbours existed were trained on dense ones
+            d = {"lexical_retrieval": 0.0, **d}
+        check_keys("train", d, cls)
+        return cls(**d)
 
 
 @dataclass
@@ -276,13 +302,14 @@ def model_config_for(data: PreparedData, base: ModelConfig | None = None) -> Mod
     """The model config with input sizes and modality switches fitted to the bank."""
     snap = data.snapshot
     cfg = copy.deepcopy(base) if base else ModelConfig()
-    cfg.d_token = max(1, snap.tokens.shape[2])
-    cfg.d_frame = max(1, snap.frames.shape[2])
-    cfg.n_targets = len(data.target_idx)
+    sizes = cfg.inputs
+    sizes.d_token = max(1, snap.tokens.shape[2])
+    sizes.d_frame = max(1, snap.frames.shape[2])
+    sizes.n_targets = len(data.target_idx)
     fz = data.featurizer
-    cfg.n_meta_numeric = fz.n_numeric if fz is not None else 0
-    cfg.meta_cardinalities = fz.cardinalities if fz is not None else []
-    cfg.lexicon_size = data.lexicon.size if data.lexicon is not None else 0
+    sizes.n_meta_numeric = fz.n_numeric if fz is not None else 0
+    sizes.meta_cardinalities = fz.cardinalities if fz is not None else []
+    sizes.lexicon_size = data.lexicon.size if data.lexicon is not None else 0
     # A modality absent from the whole bank has nothing to learn from.
     if snap.frames.shape[1] == 0:
         cfg.use_frames = False
@@ -320,12 +347,12 @@ def predict_split(
     """Predictions (normalised scale) for every item of a split, in split order."""
     parts: list[Prediction] = []
     samples = cfg.mc_samples if mc_samples is None else mc_samples
-    q = ((1 - cfg.interval) / 2, 1 - (1 - cfg.interval) / 2)
+    q = cfg.quantiles
     model.eval()
     nb = data.neighbours[split].indices
     data.table.project(model, nb[nb >= 0])  # exact: the current weights, no dropout
     for _, batch, _ in iterate_batches(data, split, cfg.eval_batch_size):
-        parts.append(model.predict(batch, n_samples=samples, quantiles=q, seed=cfg.seed))
+        parts.append(predict_batch(model, batch, samples, q, cfg.seed))
     if not parts:
         t = len(data.target_idx)
         empty = torch.zeros(0, t)
@@ -337,6 +364,16 @@ def predict_split(
         torch.cat([p.upper for p in parts]),
         q,
     )
+
+
+def predict_batch(
+    model: PopularityModel, batch: ModelBatch, n_samples: int, quantiles: tuple[float, float], seed: int
+) -> Prediction:
+    """The model's prediction for a batch built on the CPU, on the CPU whatever the
+    model's device."""
+    device = next(model.parameters()).device
+    pred = model.predict(batch.to(device), n_samples=n_samples, quantiles=quantiles, seed=seed)
+    return Prediction(pred.mean.cpu(), pred.std.cpu(), pred.lower.cpu(), pred.upper.cpu(), pred.quantiles)
 
 
 def split_metrics(
@@ -392,6 +429,9 @@ def _finite_mean(values: list[float]) -> float:
     ok = [v for v in values if math.isfinite(v)]
     return float(np.mean(ok)) if ok else math.nan
 
+
+#: `mvpp train --ablate NAME` for the neighbour search: the TrainConfig field and its "off".
+TRAIN_ABLATIONS: dict[str, tuple[str, float]] = {"lexical-retrieval": ("lexical_retrieval", 0.0)}
 
 # Fewest labelled items a run trains on: 80/10/10 must leave one item to validate and test.
 MIN_LABELLED = 10
@@ -449,11 +489,12 @@ def train(
         snapshot,
         cfg,
         meta="fit" if base_cfg.use_meta else None,
-        lexicon="fit" if base_cfg.use_lexicon or base_cfg.use_word_prior or cfg.lexical_retrieval else None,
+        lexicon="fit" if base_cfg.use_word_prior or cfg.lexical_retrieval else None,
         word_prior=base_cfg.use_word_prior,
     )
     mcfg = model_config_for(data, model_cfg)
-    model = PopularityModel(mcfg)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = PopularityModel(mcfg).to(device)
     if model.word_prior is not None:
         if data.word_ridge is None:
             raise ValueError("the model uses the word prior but the data has no word ridge: prepare(word_prior=True)")
@@ -464,17 +505,7 @@ def train(
     n_batches = math.ceil(len(data.splits["train"]) / cfg.batch_size)
     sched = one_cycle(opt, cfg.lr, cfg.epochs * n_batches)
     notify("start", {"epochs": cfg.epochs, "batches": n_batches, "splits": {k: len(v) for k, v in data.splits.items()}})
-    # An exponential moving average of the weights is what gets evaluated and kept:
-    # on small noisy targets it generalises better than the last step's weights.
-    ema = (
-        torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay)
-        )
-        if cfg.ema_decay > 0
-        else None
-    )
-    evaluated = ema.module if ema is not None else model
-    best = (math.inf, -1, copy.deepcopy(evaluated.state_dict()))
+    best = (math.inf, -1, copy.deepcopy(model.state_dict()))
     history: list[EpochLog] = []
     train_seconds = []
     bad_epochs = 0
@@ -486,23 +517,22 @@ def train(
         data.table.clear_projection()
         order = rng.permutation(len(data.splits["train"]))
         for step, lo in enumerate(range(0, len(order), cfg.batch_size)):
-            if cfg.projection_refresh_steps and step % cfg.projection_refresh_steps == 0:
+            if step % cfg.projection_refresh_steps == 0:
                 data.table.project(model)
             batch, y = batch_for(data, "train", order[lo : lo + cfg.batch_size])
-            out = model(batch)
-            loss, _parts = model.loss(out, y, ~torch.isnan(y), cfg.lambda_kl * warm, cfg.loss, cfg.beta_nll)
+            out = model(batch.to(device))
+            y = y.to(device)
+            loss, _parts = popularity_loss(out, y, ~torch.isnan(y), cfg.lambda_kl * warm, cfg.loss, cfg.beta_nll)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
             losses.append(float(loss.detach()))
             notify("step", {"loss": losses[-1]})
         train_seconds.append(time.perf_counter() - t0)
-        val = split_metrics(data, "val", predict_split(evaluated, data, "val", cfg, mc_samples=0))
+        val = split_metrics(data, "val", predict_split(model, data, "val", cfg, mc_samples=0))
         val_nmse = _finite_mean([m.nmse for m in val.values()])
         val_src = _finite_mean([m.src for m in val.values()])
         log = EpochLog(epoch + 1, float(np.mean(losses)), val_nmse, val_src, time.perf_counter() - t0)
@@ -513,7 +543,7 @@ def train(
         # a validation split too small to measure (one item, or equal targets) gives no
         # nMSE: then every epoch counts as the best so far and training runs its course
         if not math.isfinite(val_nmse) or val_nmse < best[0]:
-            best = (val_nmse if math.isfinite(val_nmse) else math.inf, epoch + 1, copy.deepcopy(evaluated.state_dict()))
+            best = (val_nmse if math.isfinite(val_nmse) else math.inf, epoch + 1, copy.deepcopy(model.state_dict()))
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -532,5 +562,5 @@ def train(
         pred = val_pred if split == "val" else predict_split(model, data, split, cfg)
         metrics[split] = split_metrics(data, split, pred, scale, cfg.interval)
     return TrainResult(
-        model, mcfg, data, history, best[1], scale, metrics, float(np.mean(train_seconds))
+        model.cpu(), mcfg, data, history, best[1], scale, metrics, float(np.mean(train_seconds))
     )

@@ -22,8 +22,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +58,22 @@ class WordRidge:
 
     def predict(self, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """(N, W), (N, W) -> (N, T)."""
-        return _matvec(ids, weights, self.coef) + self.bias
+        return ridge_estimate(ids, weights, self.coef, self.bias)
+
+
+def ridge_estimate(ids: Any, weights: Any, coef: Any, bias: Any) -> Any:
+    """bias + sum_w weight_w coef[id_w]: ids and weights (N, W), coef (V + 1, T) with row 0
+    (padding) zero, bias (T,) or 0 -> (N, T). Numpy arrays (fitting) or torch tensors (the
+    model's WordPrior): one formula for both."""
+    if isinstance(coef, torch.Tensor):  # padded slots may hold anything, even NaN
+        weights = torch.where(ids > 0, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+        return torch.einsum("nw,nwt->nt", weights, coef[ids]) + bias
+    return np.einsum("nw,nwt->nt", np.where(ids > 0, weights, 0.0), coef[ids]) + bias
 
 
 def _matvec(ids: np.ndarray, weights: np.ndarray, coef: np.ndarray) -> np.ndarray:
     """X @ coef: (N, W) ids and weights, (V + 1, T) -> (N, T)."""
-    return np.einsum("nw,nwt->nt", weights, coef[ids])
+    return ridge_estimate(ids, weights, coef, 0.0)
 
 
 def _rmatvec(ids: np.ndarray, weights: np.ndarray, r: np.ndarray, n_rows: int) -> np.ndarray:

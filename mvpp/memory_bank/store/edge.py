@@ -134,8 +134,6 @@ def edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
         must_not.append(qe.HasIdCondition({point_id(i) for i in flt.exclude_ids}))
     if flt.labelled_only:
         must.append(qe.FieldCondition(key="labelled", match=_match_bool(True)))
-    if flt.splits is not None:
-        must.append(qe.FieldCondition(key="split", match=qe.MatchAny(list(flt.splits))))
     if flt.published_before is not None:
         must.append(
             qe.FieldCondition(

@@ -97,8 +97,6 @@ def server_filter(flt: SearchFilter | None) -> models.Filter | None:
         must_not.append(models.HasIdCondition(has_id=[point_id(i) for i in flt.exclude_ids]))
     if flt.labelled_only:
         must.append(models.FieldCondition(key="labelled", match=models.MatchValue(value=True)))
-    if flt.splits is not None:
-        must.append(models.FieldCondition(key="split", match=models.MatchAny(any=list(flt.splits))))
     if flt.published_before is not None:
         must.append(
             models.FieldCondition(
