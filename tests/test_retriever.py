@@ -15,7 +15,7 @@ from mvpp.media import MediaError
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.profiles import Encoders, EncoderSpec, load_encoders
 from mvpp.memory_bank.metadata import ColumnMap, parse_rows
-from mvpp.memory_bank.schema import BankMismatchError, SearchFilter
+from mvpp.memory_bank.schema import FRAMES, BankMismatchError, SearchFilter
 from mvpp.memory_bank.store import BankStore, EdgeBankStore, ServerBankStore
 from mvpp.retriever.bulk import bulk_topk
 from mvpp.retriever.retriever import Query, Retriever
