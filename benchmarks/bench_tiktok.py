@@ -10,10 +10,10 @@ goes through the CLI a user types, with no dataset-specific code:
 2. `mvpp train --split-by-time`: one joint model of the four targets, trained on the
    earliest 80% of posts, early-stopped on the next 10%, tested on the latest 10%;
    retrieval is time-safe (only posts published before the query). Once with the
-   metadata expert, once without (`--no-meta`), once without the word prior
-   (`--no-word-prior`), once with dense neighbours only (`--lexical-retrieval 0`).
+   metadata expert, once without (`--ablate meta`), once without the word prior
+   (`--ablate word-prior`), once with dense neighbours only (`--ablate lexical-retrieval`).
    Neighbours from the query's own creator come first (`--neighbour-group user_name`);
-   once more without that (`--group-retrieval 0`).
+   once more without that (`--set train.group_retrieval=0`).
 3. LightGBM, one model per target, on the same split and the same inputs: the bank's
    retrieval vectors (the text embeddings) and the metadata features of the mvpp run
    (same columns, same train-only statistics; categories as LightGBM categoricals);
@@ -175,21 +175,21 @@ def main() -> None:
     # A creator's earlier posts are retrieved first (--neighbour-group).
     common = ["--bank", str(args.bank), "--split-by-time", "--k", str(args.k),
               "--epochs", str(args.epochs), "--seed", str(args.seed), "--neighbour-group", "user_name"]
-    for flag, value in (("--lr", args.lr), ("--d-model", args.d_model), ("--dropout", args.dropout)):
+    for setting, value in (("train.lr", args.lr), ("model.d_model", args.d_model), ("model.dropout", args.dropout)):
         if value is not None:
-            common += [flag, str(value)]
+            common += ["--set", f"{setting}={value}"]
     common += args.train_flags
     variants = {
         "mvpp": [],
-        "mvpp --no-meta": ["--no-meta"],
-        "mvpp --no-word-prior": ["--no-word-prior"],
-        "mvpp --lexical-retrieval 0": ["--lexical-retrieval", "0"],
-        "mvpp --group-retrieval 0": ["--group-retrieval", "0"],
+        "mvpp --ablate meta": ["--ablate", "meta"],
+        "mvpp --ablate word-prior": ["--ablate", "word-prior"],
+        "mvpp --ablate lexical-retrieval": ["--ablate", "lexical-retrieval"],
+        "mvpp, no group bonus": ["--set", "train.group_retrieval=0"],
     }
     results: dict[str, dict[str, Metrics]] = {}
     info: dict[str, dict] = {}
     for label, extra in variants.items():
-        run_dir = args.out / label.replace(" --", "-").replace(" ", "")
+        run_dir = args.out / label.replace(" --ablate ", "-no-").replace(", ", "-").replace(" ", "-")
         if not args.skip_train:
             cli(["mvpp", "train", *common, *extra, "--out", str(run_dir)])
         results[label], info[label] = run_metrics(run_dir)

@@ -171,3 +171,21 @@ def test_a_bank_with_other_encoders_is_refused_naming_both(trained, tmp_path):
     line = " ".join(result.output.split())
     assert "n_frames: the bank has 6, the run was trained with 4" in line
     assert "--profile" not in line
+
+
+def test_query_with_a_run_ranks_as_the_runs_predictor(trained):
+    """`mvpp-bank query --run` gives the neighbours the run's predictor would use: its
+    lexical re-rank of the title terms on top of the dense cosine."""
+    root, table = trained
+    title = _posts(table)[3]["caption"]
+    args = ["query", "--title", title, "--bank", str(root / "bank"), "-k", "5", "--json"]
+    dense = json.loads(runner.invoke(bank_app, args).stdout)
+    result = runner.invoke(bank_app, [*args, "--run", str(root / "run")])
+    assert result.exit_code == 0, result.output
+    ranked = json.loads(result.stdout)
+    # the post itself (or a copy of its caption) first, scored cosine + 0.5 x its own terms
+    assert len(ranked) == 5 and ranked[0]["title"] == dense[0]["title"] == title
+    assert ranked[0]["score"] == pytest.approx(1.5, abs=1e-4) and dense[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    result = runner.invoke(bank_app, ["query", "--bank", str(root / "bank"), "--run", str(root / "run"),
+                                      str(root / "posts.csv")])
+    assert result.exit_code == 2 and "give a --title" in result.output

@@ -250,6 +250,14 @@ def query(
         bool, typer.Option("--labelled-only", help="Only return labelled items.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            "--run",
+            help="Rank as this run's predictor does: its lexical re-rank of the title terms "
+            "(scores up to 1.5), among the bank's labelled items. Needs a title.",
+        ),
+    ] = None,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
@@ -277,8 +285,11 @@ def query(
         )
         quiet_model_loading()
         retriever = Retriever(store, load_encoders(spec, device=device))
-        flt = SearchFilter(labelled_only=True) if labelled_only else None
-        hits = retriever.query(Query(clip=clip, title=title or ""), k=k, flt=flt)
+        if run is None:
+            flt = SearchFilter(labelled_only=True) if labelled_only else None
+            hits = retriever.query(Query(clip=clip, title=title or ""), k=k, flt=flt)
+        else:
+            hits = _run_hits(run, store, loc, retriever, Query(clip=clip, title=title or ""), k)
     if as_json:
         rows = [
             {
@@ -313,6 +324,27 @@ def query(
             Text(", ".join(f"{k_}={v:g}" for k_, v in labels.items())),
         )
     out.print(table)
+
+
+def _run_hits(run_dir: Path, store, loc, retriever: Retriever, query: Query, k: int) -> list:
+    """Neighbours of a query as a run ranks them (the search its predictor uses)."""
+    from mvpp.memory_bank.schema import Hit
+    from mvpp.predictor.run import Run
+    from mvpp.predictor.scoring import RunPredictor
+    from mvpp.retriever.snapshot import read_snapshot
+
+    if not query.title:
+        fail("--run ranks by the title's retrieval vector and terms: give a --title")
+    run = Run.load(run_dir)
+    store.manifest.check_compatible(
+        run.manifest, mine="the bank has", theirs="the run was trained with",
+        advice="Use the bank the run was trained on, or a run trained on this bank.",
+    )
+    snapshot = read_snapshot(store, None if loc.is_server else loc.path / "cache")
+    (encoded,) = retriever.encode([query])
+    (found,) = RunPredictor(run, snapshot, "all").neighbours([encoded.point], k)
+    payloads = {p.item_id: p.payload() for p in store.get([i for i, _ in found], vectors=()) if p is not None}
+    return [Hit(item_id, score, payloads.get(item_id, {})) for item_id, score in found]
 
 
 @app.command()

@@ -145,13 +145,10 @@ class RunPredictor:
 
     # -- the one prediction path ------------------------------------------------------
 
-    def _predict(
-        self, source: BankSnapshot, table: FeatureTable, rows: np.ndarray, own_rows: np.ndarray
-    ) -> tuple[Prediction, Neighbours]:
-        """Predictions (normalised scale) and neighbours of rows of `source`, whose features
-        are in `table`; `own_rows` are the items' rows in the bank (-1: not in it)."""
-        cfg = self.run.train_config
-        queries = QueryBatch(
+    def _queries(self, source: BankSnapshot, table: FeatureTable, rows: np.ndarray, own_rows: np.ndarray) -> QueryBatch:
+        """The search's view of rows of `source` (features in `table`); `own_rows` are the
+        items' rows in the bank (-1: not in it), never their own neighbours."""
+        return QueryBatch(
             vectors=source.retrieval[rows],
             has_vector=source.has_retrieval[rows],
             own_row=own_rows,
@@ -161,12 +158,40 @@ class RunPredictor:
             else None,
             groups=self.groups.encode([source.metadata[i] for i in rows]) if self.groups is not None else None,
         )
-        nb = self.search.search(queries)
+
+    def _predict(
+        self, source: BankSnapshot, table: FeatureTable, rows: np.ndarray, own_rows: np.ndarray
+    ) -> tuple[Prediction, Neighbours]:
+        """Predictions (normalised scale) and neighbours of rows of `source`."""
+        cfg = self.run.train_config
+        nb = self.search.search(self._queries(source, table, rows, own_rows))
         model = self.run.model
         model.eval()
         self.table.project(model, nb.indices[nb.indices >= 0])
         batch = make_batch(self.table, table.items(torch.from_numpy(rows)), nb.indices, nb.scores)
         return predict_batch(model, batch, cfg.mc_samples, cfg.quantiles, cfg.seed), nb
+
+    def _fresh(self, points: list[BankPoint]) -> tuple[BankSnapshot, FeatureTable, np.ndarray]:
+        """New items laid out as the bank lays out its own (`snapshot_from_points`), their
+        feature table, and their rows in the bank (-1 where absent)."""
+        fresh = snapshot_from_points(points, self.run.manifest, fresh=True).with_targets(self.run.targets)
+        table = FeatureTable(fresh, self.run.norm, self.run.featurizer, self.run.lexicon)
+        return fresh, table, np.array([self._row_of.get(p.item_id, -1) for p in points], np.int64)
+
+    def neighbours(self, points: list[BankPoint], k: int | None = None) -> list[list[tuple[str, float]]]:
+        """The neighbours the run would give new items (its re-rank and groups), up to k
+        (default: the run's), best first, with their scores."""
+        if not points:
+            return []
+        fresh, table, own = self._fresh(points)
+        search = self.search
+        if k is not None and k != search.k:
+            search = NeighbourSearch(self.bank, search.memory, k, search.time_safe, search.rerank, search.groups)
+        nb = search.search(self._queries(fresh, table, np.arange(len(points)), own))
+        return [
+            [(self.bank.item_ids[n], float(sc)) for n, sc in zip(idx, score, strict=True) if n >= 0]
+            for idx, score in zip(nb.indices, nb.scores, strict=True)
+        ]
 
     def _rows(self, item_ids: list[str], pred: Prediction, nb: Neighbours) -> list[ScoreRow]:
         """Target-scale predictions with their calibrated intervals, as rows."""
@@ -213,9 +238,7 @@ class RunPredictor:
         afresh gets the features, hence the prediction, of its bank row."""
         if not points:
             return []
-        fresh = snapshot_from_points(points, self.run.manifest, fresh=True).with_targets(self.run.targets)
-        table = FeatureTable(fresh, self.run.norm, self.run.featurizer, self.run.lexicon)
-        own = np.array([self._row_of.get(p.item_id, -1) for p in points], np.int64)
+        fresh, table, own = self._fresh(points)
         pred, nb = self._predict(fresh, table, np.arange(len(points)), own)
         return self._rows([p.item_id for p in points], pred, nb)
 
