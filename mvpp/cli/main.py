@@ -66,7 +66,7 @@ def metrics_table(title: str, metrics: dict[str, Metrics]) -> Table:
     for col in ("target", "n", "nMSE", "MAE", "SRC", "R²", "coverage"):
         table.add_column(col, justify="left" if col == "target" else "right")
     for name, m in metrics.items():
-        cov = "" if m.coverage is None else f"{m.coverage:.3f} ({m.interval:.0%})"
+        cov = "" if m.coverage is None or m.interval is None else f"{m.coverage:.3f} ({m.interval:.0%})"
         table.add_row(name, str(m.n), f"{m.nmse:.4f}", f"{m.mae:.4f}", f"{m.src:.4f}", f"{m.r2:.4f}", cov)
     return table
 
@@ -135,6 +135,15 @@ def train_cmd(
         list[str] | None,
         typer.Option("--meta-categorical", help="Metadata column to treat as categories even if numeric (e.g. a creator id)."),
     ] = None,
+    members: Annotated[
+        str | None,
+        typer.Option(
+            "--members",
+            help="The run's members, comma-separated: net (the network), gbdt (boosted trees on "
+            "the numbers the network sees); both are blended with weights fitted on validation. "
+            f"{_default(','.join(TrainConfig().members))}",
+        ),
+    ] = None,
     ablate: Annotated[
         list[str] | None,
         typer.Option(
@@ -161,6 +170,7 @@ def train_cmd(
             "k": k, "epochs": epochs, "seed": seed, "split_by_time": split_by_time, "time_safe": time_safe,
             "targets": target, "neighbour_group": neighbour_group, "meta_cols": meta_col,
             "meta_categorical": meta_categorical, "device": device,
+            "members": [m.strip() for m in members.split(",") if m.strip()] if members is not None else None,
         }
         cfg = replace(cfg, **{name: value for name, value in flags.items() if value is not None})
         for name in (n.strip() for part in ablate or [] for n in part.split(",") if n.strip()):
@@ -203,6 +213,13 @@ def train_cmd(
             result = train(snapshot, cfg, mcfg, on_event)
         save_run(result, cfg, out_dir, manifest, loc)
     console.print(f"best epoch {result.best_epoch}; {result.seconds_per_epoch:.1f} s per epoch")
+    if result.member_metrics:
+        for name, per in result.member_metrics.items():
+            out.print(metrics_table(f"{name} alone, val ({out_dir})", per["val"]))
+        weights = ", ".join(f"{t} {w:.2f}" for t, w in zip(result.data.target_names, result.blend_weights, strict=True))
+        console.print(f"blend: the network's weight per target (the trees get the rest): {weights}")
+    elif "gbdt" not in cfg.members:
+        console.print("members: the network alone (--members net)")
     for split in ("val", "test"):
         out.print(metrics_table(f"{split} ({out_dir})", result.metrics[split]))
     console.print(f"run saved to {out_dir}")

@@ -119,6 +119,43 @@ def stored_form(point: BankPoint) -> BankPoint:
     return point
 
 
+def _point(
+    item: BuildItem,
+    retrieval: np.ndarray | None,
+    frames: np.ndarray | None,
+    tokens: np.ndarray | None,
+    captions: list[str],
+    duration_s: float | None,
+) -> BankPoint:
+    """An item's point: its vectors and what its metadata row says."""
+    meta = item.meta
+    return BankPoint(
+        item_id=item.item_id,
+        retrieval=retrieval,
+        frames=frames,
+        tokens=tokens,
+        title=item.title,
+        captions=list(captions),
+        labels=dict(meta.labels) if meta else {},
+        published_at=meta.published_at if meta else None,
+        published_ts=meta.published_ts if meta else None,
+        metadata=dict(meta.metadata) if meta else {},
+        duration_s=duration_s,
+        video=str(item.video) if item.video else None,
+        observed_at=meta.observed_at if meta else None,
+        observed_ts=meta.observed_ts if meta else None,
+    )
+
+
+def with_stored_vectors(item: BuildItem, stored: BankPoint) -> BankPoint:
+    """The point of an item whose encoder inputs the bank holds already (equal
+    `encoding_key`): the stored vectors, captions and duration, the item's own metadata.
+    Encoders give a text a slightly different vector in each batch (float noise in the
+    last bits); reusing the stored one keeps every prediction of the item the same,
+    trees' included, whose thresholds can fall between two such vectors."""
+    return _point(item, stored.retrieval, stored.frames, stored.tokens, stored.captions, stored.duration_s)
+
+
 def video_fingerprint(path: Path) -> str:
     """Size plus a hash of the first and last MiB."""
     size = path.stat().st_size
@@ -271,6 +308,18 @@ class BankBuilder:
             parts["observed"] = meta.observed_at
         return content_hash(parts)
 
+    def encoding_key(self, item: BuildItem, manifest: Manifest) -> str:
+        """Hash of what the encoders read of an item: its title and video, and the encoders.
+        Items with equal keys get equal vectors, so a stored item's vectors serve a later
+        encoding of the same inputs (`with_stored_vectors`)."""
+        return content_hash({
+            "title": item.title,
+            "video": video_fingerprint(item.video) if item.video else None,
+            "encoders": [manifest.text_model, manifest.captioner_model, manifest.frame_model],
+            "n_frames": manifest.n_frames,
+            "max_tokens": manifest.max_tokens,
+        })
+
     # -- the build ------------------------------------------------------------------
 
     def build(
@@ -362,28 +411,17 @@ class BankBuilder:
             captions_out.append(caps)
             prompts.append(enc.build_prompt(caps, title))
         vectors, tokens = self._text_features(prompts, titles)
-        points = []
-        for i, (item, clip) in enumerate(items):
-            meta = item.meta
-            points.append(stored_form(
-                BankPoint(
-                    item_id=item.item_id,
-                    retrieval=vectors[i],
-                    frames=per_item_frames[i],
-                    tokens=tokens[i] if tokens[i] is not None and len(tokens[i]) else None,
-                    title=item.title,
-                    captions=captions_out[i],
-                    labels=dict(meta.labels) if meta else {},
-                    published_at=meta.published_at if meta else None,
-                    published_ts=meta.published_ts if meta else None,
-                    metadata=dict(meta.metadata) if meta else {},
-                    duration_s=clip.duration_s if clip is not None else None,
-                    video=str(item.video) if item.video else None,
-                    observed_at=meta.observed_at if meta else None,
-                    observed_ts=meta.observed_ts if meta else None,
-                )
+        return [
+            stored_form(_point(
+                item,
+                retrieval=vectors[i],
+                frames=per_item_frames[i],
+                tokens=tokens[i] if tokens[i] is not None and len(tokens[i]) else None,
+                captions=captions_out[i],
+                duration_s=clip.duration_s if clip is not None else None,
             ))
-        return points
+            for i, (item, clip) in enumerate(items)
+        ]
 
     def _captions(self, clips: list[Clip]) -> list[list[str]]:
         if self.encoders.captioner is None or not clips:
@@ -458,6 +496,11 @@ class BankBuilder:
             if point is not None:
                 point.content_hash = h
                 point.targets = tg
+        manifest = self.store.manifest
+        assert manifest is not None
+        for point, (item, _, _) in zip(points, keep, strict=True):
+            if point is not None:
+                point.encoding_key = self.encoding_key(item, manifest)
         done = [(p, item) for p, (item, _, _) in zip(points, keep, strict=True) if p is not None]
         self._keep_other_labels([p for p, _ in done])
         stored = self._upsert_isolated(done, sink, report, progress)

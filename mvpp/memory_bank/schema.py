@@ -127,6 +127,8 @@ class BankPoint:
     published_ts: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
+    # Hash of what the encoders read (title, video, encoders): equal keys, equal vectors.
+    encoding_key: str = ""
     duration_s: float | None = None
     video: str | None = None
     # When the labels were observed (e.g. scrape time): the post's age at observation.
@@ -155,6 +157,7 @@ class BankPoint:
             "published_ts": self.published_ts,
             "metadata": dict(self.metadata),
             "content_hash": self.content_hash,
+            "encoding_key": self.encoding_key,
             "duration_s": self.duration_s,
             "video": self.video,
             "observed_at": self.observed_at,
@@ -182,6 +185,7 @@ class BankPoint:
             published_ts=payload.get("published_ts"),
             metadata=dict(payload.get("metadata") or {}),
             content_hash=payload.get("content_hash") or "",
+            encoding_key=payload.get("encoding_key") or "",
             duration_s=payload.get("duration_s"),
             video=payload.get("video"),
             observed_at=payload.get("observed_at"),

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from mvpp.config import DEFAULT_COLLECTION, BankLocation
 from mvpp.memory_bank.schema import Manifest, json_safe
+from mvpp.predictor.boosting import GbdtMember
 from mvpp.predictor.config import ModelConfig
 from mvpp.predictor.dataset import TargetNorm
 from mvpp.predictor.features import MetaFeaturizer
@@ -45,6 +46,22 @@ RUN_FORMAT = 1
 
 class RunError(ValueError):
     """A run directory is missing, incomplete or incompatible."""
+
+
+def _load_gbdt(path: Path, members: dict[str, Any]) -> GbdtMember | None:
+    """The run's boosted member, its files checked against the config's fingerprints."""
+    files = [name for name in members.get("gbdt_files", []) if name]
+    if not files:
+        return None
+    for name in files:
+        if not (path / name).exists():
+            raise RunError(f"{path / name} is missing: train the run again")
+        if members.get("gbdt_sha256", {}).get(name) != _sha256(path / name):
+            raise RunError(f"{path / name} is not the file {path / CONFIG} was written with: train the run again")
+    try:
+        return GbdtMember.load(path, members["gbdt_files"], members.get("gbdt_categorical", []))
+    except Exception as exc:  # LightGBM raises its own error type for a damaged model
+        raise RunError(f"a boosted member of {path} is damaged ({exc}): train the run again") from exc
 
 
 def _read_json(path: Path) -> Any:
@@ -129,6 +146,7 @@ def _write_run(
     state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS))
     data = result.data
+    gbdt_files = result.gbdt.save(out_dir) if result.gbdt is not None else []
     _write_json(
         out_dir / CONFIG,
         {
@@ -144,6 +162,12 @@ def _write_run(
             "meta_features": data.featurizer.to_dict() if data.featurizer is not None else None,
             "lexicon": data.lexicon.to_dict() if data.lexicon is not None else None,
             "bank": {**bank_record(bank), "manifest": manifest.to_dict(), "fingerprint": data.snapshot.fingerprint},
+            "members": {
+                "blend_weights": (result.blend_weights if result.blend_weights is not None else np.ones(len(data.target_names))).tolist(),
+                "gbdt_files": gbdt_files,
+                "gbdt_sha256": {name: _sha256(out_dir / name) for name in gbdt_files if name},
+                "gbdt_categorical": result.gbdt.categorical if result.gbdt is not None else [],
+            },
         },
     )
     ids = data.snapshot.item_ids
@@ -155,6 +179,7 @@ def _write_run(
             "seconds_per_epoch": result.seconds_per_epoch,
             "history": [asdict(h) for h in result.history],
             "metrics": metrics_to_dict(result.metrics),
+            "members": {m: metrics_to_dict(per) for m, per in result.member_metrics.items()},
         },
     )
 
@@ -178,6 +203,9 @@ class Run:
     lexicon: Lexicon | None = None
     # the bank's content when the run was trained (retriever.snapshot.bank_fingerprint)
     bank_fingerprint: str = ""
+    # the boosted member (None: the network alone) and the network's blend weight per target
+    gbdt: GbdtMember | None = None
+    blend_weights: np.ndarray | None = None
 
     @classmethod
     def load(cls, path: Path) -> Run:
@@ -216,6 +244,7 @@ class Run:
                 else None,
                 lexicon=Lexicon.from_dict(cfg["lexicon"]) if cfg.get("lexicon") else None,
                 bank_fingerprint=str(cfg["bank"].get("fingerprint") or ""),
+                blend_weights=np.asarray(cfg["members"]["blend_weights"], np.float32) if cfg.get("members") else None,
             )
         except RunError:
             raise
@@ -235,6 +264,7 @@ class Run:
                 f"{path / WEIGHTS} does not match {path / CONFIG} (missing {missing}, unexpected {unexpected})"
             )
         run.model.eval()
+        run.gbdt = _load_gbdt(path, cfg.get("members") or {})
         return run
 
     def missing_from(self, snapshot: BankSnapshot) -> tuple[int, int]:

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from mvpp.media import Clip, MediaError
-from mvpp.memory_bank.builder import BankBuilder, BuildItem, content_problem
+from mvpp.memory_bank.builder import BankBuilder, BuildItem, content_problem, with_stored_vectors
 from mvpp.memory_bank.decoding import BatchDecoder
 from mvpp.memory_bank.metadata import inverse_transform
-from mvpp.memory_bank.schema import BankPoint
+from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, TEXT, BankPoint
+from mvpp.predictor.boosting import blend
 from mvpp.predictor.dataset import FeatureTable, make_batch
 from mvpp.predictor.metrics import Metrics, regression_metrics
 from mvpp.predictor.model import Prediction
@@ -36,10 +37,12 @@ from mvpp.predictor.run import Run
 from mvpp.predictor.training import (
     PreparedData,
     TrainConfig,
+    boost_features,
     neighbour_policy,
     predict_batch,
     prepare,
     scaled_interval,
+    with_mean,
 )
 from mvpp.retriever.bulk import Neighbours
 from mvpp.retriever.search import NeighbourSearch, QueryBatch
@@ -169,7 +172,12 @@ class RunPredictor:
         model.eval()
         self.table.project(model, nb.indices[nb.indices >= 0])
         batch = make_batch(self.table, table.items(torch.from_numpy(rows)), nb.indices, nb.scores)
-        return predict_batch(model, batch, cfg.mc_samples, cfg.quantiles, cfg.seed), nb
+        pred = predict_batch(model, batch, cfg.mc_samples, cfg.quantiles, cfg.seed)
+        gbdt = self.run.gbdt
+        if gbdt is not None and self.run.blend_weights is not None:
+            x, _ = boost_features(model, batch, source, rows, self.run.featurizer)
+            pred = with_mean(pred, blend(pred.mean.numpy(), gbdt.predict(x), self.run.blend_weights))
+        return pred, nb
 
     def _fresh(self, points: list[BankPoint]) -> tuple[BankSnapshot, FeatureTable, np.ndarray]:
         """New items laid out as the bank lays out its own (`snapshot_from_points`), their
@@ -285,14 +293,17 @@ class Scorer:
         batch_size: int = 32,
         progress: Callable[[int], None] | None = None,
     ) -> list[ScoreRow]:
-        """One row per item, in order; videos are decoded as the builder's settings say
-        (on a GPU, the next chunk's while this one is scored)."""
+        """One row per item, in order. An item whose encoder inputs the bank holds already
+        (the same title and video) takes the stored vectors; the others are encoded as the
+        build encodes, their videos decoded as the builder's settings say (on a GPU, the
+        next chunk's while this one is scored)."""
         rows: list[ScoreRow] = []
-        chunks = [items[lo : lo + batch_size] for lo in range(0, len(items), batch_size)]
+        stored = self._stored(items)
+        chunks = [list(range(lo, min(lo + batch_size, len(items)))) for lo in range(0, len(items), batch_size)]
+        to_decode = [[items[i].video for i in chunk if items[i].video is not None and stored[i] is None] for chunk in chunks]
         with BatchDecoder(self.builder.settings, self.builder.decode) as decoder:
-            decoded = decoder.batches([[it.video for it in chunk if it.video is not None] for chunk in chunks])
-            for chunk, clips in zip(chunks, decoded, strict=True):
-                rows.extend(self._score_chunk(chunk, clips))
+            for chunk, clips in zip(chunks, decoder.batches(to_decode), strict=True):
+                rows.extend(self._score_chunk([items[i] for i in chunk], [stored[i] for i in chunk], clips))
                 if progress:
                     progress(len(chunk))
         return rows
@@ -301,12 +312,37 @@ class Scorer:
         """Points of new items, encoded as the bank's build encodes its own."""
         return self.builder.encode(items)
 
-    def _score_chunk(self, items: list[BuildItem], clips: list[Clip | MediaError]) -> list[ScoreRow]:
-        """`clips`: the decoded videos of the items that have one, in order."""
+    def _stored(self, items: list[BuildItem], chunk: int = 1024) -> list[BankPoint | None]:
+        """Per item, its stored point when the bank holds its encoder inputs already."""
+        store, manifest = self.builder.store, self.builder.store.manifest
+        out: list[BankPoint | None] = [None] * len(items)
+        if manifest is None:
+            return out
+        for lo in range(0, len(items), chunk):
+            part = items[lo : lo + chunk]
+            found = store.get([it.item_id for it in part], vectors=(RETRIEVAL, FRAMES, TEXT))
+            for j, (item, point) in enumerate(zip(part, found, strict=True)):
+                if point is None or not point.encoding_key:
+                    continue
+                try:
+                    if point.encoding_key == self.builder.encoding_key(item, manifest):
+                        out[lo + j] = point
+                except OSError:
+                    continue  # an unreadable video: decoding reports it
+        return out
+
+    def _score_chunk(
+        self, items: list[BuildItem], stored: list[BankPoint | None], clips: list[Clip | MediaError]
+    ) -> list[ScoreRow]:
+        """`clips`: the decoded videos of the items that have one and no stored point, in order."""
         rows = [ScoreRow(it.item_id) for it in items]
         ready: list[tuple[int, BuildItem, Clip | None]] = []
+        reused: list[tuple[int, BankPoint]] = []
         videos = iter(clips)
-        for i, item in enumerate(items):
+        for i, (item, known) in enumerate(zip(items, stored, strict=True)):
+            if known is not None:
+                reused.append((i, with_stored_vectors(item, known)))
+                continue
             clip = None
             if item.video is not None:
                 result = next(videos)
@@ -319,16 +355,17 @@ class Scorer:
                 rows[i].status = f"failed: {problem}"
                 continue
             ready.append((i, item, clip))
-        if not ready:
+        if not ready and not reused:
             return rows
         try:
-            points = self.encode([(item, clip) for _, item, clip in ready])
-            scored = self.predictor.predict_points(points)
+            points = self.encode([(item, clip) for _, item, clip in ready]) if ready else []
+            order = [i for i, _, _ in ready] + [i for i, _ in reused]
+            scored = self.predictor.predict_points(points + [p for _, p in reused])
         except Exception as exc:  # an encoder or model failure fails this chunk, not the run
             logger.exception("scoring failed")
-            for i, _, _ in ready:
+            for i in [i for i, _, _ in ready] + [i for i, _ in reused]:
                 rows[i].status = f"failed: scoring error ({type(exc).__name__}: {exc})"
             return rows
-        for (i, _, _), row in zip(ready, scored, strict=True):
+        for i, row in zip(order, scored, strict=True):
             rows[i] = row
         return rows

@@ -17,6 +17,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from mvpp.predictor.boosting import (
+    MEMBERS,
+    BoostConfig,
+    GbdtMember,
+    blend,
+    fit_blend,
+    member_features,
+)
 from mvpp.predictor.config import ModelConfig, check_keys, drop_removed
 from mvpp.predictor.dataset import (
     FeatureTable,
@@ -106,6 +114,10 @@ class TrainConfig:
     group_retrieval: float = GROUP_RETRIEVAL_WEIGHT
     # Torch device of the model while training and predicting; None: CUDA when present.
     device: str | None = None
+    # The run's members (boosting.MEMBERS): the network, the boosted trees, or both,
+    # blended with weights fitted on the validation split.
+    members: list[str] = field(default_factory=lambda: list(MEMBERS))
+    boost: BoostConfig = field(default_factory=BoostConfig)
 
     @property
     def quantiles(self) -> tuple[float, float]:
@@ -116,6 +128,13 @@ class TrainConfig:
         return asdict(self)
 
     def __post_init__(self) -> None:
+        if isinstance(self.boost, dict):
+            check_keys("train.boost", self.boost, BoostConfig)
+            self.boost = BoostConfig(**self.boost)
+        self.members = list(self.members)
+        unknown = [m for m in self.members if m not in MEMBERS]
+        if unknown or not self.members:
+            raise ValueError(f"TrainConfig.members must be some of {MEMBERS}, got {self.members}")
         if self.projection_refresh_steps < 1:
             raise ValueError("TrainConfig.projection_refresh_steps must be at least 1")
         if self.loss not in LOSSES:
@@ -343,19 +362,28 @@ def predict_split(
     split: str,
     cfg: TrainConfig,
     mc_samples: int | None = None,
+    features: list[tuple[np.ndarray, list[int]]] | None = None,
 ) -> Prediction:
-    """Predictions (normalised scale) for every item of a split, in split order."""
+    """The network's predictions (normalised scale) for every item of a split, in split
+    order. `features`, when given, receives the boosted member's features of each batch
+    (with the positions of the categorical ones)."""
     parts: list[Prediction] = []
     samples = cfg.mc_samples if mc_samples is None else mc_samples
     q = cfg.quantiles
     model.eval()
     nb = data.neighbours[split].indices
     data.table.project(model, nb[nb >= 0])  # exact: the current weights, no dropout
-    for _, batch, _ in iterate_batches(data, split, cfg.eval_batch_size):
+    for pos, batch, _ in iterate_batches(data, split, cfg.eval_batch_size):
         parts.append(predict_batch(model, batch, samples, q, cfg.seed))
+        if features is not None:
+            rows = data.splits[split][pos]
+            features.append(boost_features(model, batch, data.snapshot, rows, data.featurizer))
+    return concat_predictions(parts, len(data.target_idx), q)
+
+
+def concat_predictions(parts: list[Prediction], n_targets: int, q: tuple[float, float]) -> Prediction:
     if not parts:
-        t = len(data.target_idx)
-        empty = torch.zeros(0, t)
+        empty = torch.zeros(0, n_targets)
         return Prediction(empty, empty, empty, empty, q)
     return Prediction(
         torch.cat([p.mean for p in parts]),
@@ -364,6 +392,33 @@ def predict_split(
         torch.cat([p.upper for p in parts]),
         q,
     )
+
+
+def boost_features(
+    model: PopularityModel,
+    batch: ModelBatch,
+    source: BankSnapshot,
+    rows: np.ndarray,
+    featurizer: MetaFeaturizer | None,
+) -> tuple[np.ndarray, list[int]]:
+    """The boosted member's features of a batch of rows of `source` (boosting.member_features):
+    the word prior as the network gets it (out-of-fold on training items)."""
+    prior = batch.word_prior
+    if prior is None and model.word_prior is not None:
+        with torch.no_grad():
+            prior = model.word_prior(batch.words, batch.word_weights, batch.batch_size).cpu()
+    value_columns = featurizer.value_columns if featurizer is not None else []
+    return member_features(
+        batch, source.retrieval[rows], source.has_retrieval[rows], prior, value_columns, model.config.tau_init
+    )
+
+
+def with_mean(pred: Prediction, mean: np.ndarray) -> Prediction:
+    """The prediction moved to another mean, its interval shifted with it (the blend keeps
+    the network's interval shape)."""
+    m = torch.from_numpy(np.asarray(mean, np.float32))
+    shift = m - pred.mean
+    return Prediction(m, pred.std, pred.lower + shift, pred.upper + shift, pred.quantiles)
 
 
 def predict_batch(
@@ -391,6 +446,13 @@ def split_metrics(
     for j, name in enumerate(data.target_names):
         out[name] = regression_metrics(y[:, j], mean[:, j], lower[:, j], upper[:, j], interval)
     return out
+
+
+def mean_metrics(data: PreparedData, split: str, mean: np.ndarray) -> dict[str, Metrics]:
+    """Metrics of a mean alone (normalised scale in, target scale out), no interval."""
+    y = data.targets(data.splits[split])
+    values = data.norm.inverse(mean)
+    return {name: regression_metrics(y[:, j], values[:, j]) for j, name in enumerate(data.target_names)}
 
 
 def scaled_interval(
@@ -463,8 +525,12 @@ class TrainResult:
     history: list[EpochLog]
     best_epoch: int
     interval_scale: np.ndarray
-    metrics: dict[str, dict[str, Metrics]]  # split -> target -> metrics
+    metrics: dict[str, dict[str, Metrics]]  # split -> target -> metrics, of the blend
     seconds_per_epoch: float
+    gbdt: GbdtMember | None = None
+    blend_weights: np.ndarray | None = None  # (T,) the network's weight
+    # member -> split -> target -> metrics of each member alone (with both members)
+    member_metrics: dict[str, dict[str, dict[str, Metrics]]] = field(default_factory=dict)
 
 
 def train(
@@ -551,16 +617,47 @@ def train(
                 break
     model.load_state_dict(best[2])
     model.eval()
-    val_pred = predict_split(model, data, "val", cfg)
+    notify("members", {"members": cfg.members})
+    net, gbdt, weights = fit_members(model, data, cfg)
+    blended = {s: with_mean(net[s], blend(net[s].mean.numpy(), gbdt.get(s), weights)) for s in ("val", "test")}
     scale = (
-        calibrate_scale(data, val_pred, cfg.interval)
+        calibrate_scale(data, blended["val"], cfg.interval)
         if cfg.calibrate_interval
         else np.ones(len(data.target_idx), np.float32)
     )
-    metrics = {}
-    for split in ("val", "test"):
-        pred = val_pred if split == "val" else predict_split(model, data, split, cfg)
-        metrics[split] = split_metrics(data, split, pred, scale, cfg.interval)
+    metrics = {s: split_metrics(data, s, blended[s], scale, cfg.interval) for s in ("val", "test")}
+    member_metrics: dict[str, dict[str, dict[str, Metrics]]] = {}
+    if gbdt:
+        # the means alone: the members' intervals are not calibrated, only the blend's
+        member_metrics["net"] = {s: mean_metrics(data, s, net[s].mean.numpy()) for s in ("val", "test")}
+        member_metrics["gbdt"] = {s: mean_metrics(data, s, gbdt[s]) for s in ("val", "test")}
     return TrainResult(
-        model.cpu(), mcfg, data, history, best[1], scale, metrics, float(np.mean(train_seconds))
+        model.cpu(), mcfg, data, history, best[1], scale, metrics, float(np.mean(train_seconds)),
+        gbdt=gbdt.get("member"), blend_weights=weights, member_metrics=member_metrics,
     )
+
+
+def fit_members(
+    model: PopularityModel, data: PreparedData, cfg: TrainConfig
+) -> tuple[dict[str, Prediction], dict, np.ndarray]:
+    """The network's predictions on validation and test; with the boosted member, the
+    trees fitted on the training items (features as the network saw them) and their
+    predictions; and the blend weights, fitted on validation."""
+    use_gbdt = "gbdt" in cfg.members
+    features: dict[str, list[tuple[np.ndarray, list[int]]]] = {s: [] for s in ("train", "val", "test")}
+    net: dict[str, Prediction] = {}
+    for split in ("train", "val", "test") if use_gbdt else ("val", "test"):
+        samples = 0 if split == "train" else None  # training items: only the features are needed
+        pred = predict_split(model, data, split, cfg, mc_samples=samples, features=features[split] if use_gbdt else None)
+        if split != "train":
+            net[split] = pred
+    y = {s: data.norm.forward(data.targets(data.splits[s])).astype(np.float32) for s in ("train", "val", "test")}
+    gbdt: dict = {}
+    if use_gbdt:
+        x = {s: np.concatenate([f for f, _ in v]) if v else np.zeros((0, 0), np.float32) for s, v in features.items()}
+        categorical = features["train"][0][1]
+        member = GbdtMember.fit(x["train"], y["train"], x["val"], y["val"], categorical, cfg.boost, cfg.seed,
+                                cfg.threads or torch.get_num_threads())
+        gbdt = {"member": member, "val": member.predict(x["val"]), "test": member.predict(x["test"])}
+    weights = fit_blend(net["val"].mean.numpy(), gbdt.get("val"), y["val"], cfg.members)
+    return net, gbdt, weights

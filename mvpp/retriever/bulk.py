@@ -73,7 +73,10 @@ def bulk_topk(
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     if n == 0 or k_eff == 0:
         return Neighbours(indices, scores)
-    key_t = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
+    # Scores in float64, returned as float32: a float32 product's last bit depends on the
+    # shape of the batch it is computed in, a float64 one's rounding to float32 does not,
+    # so an item's neighbours and their scores are the same whatever it is searched with.
+    key_t = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float64))
     allowed = torch.ones(m, dtype=torch.bool) if key_mask is None else torch.from_numpy(key_mask.astype(bool))
     kt = None
     grouped = group_weight != 0.0 and query_group is not None and key_group is not None
@@ -81,11 +84,11 @@ def bulk_topk(
     k_vec = torch.ones(m, dtype=torch.bool) if key_has_vector is None else torch.from_numpy(key_has_vector.astype(bool))
     if query_time is not None and key_time is not None:
         kt = torch.from_numpy(np.asarray(key_time, dtype=np.float64))
-    neg_inf = torch.tensor(float("-inf"))
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
     with torch.inference_mode():
         for lo in range(0, n, block):
             hi = min(n, lo + block)
-            q = torch.from_numpy(np.ascontiguousarray(queries[lo:hi], dtype=np.float32))
+            q = torch.from_numpy(np.ascontiguousarray(queries[lo:hi], dtype=np.float64))
             q_vec = (
                 torch.ones(hi - lo, dtype=torch.bool)
                 if query_has_vector is None
@@ -98,7 +101,7 @@ def bulk_topk(
                 assert query_group is not None
                 qg = torch.from_numpy(np.asarray(query_group[lo:hi], dtype=np.int64)).unsqueeze(1)
                 same = (qg == kg.unsqueeze(0)) & (qg >= 0)
-                sims = sims + group_weight * same.float()
+                sims = sims + group_weight * same.double()
                 mask = mask | (allowed.unsqueeze(0) & same)
             mask = mask.clone()
             if query_key_index is not None:
