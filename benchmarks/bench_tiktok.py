@@ -35,15 +35,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.baselines import lightgbm_on_inputs  # noqa: E402
 from benchmarks.datasets import CACHE, DataMissing, tiktok  # noqa: E402
 from mvpp.memory_bank.store import open_store  # noqa: E402
-from mvpp.predictor.metrics import Metrics, regression_metrics  # noqa: E402
+from mvpp.predictor.metrics import Metrics  # noqa: E402
 from mvpp.predictor.run import Run  # noqa: E402
 from mvpp.predictor.scoring import prepare_for_run  # noqa: E402
 from mvpp.retriever.snapshot import read_snapshot  # noqa: E402
@@ -101,52 +101,12 @@ def lightgbm_baselines(bank: Path, run_dir: Path, seed: int) -> dict[str, dict[s
     splits = run.splits_in(snap)
     fz = run.featurizer
     assert fz is not None, "the run has no metadata features"
-    out = {"LightGBM": _lightgbm(run, snap, splits, seed, None)}
+    out = {"LightGBM": lightgbm_on_inputs(run, snap, splits, seed, None)}
     if run.lexicon is not None:
         _, data = prepare_for_run(run, snap, word_prior=True)
         if data.table.word_prior is not None:
             prior = run.norm.inverse(data.table.word_prior.numpy())
-            out["LightGBM + word prior"] = _lightgbm(run, snap, splits, seed, prior)
-    return out
-
-
-def _lightgbm(run: Run, snap, splits: dict, seed: int, prior: np.ndarray | None) -> dict[str, Metrics]:
-    import lightgbm as lgb
-
-    fz = run.featurizer
-    assert fz is not None
-
-    def features(idx: np.ndarray) -> np.ndarray:
-        num, mask, cat = fz.transform_snapshot(snap, idx)
-        # each feature's standardised value (trees need no piecewise encoding of it);
-        # missing values stay missing: LightGBM handles them itself
-        cols = fz.value_columns
-        num = np.where(mask[:, cols], num[:, cols], np.nan)
-        extra = prior[idx] if prior is not None else np.zeros((len(idx), 0), np.float32)
-        return np.hstack([snap.retrieval[idx], num, extra, cat.astype(np.float32)])
-
-    x = {s: features(idx) for s, idx in splits.items()}
-    n_dense = snap.retrieval.shape[1] + len(fz.numeric) + (prior.shape[1] if prior is not None else 0)
-    cat_cols = list(range(n_dense, n_dense + len(fz.categorical)))
-    out = {}
-    for name in run.targets:
-        j = snap.label_names.index(name)
-        y = {s: snap.targets[idx, j] for s, idx in splits.items()}
-        ok = {s: ~np.isnan(v) for s, v in y.items()}
-        params = {
-            "objective": "regression", "learning_rate": 0.03, "num_leaves": 31,
-            "min_data_in_leaf": 20, "bagging_fraction": 0.8, "bagging_freq": 1,
-            "feature_fraction": 0.5, "lambda_l2": 1.0, "seed": seed, "verbosity": -1,
-            # one thread: OpenMP threads on a busy machine spin far more than they work
-            "num_threads": 1,
-        }
-        train_set = lgb.Dataset(x["train"][ok["train"]], y["train"][ok["train"]],
-                                categorical_feature=cat_cols)
-        val_set = lgb.Dataset(x["val"][ok["val"]], y["val"][ok["val"]], reference=train_set)
-        model = lgb.train(params, train_set, num_boost_round=3000, valid_sets=[val_set],
-                          callbacks=[lgb.early_stopping(100, verbose=False)])
-        pred = model.predict(x["test"][ok["test"]], num_iteration=model.best_iteration)
-        out[name] = regression_metrics(y["test"][ok["test"]], pred)
+            out["LightGBM + word prior"] = lightgbm_on_inputs(run, snap, splits, seed, prior)
     return out
 
 

@@ -46,5 +46,6 @@ def test_train_defaults_come_from_the_dataclasses() -> None:
             checked += 1
     assert checked >= 8
     text = " ".join(CliRunner().invoke(main_app, ["train", "--help"], env={"COLUMNS": "200"}).output.replace("│", " ").split())
-    for name in ("k", "epochs", "seed"):
+    for name in ("k", "seed"):
         assert f"[default: {getattr(TrainConfig(), name)}]" in text
+    assert "[default: fitted to the data" in text

@@ -43,7 +43,14 @@ from mvpp.predictor.config_file import build_configs
 from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run, save_run
 from mvpp.predictor.scoring import DEFAULT_MEMORY, MEMORIES, RunPredictor, Scorer
-from mvpp.predictor.training import TRAIN_ABLATIONS, TrainConfig, train
+from mvpp.predictor.training import (
+    MAX_EPOCHS,
+    MIN_EPOCHS,
+    STEPS_TARGET,
+    TRAIN_ABLATIONS,
+    TrainConfig,
+    train,
+)
 from mvpp.retriever.snapshot import BankSnapshot, read_snapshot
 
 app = typer.Typer(
@@ -100,7 +107,13 @@ def train_cmd(
         typer.Option("--k", help=f"Neighbours retrieved per item; 0: no retrieval. {_default(TrainConfig().k)}", min=0),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option("--epochs", help=f"Most epochs (early stopping may end sooner). {_default(TrainConfig().epochs)}", min=1)
+        int | None,
+        typer.Option(
+            "--epochs",
+            help="Most epochs (early stopping may end sooner) \\[default: fitted to the data: enough "
+            f"for {STEPS_TARGET} optimiser steps, {MIN_EPOCHS} to {MAX_EPOCHS} epochs].",
+            min=1,
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option("--seed", help=f"Seed of the split and the training. {_default(TrainConfig().seed)}")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mvpp.predictor.model.batch import ModelOutput, Prediction
 
-LOSSES = ("gaussian_nll", "mse")
+LOSSES = ("gaussian_nll", "mse", "mse_nll")
 
 
 def popularity_loss(
@@ -29,6 +29,9 @@ def popularity_loss(
     variance^beta, detached (beta-NLL, Seitzer et al. 2022): the plain NLL (beta = 0)
     lets the mean give up on items it calls noisy, which costs MSE; beta = 1 gives the
     mean the gradient of a squared error while the variance is still fitted.
+    "mse_nll": a squared error for the mean, plus the Gaussian NLL of the variance given
+    the mean held fixed: the mean minimises squared error exactly, the variance still
+    learns which items are uncertain. "mse": the squared error alone (no variance).
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
@@ -41,6 +44,9 @@ def popularity_loss(
             per = per * torch.exp(beta * output.logvar_y).detach()
     elif kind == "mse":
         per = sq
+    elif kind == "mse_nll":
+        sq_fixed = (y - output.mu_y.detach()) ** 2
+        per = sq + 0.5 * (math.log(2.0 * math.pi) + output.logvar_y + sq_fixed * torch.exp(-output.logvar_y))
     else:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {LOSSES}")
     per = torch.where(mask, per, torch.zeros_like(per))
