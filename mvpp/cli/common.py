@@ -29,7 +29,7 @@ from mvpp.config import DEFAULT_PROFILE, BankLocation
 from mvpp.media import MediaError
 from mvpp.memory_bank.encoders.base import EncoderUnavailableError
 from mvpp.memory_bank.encoders.profiles import EncoderSpec
-from mvpp.memory_bank.metadata import ColumnMap, MetadataError
+from mvpp.memory_bank.metadata import ColumnMap, MetadataError, table_columns
 from mvpp.memory_bank.schema import BankMismatchError, Manifest
 from mvpp.memory_bank.store import (
     BankBusyError,
@@ -48,18 +48,18 @@ EXIT_ERROR = 2
 
 BankOpt = Annotated[
     Path | None,
-    typer.Option("--bank", help="Embedded bank folder [env MVPP_BANK; default ./mvpp-bank]."),
+    typer.Option("--bank", help="Embedded bank folder \\[env MVPP_BANK; default ./mvpp-bank]."),
 ]
 UrlOpt = Annotated[
     str | None,
     typer.Option(
         "--qdrant-url",
         help="Qdrant server URL, or local:PATH for qdrant-client's local mode (no server); "
-        "overrides --bank [env MVPP_QDRANT_URL].",
+        "overrides --bank \\[env MVPP_QDRANT_URL].",
     ),
 ]
 ApiKeyOpt = Annotated[
-    str | None, typer.Option("--api-key", help="Qdrant API key [env QDRANT_API_KEY].")
+    str | None, typer.Option("--api-key", help="Qdrant API key \\[env QDRANT_API_KEY].")
 ]
 CollectionOpt = Annotated[
     str, typer.Option("--collection", help="Collection name on a Qdrant server.")
@@ -69,7 +69,7 @@ ProfileOpt = Annotated[
     typer.Option(
         "--profile",
         help="Encoder profile: 'full' (BLIP + UAE-Large-V1 + open_clip ViT-B-32) or "
-        "'lite' (offline MiniLM + frame statistics) [env MVPP_PROFILE; default: the "
+        "'lite' (offline MiniLM + frame statistics) \\[env MVPP_PROFILE; default: the "
         "bank's own profile, else 'full'].",
     ),
 ]
@@ -183,7 +183,7 @@ def check_spec(manifest: Manifest, spec: EncoderSpec, n_frames: int) -> None:
 def check_text_columns(raw: list[dict[str, Any]], columns: ColumnMap, has_videos: bool, source: str) -> None:
     """The default text column absent from a table: an error when the rows would then have
     nothing at all to index, else a warning (the rows are indexed without text)."""
-    present = list(raw[0]) if raw else []
+    present = sorted(table_columns(raw))
     missing = [c for c in columns.text_cols if c not in present]
     if columns.require_text or not missing:
         return

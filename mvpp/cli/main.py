@@ -32,17 +32,18 @@ from mvpp.cli.common import (
     store_for,
 )
 from mvpp.cli.scores import TABLE_SUFFIXES, print_rows, print_summary, write_table
+from mvpp.cli.serve import serve_cmd
 from mvpp.config import BankLocation, BuildSettings, decode_ahead_default
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.base import resolve_device
 from mvpp.memory_bank.encoders.profiles import load_encoders
-from mvpp.memory_bank.metadata import ColumnMap, parse_rows, read_table
+from mvpp.memory_bank.metadata import parse_rows, read_table, table_columns
 from mvpp.memory_bank.store import BankStore
 from mvpp.predictor.config import ABLATIONS, ModelConfig
 from mvpp.predictor.config_file import build_configs
 from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run, save_run
-from mvpp.predictor.scoring import DEFAULT_MEMORY, MEMORIES, RunPredictor, Scorer
+from mvpp.predictor.scoring import DEFAULT_MEMORY, MEMORIES, RunPredictor, Scorer, upload_columns
 from mvpp.predictor.training import (
     MAX_EPOCHS,
     MIN_EPOCHS,
@@ -432,8 +433,8 @@ def score_cmd(
             rows = None
             if meta is not None:
                 raw = read_table(meta)
-                columns = _score_columns(
-                    run, store.manifest.columns or run.manifest.columns, set(raw[0]) if raw else set(),
+                columns = upload_columns(
+                    run, store.manifest.columns or run.manifest.columns, table_columns(raw),
                     id_col, text_col, time_col, observed_col, meta_col, video_col,
                 )
                 rows = parse_rows(raw, columns, source=str(meta))
@@ -470,42 +471,7 @@ def score_cmd(
         raise typer.Exit(EXIT_ITEMS_FAILED)
 
 
-def _score_columns(
-    run: Run,
-    bank_columns: dict,
-    present: set[str],
-    id_col: str | None,
-    text_col: list[str] | None,
-    time_col: str | None,
-    observed_col: str | None,
-    meta_col: list[str] | None,
-    video_col: str | None,
-) -> ColumnMap:
-    """How to read the new items' table: flags first, then the columns the bank was built
-    from (optional ones only where the table has them), then the plain defaults."""
-
-    def optional(given: str | None, key: str) -> str | None:
-        if given:
-            return given
-        name = bank_columns.get(key)
-        return name if name and name in present else None
-
-    # The run's and the bank's metadata columns are read where the table has them (absent
-    # ones are missing values, masked, not an error): the run's feed its metadata expert,
-    # the neighbour group its retrieval, and any of them makes a row without text or video
-    # a post to score, as it made it one to index.
-    run_cols = run.featurizer.columns if run.featurizer else []
-    group = [run.train_config.neighbour_group] if run.train_config.neighbour_group else []
-    wanted = list(dict.fromkeys([*(meta_col or [*run_cols, *bank_columns.get("meta_cols", [])]), *group]))
-    return ColumnMap(
-        id_col=id_col or bank_columns.get("id_col") or "id",
-        text_cols=text_col or bank_columns.get("text_cols") or ["title"],
-        time_col=optional(time_col, "time_col"),
-        observed_col=optional(observed_col, "observed_col"),
-        video_col=optional(video_col, "video_col"),
-        require_text=bool(text_col),
-        meta_cols=[c for c in wanted if c in present or meta_col],
-    )
+app.command("serve")(serve_cmd)
 
 
 def main() -> None:

@@ -251,11 +251,16 @@ def _meta_value(value: Any) -> Any:
         return None if text.lower() in {"inf", "-inf", "infinity", "-infinity"} else text
 
 
+def table_columns(rows: list[dict[str, Any]]) -> set[str]:
+    """Every column the rows have (JSONL rows may each name other fields)."""
+    return set().union(*(row.keys() for row in rows)) if rows else set()
+
+
 def parse_rows(rows: list[dict[str, Any]], columns: ColumnMap, source: str = "") -> list[MetaRow]:
     """Map raw rows to MetaRows, one per row. A row's problems (duplicate id after the
     first occurrence, empty id, bad label or time) fail that row alone."""
     if rows:
-        present = set(rows[0].keys())
+        present = table_columns(rows)
         wanted = [columns.id_col, *columns.label_cols, *columns.meta_cols]
         wanted += [c for c in (columns.time_col, columns.observed_col, columns.video_col) if c]
         if columns.require_text:

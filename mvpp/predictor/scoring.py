@@ -27,7 +27,7 @@ import torch
 from mvpp.media import Clip, MediaError
 from mvpp.memory_bank.builder import BankBuilder, BuildItem, content_problem, with_stored_vectors
 from mvpp.memory_bank.decoding import BatchDecoder
-from mvpp.memory_bank.metadata import inverse_transform
+from mvpp.memory_bank.metadata import ColumnMap, inverse_transform
 from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, TEXT, BankPoint
 from mvpp.predictor.boosting import blend
 from mvpp.predictor.dataset import FeatureTable, make_batch
@@ -369,3 +369,42 @@ class Scorer:
         for i, row in zip(order, scored, strict=True):
             rows[i] = row
         return rows
+
+
+def upload_columns(
+    run: Run,
+    bank_columns: dict,
+    present: set[str],
+    id_col: str | None = None,
+    text_col: list[str] | None = None,
+    time_col: str | None = None,
+    observed_col: str | None = None,
+    meta_col: list[str] | None = None,
+    video_col: str | None = None,
+) -> ColumnMap:
+    """How to read a table of new items (columns `present`): the names given first, then
+    the columns the bank was built from (optional ones only where the table has them),
+    then the plain defaults."""
+
+    def optional(given: str | None, key: str) -> str | None:
+        if given:
+            return given
+        name = bank_columns.get(key)
+        return name if name and name in present else None
+
+    # The run's and the bank's metadata columns are read where the table has them (absent
+    # ones are missing values, masked, not an error): the run's feed its metadata expert,
+    # the neighbour group its retrieval, and any of them makes a row without text or video
+    # a post to score, as it made it one to index.
+    run_cols = run.featurizer.columns if run.featurizer else []
+    group = [run.train_config.neighbour_group] if run.train_config.neighbour_group else []
+    wanted = list(dict.fromkeys([*(meta_col or [*run_cols, *bank_columns.get("meta_cols", [])]), *group]))
+    return ColumnMap(
+        id_col=id_col or bank_columns.get("id_col") or "id",
+        text_cols=text_col or bank_columns.get("text_cols") or ["title"],
+        time_col=optional(time_col, "time_col"),
+        observed_col=optional(observed_col, "observed_col"),
+        video_col=optional(video_col, "video_col"),
+        require_text=bool(text_col),
+        meta_cols=[c for c in wanted if c in present or meta_col],
+    )

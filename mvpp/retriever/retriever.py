@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from mvpp.config import BuildSettings
-from mvpp.media import Clip, decode_frames
+from mvpp.media import Clip, MediaError
 from mvpp.memory_bank.builder import BankBuilder, BuildItem
+from mvpp.memory_bank.decoding import DecodeFn, decode_item
 from mvpp.memory_bank.encoders.profiles import Encoders
 from mvpp.memory_bank.metadata import MetaRow
 from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, BankPoint, Hit, SearchFilter
@@ -57,7 +58,11 @@ class Retriever:
     """Neighbours from one bank, with the encoders the bank was built with."""
 
     def __init__(
-        self, store: BankStore, encoders: Encoders, settings: BuildSettings | None = None
+        self,
+        store: BankStore,
+        encoders: Encoders,
+        settings: BuildSettings | None = None,
+        decode: DecodeFn = decode_item,
     ) -> None:
         manifest = store.manifest
         if manifest is None:
@@ -68,17 +73,19 @@ class Retriever:
             n_frames=manifest.n_frames, max_tokens=manifest.max_tokens
         )
         self._builder = BankBuilder(store, encoders, self.settings)
+        self.decode = decode
         manifest.check_compatible(self._builder.manifest())
 
     def encode(self, queries: list[Query]) -> list[EncodedQuery]:
         """Encode queries like bank items. Raises MediaError for an unreadable clip."""
         items: list[tuple[BuildItem, Clip | None]] = []
         for n, q in enumerate(queries):
-            clip = (
-                decode_frames(q.clip, self.settings.n_frames, self.settings.frame_max_side)
-                if q.clip is not None
-                else None
-            )
+            clip = None
+            if q.clip is not None:
+                decoded = self.decode(str(q.clip), self.settings.n_frames, self.settings.frame_max_side)
+                if isinstance(decoded, MediaError):
+                    raise decoded
+                clip = decoded
             if clip is None and not q.title.strip():
                 raise ValueError("a query needs a clip or a title")
             item_id = q.item_id or f"query-{n}"

@@ -1,0 +1,88 @@
+"""Requests that arrive together are scored together.
+
+Scoring one item costs little more than scoring a few dozen at once (one encoder pass,
+one neighbour search, one model call), so under load the service waits a few
+milliseconds after the first pending request, takes every request queued by then (up to
+`max_items` rows), and scores them in one call, in a worker thread: the event loop keeps
+accepting requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_S = 0.005
+DEFAULT_MAX_ITEMS = 128
+
+
+@dataclass
+class _Pending:
+    request: Any
+    size: int
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Merges concurrent `submit(request)` calls into calls of `score(requests) ->
+    results` (one result per request, in order), run in a worker thread. `size` tells a
+    request's number of rows."""
+
+    def __init__(
+        self,
+        score: Callable[[list[Any]], list[Any]],
+        size: Callable[[Any], int],
+        window_s: float = DEFAULT_WINDOW_S,
+        max_items: int = DEFAULT_MAX_ITEMS,
+    ) -> None:
+        self.score = score
+        self.size = size
+        self.window_s = window_s
+        self.max_items = max_items
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task | None = None
+        self.calls = 0  # scoring calls made (each serves one or more requests)
+
+    async def submit(self, request: Any) -> Any:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.create_task(self._run())
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(request, self.size(request), future))
+        return await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            size = first.size
+            await asyncio.sleep(self.window_s)
+            while size < self.max_items and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                batch.append(nxt)
+                size += nxt.size
+            try:
+                self.calls += 1
+                results = await asyncio.to_thread(self.score, [pending.request for pending in batch])
+            except Exception as exc:  # the requests fail, the service goes on
+                logger.exception("scoring failed")
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            for pending, result in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(result)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
