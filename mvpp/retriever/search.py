@@ -167,6 +167,12 @@ class NeighbourSearch:
         # the query's own row as a position in the memory, for self-exclusion
         self._pos_in_memory = np.full(len(snapshot), -1, np.int64)
         self._pos_in_memory[self.memory] = np.arange(len(self.memory))
+        # the memory's side of every search, gathered once (a service searches per request)
+        keys = self.memory
+        self._vectors = np.ascontiguousarray(snapshot.retrieval[keys], dtype=np.float64)
+        self._has_vector = snapshot.has_retrieval[keys]
+        self._time = snapshot.published_ts[keys]
+        self._group = self.groups.key_group[keys] if self.groups is not None else None
 
     def __len__(self) -> int:
         """Items in the memory."""
@@ -175,21 +181,21 @@ class NeighbourSearch:
     def search(self, queries: QueryBatch) -> Neighbours:
         """(B, k) snapshot rows of the neighbours (-1: none) and their scores: cosine, plus
         the group bonus and the weighted lexical cosine when those are on."""
-        snap, keys = self.snapshot, self.memory
+        keys = self.memory
         own = np.where(queries.own_row >= 0, self._pos_in_memory[np.maximum(queries.own_row, 0)], -1)
         hybrid = self.rerank is not None and queries.bags is not None
         groups = self.groups if queries.groups is not None else None
         nb = bulk_topk(
             queries.vectors,
-            snap.retrieval[keys],
+            self._vectors,
             max(self.k, self.rerank.candidates) if hybrid and self.rerank is not None else self.k,
             query_has_vector=queries.has_vector,
-            key_has_vector=snap.has_retrieval[keys],
+            key_has_vector=self._has_vector,
             query_key_index=own,
             query_time=queries.time if self.time_safe else None,
-            key_time=snap.published_ts[keys] if self.time_safe else None,
+            key_time=self._time if self.time_safe else None,
             query_group=queries.groups if groups is not None else None,
-            key_group=groups.key_group[keys] if groups is not None else None,
+            key_group=self._group if groups is not None else None,
             group_weight=groups.weight if groups is not None else 0.0,
         )
         if hybrid:
