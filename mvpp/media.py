@@ -35,12 +35,19 @@ class MediaError(Exception):
         return (MediaError, (self.path, self.reason))
 
 
+# The sound track is decoded to mono at this rate, at most this many seconds of it.
+AUDIO_RATE = 16_000
+MAX_AUDIO_S = 60.0
+
+
 @dataclass
 class Clip:
-    """Decoded frames of one video.
+    """Decoded frames of one video, and its sound.
 
     frames: (L, H, W, 3) uint8, L <= the number requested (short clips give what they
-    have); mask: (n_requested,) bool, True where a frame exists.
+    have); mask: (n_requested,) bool, True where a frame exists. audio: (n,) float32
+    mono samples at `audio_rate` in [-1, 1], None when the file has no sound track or
+    it could not be decoded (`audio_error` then says why).
     """
 
     path: str
@@ -50,6 +57,9 @@ class Clip:
     fps: float | None
     width: int
     height: int
+    audio: np.ndarray | None = None
+    audio_rate: int = AUDIO_RATE
+    audio_error: str | None = None
 
     @property
     def n_frames(self) -> int:
@@ -156,6 +166,7 @@ def decode_frames(path: Path | str, n_frames: int = 10, max_side: int = 384) -> 
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         frames = _decode_even(container, stream, info, n_frames, max_side)
+        audio, audio_error = _decode_audio(container)
     except MediaError:
         raise
     except Exception as exc:
@@ -167,7 +178,39 @@ def decode_frames(path: Path | str, n_frames: int = 10, max_side: int = 384) -> 
     arr = np.stack(_same_size(frames))
     mask = np.zeros(n_frames, dtype=bool)
     mask[: len(frames)] = True
-    return Clip(str(path), arr, mask, info.duration_s, info.fps, info.width, info.height)
+    return Clip(str(path), arr, mask, info.duration_s, info.fps, info.width, info.height,
+                audio=audio, audio_error=audio_error)
+
+
+def _decode_audio(container, rate: int = AUDIO_RATE, max_s: float = MAX_AUDIO_S) -> tuple[np.ndarray | None, str | None]:
+    """The first sound track as mono float32 samples at `rate` (at most `max_s` seconds),
+    and why there are none: (None, None) for a clip without sound, (None, reason) for a
+    sound track that cannot be decoded (the frames are still usable)."""
+    import av
+
+    if not container.streams.audio:
+        return None, None
+    stream = container.streams.audio[0]
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    chunks: list[np.ndarray] = []
+    total, limit = 0, int(rate * max_s)
+    try:
+        container.seek(0)
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+                total += chunks[-1].size
+            if total >= limit:
+                break
+        else:
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except Exception as exc:  # a damaged sound track: the clip keeps its frames
+        return None, f"sound track not decodable ({type(exc).__name__}: {exc})"
+    samples = np.concatenate(chunks)[:limit].astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if samples.size == 0:
+        return None, "sound track without decodable samples"
+    return np.clip(samples, -1.0, 1.0), None
 
 
 def _decode_even(container, stream, info: Probe, n_frames: int, max_side: int) -> list[np.ndarray]:

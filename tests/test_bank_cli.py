@@ -313,6 +313,7 @@ def test_full_profile_with_tiny_models(small_library: Path, tmp_path: Path) -> N
     models = [
         "--profile", "full", "--text-model", spec.text_model,
         "--captioner-model", spec.captioner_model, "--frame-model", spec.frame_model,
+        "--audio-model", spec.audio_model,
     ]
     bank = tmp_path / "bank"
     videos = small_library / "videos"

@@ -38,6 +38,7 @@ from mvpp.memory_bank.encoders import (
     load_encoders,
     open_clip_model_id,
 )
+from mvpp.memory_bank.encoders.audio import LOGMEL_ID, LogMelAudioEncoder
 from mvpp.memory_bank.encoders.frames import FEATURE_NAMES, frame_statistics
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
@@ -392,6 +393,9 @@ def test_encoders_are_lazy_and_lite_describe(minilm: SentenceTextEncoder) -> Non
         "token_dim": 384,
         "frame_dim": FrameStatsEncoder.dim,
         "max_tokens": 32,
+        "audio_model": LOGMEL_ID,
+        "audio_dim": LogMelAudioEncoder.dim,
+        "spec": EncoderSpec.lite().to_dict(),
     }
     expected = EncoderSpec.lite().expected_ids()
     assert {k: described[k] for k in expected} == expected

@@ -208,15 +208,17 @@ def test_requests_arriving_together_are_scored_together(service):
 
     async def burst() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-                for _ in range(200):
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.02)
-                requests = [client.post("/v1/score", json={"items": [{"vid": "same", "caption": f"cat clip {i}"}]})
-                            for i in range(12)]
-                return await asyncio.gather(*requests)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        ):
+            for _ in range(200):
+                if (await client.get("/healthz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.02)
+            requests = [client.post("/v1/score", json={"items": [{"vid": "same", "caption": f"cat clip {i}"}]})
+                        for i in range(12)]
+            return await asyncio.gather(*requests)
 
     responses = asyncio.run(burst())
     assert all(r.status_code == 200 for r in responses)

@@ -202,6 +202,28 @@ def make_tiny_open_clip_checkpoint(path: Path | str) -> tuple[str, str]:
     return str(cfg_path), str(ckpt)
 
 
+TINY_AUDIO_DIM = 32
+
+
+def make_tiny_ast(path: Path | str) -> Path:
+    """A random Audio Spectrogram Transformer (hidden size TINY_AUDIO_DIM) with its
+    feature extractor, saved as `save_pretrained` writes them."""
+    import torch
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(0)
+    config = ASTConfig(
+        hidden_size=TINY_AUDIO_DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_length=256, num_mel_bins=32, frequency_stride=10, time_stride=10,
+    )
+    ASTModel(config).save_pretrained(path)
+    ASTFeatureExtractor(num_mel_bins=32, max_length=256).save_pretrained(path)
+    return path
+
+
 def tiny_full_spec(tmp_path: Path | str) -> EncoderSpec:
     """The `full` profile pointed at tiny random models written under `tmp_path`."""
     root = Path(tmp_path)
@@ -212,4 +234,5 @@ def tiny_full_spec(tmp_path: Path | str) -> EncoderSpec:
         captioner_model=str(make_tiny_blip(root / "tiny-blip")),
         frame_model=frame_model,
         frame_pretrained=frame_pretrained,
+        audio_model=str(make_tiny_ast(root / "tiny-ast")),
     )

@@ -14,6 +14,7 @@ from rich.text import Text
 from mvpp.cli.common import (
     EXIT_ITEMS_FAILED,
     ApiKeyOpt,
+    AudioModelOpt,
     BankOpt,
     CaptionerOpt,
     CollectionOpt,
@@ -42,7 +43,7 @@ from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.base import resolve_device
 from mvpp.memory_bank.encoders.profiles import load_encoders
 from mvpp.memory_bank.metadata import LABEL_TRANSFORMS, ColumnMap, parse_rows, read_table
-from mvpp.retriever.retriever import Query, Retriever
+from mvpp.retriever.retriever import MATCHES, Query, Retriever
 
 app = typer.Typer(
     help="Build, query and inspect an mvpp memory bank (Qdrant).",
@@ -136,6 +137,7 @@ def build(
     captioner_model: CaptionerOpt = None,
     frame_model: FrameModelOpt = None,
     frame_pretrained: FramePretrainedOpt = None,
+    audio_model: AudioModelOpt = None,
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -185,9 +187,8 @@ def build(
         if not items and not plan_failures:
             fail(f"no videos in {videos_dir}: nothing to index")
         with store_for(loc) as store:
-            bank_profile = store.manifest.profile if store.manifest else None
             spec = encoder_spec(
-                profile, bank_profile, text_model, captioner_model, frame_model, frame_pretrained
+                profile, store.manifest, text_model, captioner_model, frame_model, frame_pretrained, audio_model
             )
             if frames is None and store.manifest is not None:
                 settings.n_frames = store.manifest.n_frames
@@ -250,6 +251,15 @@ def query(
         bool, typer.Option("--labelled-only", help="Only return labelled items.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by",
+            help="Match by: auto (the text's retrieval vector when there is a title, else the "
+            "clip's frames and sound together, their MaxSim scores averaged), retrieval, "
+            "frames or audio.",
+        ),
+    ] = "auto",
     run: Annotated[
         Path | None,
         typer.Option(
@@ -267,6 +277,7 @@ def query(
     captioner_model: CaptionerOpt = None,
     frame_model: FrameModelOpt = None,
     frame_pretrained: FramePretrainedOpt = None,
+    audio_model: AudioModelOpt = None,
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -281,13 +292,15 @@ def query(
         if store.manifest is None:
             fail(f"no bank at {loc.describe()}: build one with `mvpp-bank build`")
         spec = encoder_spec(
-            profile, store.manifest.profile, text_model, captioner_model, frame_model, frame_pretrained
+            profile, store.manifest, text_model, captioner_model, frame_model, frame_pretrained, audio_model
         )
         quiet_model_loading()
         retriever = Retriever(store, load_encoders(spec, device=device))
+        if by not in MATCHES:
+            fail(f"--by must be one of {', '.join(MATCHES)}")
         if run is None:
             flt = SearchFilter(labelled_only=True) if labelled_only else None
-            hits = retriever.query(Query(clip=clip, title=title or ""), k=k, flt=flt)
+            hits = retriever.query(Query(clip=clip, title=title or "", by=by), k=k, flt=flt)
         else:
             hits = _run_hits(run, store, loc, retriever, Query(clip=clip, title=title or ""), k)
     if as_json:
@@ -370,6 +383,7 @@ def info(
             "items": store.count(),
             "labelled": store.count(SearchFilter(labelled_only=True)),
             "with_video": store.count(SearchFilter(has_video=True)),
+            "with_audio": store.count(SearchFilter(has_audio=True)) if manifest.audio_dim else 0,
             "size_bytes": store.size_bytes(),
             **manifest.to_dict(),
         }
@@ -381,8 +395,8 @@ def info(
     table.add_column("field", style="bold")
     table.add_column("value")
     for key in (
-        "backend", "items", "labelled", "unlabelled", "with_video", "profile", "text_model",
-        "captioner_model", "frame_model", "retrieval_dim", "token_dim", "frame_dim",
+        "backend", "items", "labelled", "unlabelled", "with_video", "with_audio", "profile", "text_model",
+        "captioner_model", "frame_model", "audio_model", "retrieval_dim", "token_dim", "frame_dim", "audio_dim",
         "n_frames", "max_tokens", "label_names", "label_transform", "schema_version",
     ):
         value = data[key]

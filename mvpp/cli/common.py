@@ -80,6 +80,15 @@ CaptionerOpt = Annotated[
     str | None,
     typer.Option("--captioner-model", help="BLIP captioner id or local path ('none' disables)."),
 ]
+AudioModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--audio-model",
+        help="Audio encoder: 'logmel-v1' (model-free, the lite profile's), a transformers audio "
+        "model's id or local path (the full profile: an Audio Spectrogram Transformer), or "
+        "'none' \\[default: the bank's, else the profile's].",
+    ),
+]
 FrameModelOpt = Annotated[
     str | None, typer.Option("--frame-model", help="open_clip model name or 'frame-stats'.")
 ]
@@ -120,14 +129,24 @@ def store_for(loc: BankLocation) -> BankStore:
 
 def encoder_spec(
     profile: str | None,
-    bank_profile: str | None = None,
+    bank: Manifest | None = None,
     text_model: str | None = None,
     captioner: str | None = None,
     frame_model: str | None = None,
     frame_pretrained: str | None = None,
+    audio_model: str | None = None,
 ) -> EncoderSpec:
-    name = profile or os.environ.get("MVPP_PROFILE") or bank_profile or DEFAULT_PROFILE
+    """The encoders to use: a bank's own when nothing says otherwise (its recorded spec,
+    model paths included), else the profile with the given overrides."""
+    given = profile or os.environ.get("MVPP_PROFILE")
+    if bank is not None and not (given or text_model or captioner or frame_model or frame_pretrained or audio_model):
+        return EncoderSpec.for_bank(bank)
+    name = given or (bank.profile if bank is not None else None) or DEFAULT_PROFILE
     overrides: dict[str, str | None] = {}
+    if audio_model:
+        overrides["audio_model"] = None if audio_model.lower() == "none" else audio_model
+    elif bank is not None:  # sound features as the bank has them, unless asked otherwise
+        overrides["audio_model"] = bank.audio_model
     if text_model:
         overrides["text_model"] = text_model
     if captioner:

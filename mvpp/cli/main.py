@@ -441,7 +441,7 @@ def score_cmd(
             items, plan_failures = plan_items(videos_dir, rows)
             snapshot = read_snapshot(store, None if loc.is_server else _cache_dir(loc.path))
             _check_bank_content(run, snapshot, strict, announce=not quiet)
-            spec = encoder_spec(None, store.manifest.profile)
+            spec = encoder_spec(None, store.manifest)
             settings = BuildSettings(
                 n_frames=store.manifest.n_frames,
                 max_tokens=store.manifest.max_tokens,

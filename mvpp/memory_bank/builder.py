@@ -62,12 +62,14 @@ class Failure:
     reason: str
     video: str | None = None
     position: int = -1  # as BuildItem.position, for items that failed before being planned
+    # True for an item indexed all the same, without part of its inputs (its sound)
+    indexed: bool = False
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"item_id": self.item_id, "reason": self.reason, "video": self.video},
-            ensure_ascii=False,
-        )
+        record = {"item_id": self.item_id, "reason": self.reason, "video": self.video}
+        if self.indexed:
+            record["indexed"] = True
+        return json.dumps(record, ensure_ascii=False)
 
 
 @dataclass
@@ -79,6 +81,8 @@ class BuildReport:
     elapsed_s: float = 0.0
     failures: list[Failure] = field(default_factory=list)
     failures_file: Path | None = None
+    # items indexed without part of their inputs (a sound track that cannot be decoded)
+    warnings: list[Failure] = field(default_factory=list)
 
     @property
     def items_per_s(self) -> float:
@@ -111,7 +115,7 @@ def stored_form(point: BankPoint) -> BankPoint:
     by `build`, `query` or `score` has the same features as its stored copy."""
     if point.retrieval is not None:
         point.retrieval = l2_normalize(point.retrieval)
-    for name in ("frames", "tokens"):
+    for name in ("frames", "tokens", "audio"):
         value = getattr(point, name)
         if value is not None:
             stored = l2_normalize(np.asarray(value, np.float32)).astype(np.float16).astype(np.float32)
@@ -126,6 +130,7 @@ def _point(
     tokens: np.ndarray | None,
     captions: list[str],
     duration_s: float | None,
+    audio: np.ndarray | None = None,
 ) -> BankPoint:
     """An item's point: its vectors and what its metadata row says."""
     meta = item.meta
@@ -134,6 +139,7 @@ def _point(
         retrieval=retrieval,
         frames=frames,
         tokens=tokens,
+        audio=audio,
         title=item.title,
         captions=list(captions),
         labels=dict(meta.labels) if meta else {},
@@ -153,7 +159,8 @@ def with_stored_vectors(item: BuildItem, stored: BankPoint) -> BankPoint:
     Encoders give a text a slightly different vector in each batch (float noise in the
     last bits); reusing the stored one keeps every prediction of the item the same,
     trees' included, whose thresholds can fall between two such vectors."""
-    return _point(item, stored.retrieval, stored.frames, stored.tokens, stored.captions, stored.duration_s)
+    return _point(item, stored.retrieval, stored.frames, stored.tokens, stored.captions, stored.duration_s,
+                  stored.audio)
 
 
 def video_fingerprint(path: Path) -> str:
@@ -286,6 +293,9 @@ class BankBuilder:
             label_names=list(label_names),
             label_transform=self.settings.label_transform,
             columns=columns.to_dict() if columns is not None else {},
+            audio_model=desc["audio_model"],
+            audio_dim=int(desc["audio_dim"]),
+            encoder_spec=desc["spec"],
         )
 
     # -- hashing --------------------------------------------------------------------
@@ -306,6 +316,8 @@ class BankBuilder:
         }
         if meta and meta.observed_at:  # only when given, so older banks keep their hashes
             parts["observed"] = meta.observed_at
+        if manifest.audio_model:  # likewise: banks without sound keep their hashes
+            parts["audio"] = manifest.audio_model
         return content_hash(parts)
 
     def encoding_key(self, item: BuildItem, manifest: Manifest) -> str:
@@ -315,7 +327,7 @@ class BankBuilder:
         return content_hash({
             "title": item.title,
             "video": video_fingerprint(item.video) if item.video else None,
-            "encoders": [manifest.text_model, manifest.captioner_model, manifest.frame_model],
+            "encoders": [manifest.text_model, manifest.captioner_model, manifest.frame_model, manifest.audio_model],
             "n_frames": manifest.n_frames,
             "max_tokens": manifest.max_tokens,
         })
@@ -411,17 +423,32 @@ class BankBuilder:
             captions_out.append(caps)
             prompts.append(enc.build_prompt(caps, title))
         vectors, tokens = self._text_features(prompts, titles)
+        sounds = self._sound_features([clip for _, clip in items])
         return [
             stored_form(_point(
                 item,
                 retrieval=vectors[i],
                 frames=per_item_frames[i],
                 tokens=tokens[i] if tokens[i] is not None and len(tokens[i]) else None,
+                audio=sounds[i],
                 captions=captions_out[i],
                 duration_s=clip.duration_s if clip is not None else None,
             ))
             for i, (item, clip) in enumerate(items)
         ]
+
+    def _sound_features(self, clips: list[Clip | None]) -> list[np.ndarray | None]:
+        """Per item its sound's segment vectors; None without an audio encoder or a sound."""
+        encoder = self.encoders.audio
+        out: list[np.ndarray | None] = [None] * len(clips)
+        if encoder is None:
+            return out
+        with_sound = [i for i, c in enumerate(clips) if c is not None and c.audio is not None]
+        if with_sound:
+            feats = encoder.encode([(clips[i].audio, clips[i].audio_rate) for i in with_sound])  # type: ignore[union-attr]
+            for i, f in zip(with_sound, feats, strict=True):
+                out[i] = f if len(f) else None
+        return out
 
     def _captions(self, clips: list[Clip]) -> list[list[str]]:
         if self.encoders.captioner is None or not clips:
@@ -476,6 +503,9 @@ class BankBuilder:
         transform = self.settings.label_transform
         targets: list[dict[str, float]] = []
         for item, h, clip in batch:
+            if clip is not None and clip.audio_error:
+                sink.warn(Failure(item.item_id, f"indexed without its sound: {clip.audio_error}",
+                                  str(item.video), indexed=True), report)
             problem = content_problem(item, clip)
             if problem:
                 sink.add(Failure(item.item_id, problem), report)
@@ -586,6 +616,14 @@ class _FailureSink:
         logger.info("failed %s: %s", failure.item_id, failure.reason)
         if self._fh is not None:
             self._fh.write(failure.to_json() + "\n")
+            self._fh.flush()
+
+    def warn(self, note: Failure, report: BuildReport) -> None:
+        """An item indexed without part of its inputs: noted beside the failures."""
+        report.warnings.append(note)
+        logger.info("%s: %s", note.item_id, note.reason)
+        if self._fh is not None:
+            self._fh.write(note.to_json() + "\n")
             self._fh.flush()
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ SCHEMA_VERSION = 1
 RETRIEVAL = "retrieval"
 FRAMES = "frames"
 TEXT = "text"
+AUDIO = "audio"
 
 # UUID5 namespace of item ids: fixed so the same item id maps to the same point everywhere.
 ITEM_NAMESPACE = uuid.UUID("6f1c1c9e-4a8e-5b8e-9a55-2f1b7d0c3e11")
@@ -30,6 +31,7 @@ INDEXED_FIELDS: dict[str, str] = {
     "item_id": "keyword",
     "labelled": "bool",
     "has_video": "bool",
+    "has_audio": "bool",
     "published_ts": "float",
 }
 
@@ -63,6 +65,12 @@ class Manifest:
     # dict): scoring reads new items' tables with them by default. Empty for banks built
     # from videos alone, or before columns were recorded.
     columns: dict[str, Any] = field(default_factory=dict)
+    # Sound features (None: none; banks built before they existed have none).
+    audio_model: str | None = None
+    audio_dim: int = 0
+    # The encoder spec the bank was built with (model paths included), so that scoring
+    # and querying load the same encoders; empty for banks built before it was recorded.
+    encoder_spec: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +90,8 @@ class Manifest:
         "frame_dim",
         "n_frames",
         "max_tokens",
+        "audio_model",
+        "audio_dim",
         "schema_version",
     )
 
@@ -119,6 +129,8 @@ class BankPoint:
     retrieval: np.ndarray | None
     frames: np.ndarray | None = None
     tokens: np.ndarray | None = None
+    # (S, d_a) one row per segment of the sound track; None without sound
+    audio: np.ndarray | None = None
     title: str = ""
     captions: list[str] = field(default_factory=list)
     labels: dict[str, float] = field(default_factory=dict)
@@ -143,6 +155,10 @@ class BankPoint:
     def has_video(self) -> bool:
         return self.frames is not None and len(self.frames) > 0
 
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None and len(self.audio) > 0
+
     def payload(self) -> dict[str, Any]:
         """The Qdrant payload of this point (JSON-safe: a non-finite number is None)."""
         return json_safe({
@@ -153,6 +169,7 @@ class BankPoint:
             "targets": dict(self.targets),
             "labelled": self.labelled,
             "has_video": self.has_video,
+            "has_audio": self.has_audio,
             "published_at": self.published_at,
             "published_ts": self.published_ts,
             "metadata": dict(self.metadata),
@@ -171,12 +188,14 @@ class BankPoint:
         retrieval: np.ndarray | None,
         frames: np.ndarray | None = None,
         tokens: np.ndarray | None = None,
+        audio: np.ndarray | None = None,
     ) -> BankPoint:
         return cls(
             item_id=str(payload["item_id"]),
             retrieval=retrieval,
             frames=frames,
             tokens=tokens,
+            audio=audio,
             title=payload.get("title") or "",
             captions=list(payload.get("captions") or []),
             labels=dict(payload.get("labels") or {}),
@@ -201,6 +220,7 @@ class SearchFilter:
     labelled_only: bool = False
     published_before: float | None = None  # unix seconds; strict
     has_video: bool | None = None
+    has_audio: bool | None = None
 
     def is_empty(self) -> bool:
         return (
@@ -208,6 +228,7 @@ class SearchFilter:
             and not self.labelled_only
             and self.published_before is None
             and self.has_video is None
+            and self.has_audio is None
         )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Names of the PoE experts, in the order the model stacks them.
-EXPERT_ORDER: tuple[str, ...] = ("V", "T", "V_r", "T_r", "L_r", "M")
+EXPERT_ORDER: tuple[str, ...] = ("V", "T", "V_r", "T_r", "L_r", "M", "A", "A_r")
 
 #: Label-interaction pairs (target representation, retrieved representation).
 INTERACTION_PAIRS: tuple[tuple[str, str], ...] = (
@@ -17,6 +17,7 @@ INTERACTION_PAIRS: tuple[tuple[str, str], ...] = (
     ("T", "T_r"),
     ("V", "L_r"),
     ("T", "L_r"),
+    ("A", "A_r"),
 )
 
 #: `mvpp train --ablate NAME`: the ModelConfig switch each name turns off.
@@ -29,6 +30,7 @@ ABLATIONS: dict[str, str] = {
     "frames": "use_frames",
     "text": "use_text",
     "meta": "use_meta",
+    "audio": "use_audio",
     "word-prior": "use_word_prior",
     "label-embedding": "use_label_embedding",
     "neighbour-prior": "use_neighbour_prior",
@@ -81,10 +83,12 @@ class InputSizes:
     meta_cardinalities: list[int] = field(default_factory=list)
     # Title vocabulary (predictor.lexicon) of the word prior; 0: no word prior.
     lexicon_size: int = 0
+    # Width of the sound's segment vectors (memory_bank.encoders.audio).
+    d_audio: int = 1
 
     def __post_init__(self) -> None:
         self.meta_cardinalities = [int(c) for c in self.meta_cardinalities]
-        for name in ("d_frame", "d_token", "n_targets"):
+        for name in ("d_frame", "d_token", "n_targets", "d_audio"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"InputSizes.{name} must be positive, got {getattr(self, name)}")
         if self.lexicon_size < 0 or self.n_meta_numeric < 0:
@@ -125,6 +129,8 @@ class ModelConfig:
     use_frames: bool = True
     use_text: bool = True
     use_meta: bool = True
+    # The sound: its segments pooled to an acoustic expert A, the neighbours' to A_r.
+    use_audio: bool = True
     # The word prior (predictor.word_prior): a cross-fitted ridge's estimate from the
     # title's bag of words, one more decoder input (the decoder learns how far to trust
     # it; adding it to the mean through a learnt gain did worse on MicroLens).
@@ -183,6 +189,8 @@ class ModelConfig:
             "T_r": self.use_retrieval and self.use_text,
             "L_r": self.use_retrieval and self.use_label_embedding,
             "M": self.has_meta,
+            "A": self.use_audio,
+            "A_r": self.use_retrieval and self.use_audio,
         }
         return [name for name in EXPERT_ORDER if on[name]]
 
@@ -207,6 +215,8 @@ class ModelConfig:
         size_keys = [f.name for f in dataclasses.fields(InputSizes)]
         # a run saved by an earlier version: input sizes at the top level
         legacy = "inputs" not in data and any(k in data for k in size_keys)
+        # a run saved before sound features existed has no audio width, and no audio expert
+        before_audio = legacy or ("inputs" in data and "d_audio" not in data["inputs"])
         inputs = {**{k: data.pop(k) for k in size_keys if k in data}, **data.pop("inputs", {})}
         for old, new in (("expert_logvar", "expert_logvar_range"), ("logvar", "logvar_range")):
             if f"{old}_min" in data or f"{old}_max" in data:
@@ -216,5 +226,7 @@ class ModelConfig:
         if legacy:  # runs saved before these switches existed were built without them
             data = {"label_similarity": False, "use_word_prior": False, "use_neighbour_prior": False,
                     "use_neighbour_summary": False, **data}
+        if before_audio:
+            data = {"use_audio": False, **data}
         check_keys("model", data, cls)
         return cls(inputs=InputSizes(**inputs), **data)

@@ -112,6 +112,8 @@ class ItemFeatures:
     token_len: torch.Tensor
     frames: torch.Tensor
     frame_len: torch.Tensor
+    audio: torch.Tensor | None = None  # (B, S, d_a) the sound's segments
+    audio_len: torch.Tensor | None = None  # (B,)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     # Metadata expert inputs (see features.MetaFeaturizer); None without metadata features.
     meta_numeric: torch.Tensor | None = None  # (B, M) float
@@ -136,6 +138,7 @@ class ProjectedRows:
     position: np.ndarray
     frames: torch.Tensor | None
     tokens: torch.Tensor | None
+    audio: torch.Tensor | None = None  # (R, S, d)
 
 
 class FeatureTable:
@@ -152,6 +155,8 @@ class FeatureTable:
         self.token_len = torch.from_numpy(snapshot.token_len.astype(np.int64))
         self.frames = torch.from_numpy(snapshot.frames)  # (N, L, d_v) float16
         self.frame_len = torch.from_numpy(snapshot.frame_len.astype(np.int64))
+        self.audio = torch.from_numpy(snapshot.audio)  # (N, S, d_a) float16
+        self.audio_len = torch.from_numpy(snapshot.audio_len.astype(np.int64))
         self.targets = torch.from_numpy(norm.forward(snapshot.targets).astype(np.float32))  # (N, T)
         self.n_targets = snapshot.targets.shape[1]
         self._snapshot = snapshot
@@ -194,30 +199,32 @@ class FeatureTable:
         rows = np.arange(n) if rows is None else np.unique(np.asarray(rows, np.int64))
         position = np.full(n, -1, np.int64)
         position[rows] = np.arange(len(rows))
-        frames, tokens = [], []
+        parts: dict[str, list[torch.Tensor | None]] = {"frames": [], "tokens": [], "audio": []}
         dev = next(model.parameters()).device
         # an empty chunk still gives the projected shapes (None only for a modality that is off)
         for lo in range(0, max(1, len(rows)), chunk):
             sl = torch.from_numpy(rows[lo : lo + chunk])
-            f_mask = _length_mask(self.frame_len[sl], self.frames.shape[1])
-            t_mask = _length_mask(self.token_len[sl], self.tokens.shape[1])
-            x_v, x_t = model.project_items(
-                self.frames[sl].to(dev).float(), f_mask.to(dev), self.tokens[sl].to(dev).float(), t_mask.to(dev)
-            )
-            frames.append(x_v.cpu() if x_v is not None else None)
-            tokens.append(x_t.cpu() if x_t is not None else None)
-        self.projection = ProjectedRows(
-            position,
-            torch.cat(frames) if frames and frames[0] is not None else None,
-            torch.cat(tokens) if tokens and tokens[0] is not None else None,
-        )
+            inputs = {
+                name: (values[sl].to(dev).float(), _length_mask(lengths[sl], values.shape[1]).to(dev))
+                for name, values, lengths in (
+                    ("frames", self.frames, self.frame_len),
+                    ("tokens", self.tokens, self.token_len),
+                    ("audio", self.audio, self.audio_len),
+                )
+            }
+            projected = model.project_items(inputs)
+            for name, x in projected.items():
+                parts[name].append(x.cpu() if x is not None else None)
+        joined = {name: torch.cat(xs) if xs and xs[0] is not None else None for name, xs in parts.items()}
+        self.projection = ProjectedRows(position, joined["frames"], joined["tokens"], joined["audio"])
 
     def clear_projection(self) -> None:
         self.projection = None
 
     def items(self, idx: torch.Tensor) -> ItemFeatures:
         feats = ItemFeatures(
-            self.tokens[idx].float(), self.token_len[idx], self.frames[idx].float(), self.frame_len[idx]
+            self.tokens[idx].float(), self.token_len[idx], self.frames[idx].float(), self.frame_len[idx],
+            self.audio[idx].float(), self.audio_len[idx],
         )
         meta = self.meta
         if meta is not None:
@@ -267,6 +274,7 @@ def make_batch(
         return x.float(), _length_mask(torch.where(valid, lengths[safe], 0), size)
 
     nb_frames, nb_frame_mask = sequences(proj.frames, table.frame_len, table.frames.shape[1])
+    nb_audio, nb_audio_mask = sequences(proj.audio, table.audio_len, table.audio.shape[1])
     nb_tokens, nb_token_mask = sequences(proj.tokens, table.token_len, table.tokens.shape[1])
     nb_labels = table.targets[safe]  # (B, k, T)
     nb_label_mask = valid.unsqueeze(-1) & ~torch.isnan(nb_labels)
@@ -286,6 +294,10 @@ def make_batch(
         nb_labels=nb_labels,
         nb_label_mask=nb_label_mask,
         nb_summary=neighbour_summary(nb_labels, nb_label_mask, scores, valid),
+        audio=query.audio,
+        audio_mask=_length_mask(query.audio_len, query.audio.shape[1]) if query.audio is not None and query.audio_len is not None else None,
+        nb_audio=nb_audio,
+        nb_audio_mask=nb_audio_mask,
         meta_numeric=query.meta_numeric,
         meta_numeric_mask=query.meta_numeric_mask,
         meta_categorical=query.meta_categorical,

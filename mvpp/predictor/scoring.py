@@ -28,7 +28,7 @@ from mvpp.media import Clip, MediaError
 from mvpp.memory_bank.builder import BankBuilder, BuildItem, content_problem, with_stored_vectors
 from mvpp.memory_bank.decoding import BatchDecoder
 from mvpp.memory_bank.metadata import ColumnMap, inverse_transform
-from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, TEXT, BankPoint
+from mvpp.memory_bank.schema import AUDIO, FRAMES, RETRIEVAL, TEXT, BankPoint
 from mvpp.predictor.boosting import blend
 from mvpp.predictor.dataset import FeatureTable, make_batch
 from mvpp.predictor.metrics import Metrics, regression_metrics
@@ -320,7 +320,7 @@ class Scorer:
             return out
         for lo in range(0, len(items), chunk):
             part = items[lo : lo + chunk]
-            found = store.get([it.item_id for it in part], vectors=(RETRIEVAL, FRAMES, TEXT))
+            found = store.get([it.item_id for it in part], vectors=(RETRIEVAL, FRAMES, TEXT, AUDIO))
             for j, (item, point) in enumerate(zip(part, found, strict=True)):
                 if point is None or not point.encoding_key:
                     continue

@@ -336,6 +336,9 @@ def model_config_for(data: PreparedData, base: ModelConfig | None = None) -> Mod
         cfg.use_frames = False
     if snap.tokens.shape[1] == 0:
         cfg.use_text = False
+    sizes.d_audio = max(1, snap.audio.shape[2])
+    if snap.audio.shape[1] == 0:
+        cfg.use_audio = False
     return ModelConfig.from_dict(cfg.to_dict())
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, TEXT, BankPoint, Manifest
+from mvpp.memory_bank.schema import AUDIO, FRAMES, RETRIEVAL, TEXT, BankPoint, Manifest
 from mvpp.memory_bank.store.base import BankStore
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -31,7 +31,9 @@ class BankSnapshot:
 
     retrieval: (N, D) float32, zero rows where has_retrieval is False.
     targets: (N, T) float32, NaN where a target is missing; label_names: the T names.
-    frames: (N, L, d_v) float16 + frame_len (N,); tokens: (N, n, d_t) float16 + token_len.
+    frames: (N, L, d_v) float16 + frame_len (N,); tokens: (N, n, d_t) float16 + token_len;
+    audio: (N, S, d_a) float16 + audio_len (N,), the sound's segments (S = 0 and d_a = 1
+    for a bank without sound features).
     published_ts: (N,) float64, NaN when unknown; observed_ts: (N,) float64, when the labels
     were observed (NaN when unknown); duration_s: (N,) float64, the video file's duration.
     """
@@ -52,12 +54,18 @@ class BankSnapshot:
     duration_s: np.ndarray | None = None
     fingerprint: str = ""
     observed_ts: np.ndarray | None = None
+    audio: np.ndarray | None = None
+    audio_len: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         # Optional per-item times and durations are NaN arrays rather than None.
         for name in ("duration_s", "observed_ts"):
             if getattr(self, name) is None:
                 setattr(self, name, np.full(len(self.item_ids), np.nan, np.float64))
+        if self.audio is None:
+            self.audio = np.zeros((len(self.item_ids), 0, 1), np.float16)
+        if self.audio_len is None:
+            self.audio_len = np.zeros(len(self.item_ids), np.int32)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -85,7 +93,7 @@ class BankSnapshot:
 
     _ARRAYS = (
         "retrieval", "has_retrieval", "targets", "published_ts",
-        "frames", "frame_len", "tokens", "token_len", "duration_s", "observed_ts",
+        "frames", "frame_len", "tokens", "token_len", "duration_s", "observed_ts", "audio", "audio_len",
     )
 
     def save(self, folder: Path) -> None:
@@ -159,7 +167,7 @@ def read_snapshot(
     manifest = store.manifest
     assert manifest is not None
     points = []
-    for p in store.scroll(vectors=(RETRIEVAL, FRAMES, TEXT)):
+    for p in store.scroll(vectors=(RETRIEVAL, FRAMES, TEXT, AUDIO)):
         points.append(p)
         if progress:
             progress(1)
@@ -201,6 +209,14 @@ def snapshot_from_points(points: list[BankPoint], manifest: Manifest, fresh: boo
             observed[i] = p.observed_ts
         frame_len[i] = 0 if p.frames is None else len(p.frames)
         token_len[i] = 0 if p.tokens is None else min(len(p.tokens), manifest.max_tokens)
+    audio_len = np.array([0 if p.audio is None else len(p.audio) for p in points], np.int32)
+    max_s = int(audio_len.max()) if n else 0
+    if fresh:
+        max_s = max(max_s, 1)
+    audio = np.zeros((n, max_s, max(1, manifest.audio_dim)), np.float16)
+    for i, p in enumerate(points):
+        if audio_len[i]:
+            audio[i, : audio_len[i]] = p.audio
     max_l = int(frame_len.max()) if n else 0
     max_n = int(token_len.max()) if n else 0
     if fresh:
@@ -221,6 +237,8 @@ def snapshot_from_points(points: list[BankPoint], manifest: Manifest, fresh: boo
         published_ts=published,
         frames=frames,
         frame_len=frame_len,
+        audio=audio,
+        audio_len=audio_len,
         tokens=tokens,
         token_len=token_len,
         titles=[p.title for p in points],

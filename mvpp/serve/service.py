@@ -122,7 +122,7 @@ class ScoringService:
         snapshot = read_snapshot(self.store, None if location.is_server else location.path / "cache")
         self.decode = TimedDecode(settings.decode_seconds)
         build = BuildSettings(n_frames=manifest.n_frames, max_tokens=manifest.max_tokens, decode_ahead=False)
-        encoders = load_encoders(EncoderSpec.from_profile(manifest.profile), device=settings.device)
+        encoders = load_encoders(EncoderSpec.for_bank(manifest), device=settings.device)
         self.builder = BankBuilder(self.store, encoders, build, decode=self.decode)
         self.scorer = Scorer(self.run, snapshot, self.builder, settings.memory)
         self.retriever = Retriever(self.store, encoders, build, decode=self.decode)

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 __all__ = [
+    "AudioEncoder",
     "Captioner",
     "EncoderUnavailableError",
     "FrameEncoder",
@@ -88,6 +89,18 @@ class FrameEncoder(Protocol):
 
     def encode(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         """Clips of (L_i, H, W, 3) uint8 RGB frames -> (L_i, dim) float32, rows L2-normalised."""
+        ...
+
+
+@runtime_checkable
+class AudioEncoder(Protocol):
+    """Sound descriptor, one vector per segment of the sound track."""
+
+    model_id: str
+    dim: int
+
+    def encode(self, clips: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """(samples, rate) mono float32 pairs -> (S_i, dim) float32, rows L2-normalised."""
         ...
 
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import Captioner, FrameEncoder, TextEncoder
+from .audio import DEFAULT_AST, LOGMEL_ID
+from .base import AudioEncoder, Captioner, FrameEncoder, TextEncoder
 from .captioner import DEFAULT_BLIP
 from .frames import FRAME_STATS_ID, open_clip_model_id
 
@@ -41,9 +42,9 @@ FULL_FRAME_PRETRAINED = "laion2b_s34b_b79k"
 PROFILES: tuple[str, ...] = ("full", "lite")
 
 # Override fields for which None is a value of its own rather than "not given".
-_NULLABLE = frozenset({"captioner_model", "frame_pretrained"})
+_NULLABLE = frozenset({"captioner_model", "frame_pretrained", "audio_model"})
 
-# Values that switch the captioner off when given as an override.
+# Values that switch the captioner (or the audio encoder) off when given as an override.
 _NO_CAPTIONER = {"", "none", "off", "false", "no"}
 
 
@@ -69,6 +70,8 @@ class EncoderSpec:
             architecture name, a local open_clip folder, a model config json or "hf-hub:...".
         frame_pretrained: open_clip pretrained tag or checkpoint file (None for folders / hub).
         max_tokens: token features kept per text.
+        audio_model: "logmel-v1" for the model-free sound descriptor, a transformers audio
+            model's hub id or local folder, or None for no sound features.
     """
 
     profile: str
@@ -77,6 +80,7 @@ class EncoderSpec:
     frame_model: str
     frame_pretrained: str | None
     max_tokens: int = 32
+    audio_model: str | None = None
 
     OVERRIDABLE: ClassVar[tuple[str, ...]] = (
         "text_model",
@@ -84,6 +88,7 @@ class EncoderSpec:
         "frame_model",
         "frame_pretrained",
         "max_tokens",
+        "audio_model",
     )
 
     @classmethod
@@ -95,6 +100,7 @@ class EncoderSpec:
             captioner_model=DEFAULT_BLIP,
             frame_model=FULL_FRAME_MODEL,
             frame_pretrained=FULL_FRAME_PRETRAINED,
+            audio_model=DEFAULT_AST,
         )
 
     @classmethod
@@ -106,6 +112,7 @@ class EncoderSpec:
             captioner_model=None,
             frame_model=FRAME_STATS_ID,
             frame_pretrained=None,
+            audio_model=LOGMEL_ID,
         )
 
     @classmethod
@@ -134,10 +141,9 @@ class EncoderSpec:
             for k, v in overrides.items()
             if v is not None or k in _NULLABLE
         }
-        if isinstance(changes.get("captioner_model"), str) and (
-            changes["captioner_model"].strip().lower() in _NO_CAPTIONER
-        ):
-            changes["captioner_model"] = None
+        for name in ("captioner_model", "audio_model"):
+            if isinstance(changes.get(name), str) and changes[name].strip().lower() in _NO_CAPTIONER:
+                changes[name] = None
         if isinstance(changes.get("frame_pretrained"), str) and (
             changes["frame_pretrained"].strip().lower() in {"", "none"}
         ):
@@ -173,7 +179,17 @@ class EncoderSpec:
             "frame_model": FRAME_STATS_ID
             if self.uses_frame_stats
             else open_clip_model_id(self.frame_model, self.frame_pretrained),
+            "audio_model": self.audio_model,
         }
+
+    @classmethod
+    def for_bank(cls, manifest: Any) -> EncoderSpec:
+        """The encoders a bank was built with: its recorded spec (model paths included),
+        else its profile (banks recorded before the spec was), without sound features
+        where the bank has none."""
+        if manifest.encoder_spec:
+            return cls.from_dict(manifest.encoder_spec)
+        return replace(cls.from_profile(manifest.profile), audio_model=manifest.audio_model)
 
 
 class Encoders:
@@ -191,12 +207,14 @@ class Encoders:
         text: TextEncoder | None = None,
         captioner: Captioner | None = None,
         frames: FrameEncoder | None = None,
+        audio: AudioEncoder | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
         self._text = text
         self._captioner = captioner
         self._frames = frames
+        self._audio = audio
 
     def __repr__(self) -> str:
         return f"Encoders(profile={self.spec.profile!r}, ids={self.spec.expected_ids()})"
@@ -225,6 +243,17 @@ class Encoders:
 
             self._captioner = BlipCaptioner(self.spec.captioner_model, device=self.device)
         return self._captioner
+
+    @property
+    def audio(self) -> AudioEncoder | None:
+        if self._audio is None and self.spec.audio_model is not None:
+            from .audio import LogMelAudioEncoder, TransformersAudioEncoder
+
+            if self.spec.audio_model == LOGMEL_ID:
+                self._audio = LogMelAudioEncoder()
+            else:
+                self._audio = TransformersAudioEncoder(self.spec.audio_model, device=self.device)
+        return self._audio
 
     @property
     def frames(self) -> FrameEncoder:
@@ -258,6 +287,9 @@ class Encoders:
             "token_dim": int(self.text.token_dim),
             "frame_dim": int(self.frames.dim),
             "max_tokens": int(self.spec.max_tokens),
+            "audio_model": self.audio.model_id if self.audio is not None else None,
+            "audio_dim": int(self.audio.dim) if self.audio is not None else 0,
+            "spec": self.spec.to_dict(),
         }
 
     @staticmethod

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..schema import (
+    AUDIO,
     FRAMES,
     RETRIEVAL,
     TEXT,
@@ -43,8 +44,8 @@ from ..schema import (
 
 log = logging.getLogger(__name__)
 
-VECTOR_NAMES = (RETRIEVAL, FRAMES, TEXT)
-MULTIVECTOR_NAMES = (FRAMES, TEXT)
+VECTOR_NAMES = (RETRIEVAL, FRAMES, TEXT, AUDIO)
+MULTIVECTOR_NAMES = (FRAMES, TEXT, AUDIO)
 
 # Points per engine call: large enough to amortise the per-call cost (WAL append, locking),
 # small enough that the Python lists built for one call stay a few tens of MB.
@@ -111,7 +112,20 @@ def merge_columns(stored: dict[str, Any], requested: dict[str, Any]) -> dict[str
 
 
 def vector_dims(manifest: Manifest) -> dict[str, int]:
-    return {RETRIEVAL: manifest.retrieval_dim, FRAMES: manifest.frame_dim, TEXT: manifest.token_dim}
+    return {
+        RETRIEVAL: manifest.retrieval_dim,
+        FRAMES: manifest.frame_dim,
+        TEXT: manifest.token_dim,
+        AUDIO: manifest.audio_dim,
+    }
+
+
+def bank_vectors(names: tuple[str, ...], manifest: Manifest | None) -> tuple[str, ...]:
+    """The requested vector names the bank has: a bank without sound features has no
+    `audio` vector to ask for."""
+    if manifest is None or manifest.audio_dim:
+        return names
+    return tuple(n for n in names if n != AUDIO)
 
 
 def point_vectors(point: BankPoint, dims: dict[str, int]) -> dict[str, list[Any]]:
@@ -130,7 +144,7 @@ def point_vectors(point: BankPoint, dims: dict[str, int]) -> dict[str, list[Any]
                 f"the bank expects ({dims[RETRIEVAL]},)"
             )
         vectors[RETRIEVAL] = retrieval.tolist()
-    for name, value in ((FRAMES, point.frames), (TEXT, point.tokens)):
+    for name, value in ((FRAMES, point.frames), (TEXT, point.tokens), (AUDIO, point.audio)):
         if value is None:
             continue
         arr = np.asarray(value)
@@ -181,6 +195,7 @@ def record_to_point(payload: dict[str, Any] | None, vectors: Any) -> BankPoint:
         retrieval=as_array(vecs.get(RETRIEVAL), multivector=False),
         frames=as_array(vecs.get(FRAMES), multivector=True),
         tokens=as_array(vecs.get(TEXT), multivector=True),
+        audio=as_array(vecs.get(AUDIO), multivector=True),
     )
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from ..schema import (
+    AUDIO,
     FRAMES,
     INDEXED_FIELDS,
     RETRIEVAL,
@@ -44,6 +45,7 @@ from .base import (
     BankNotInitialisedError,
     BankStore,
     NotABankError,
+    bank_vectors,
     check_vector_names,
     chunks,
     merge_manifest,
@@ -96,8 +98,22 @@ def edge_config(manifest: Manifest) -> qe.EdgeConfig:
     # m=0: no HNSW graph for multivectors (one node per frame / token row would make
     # optimisation dominate build time); their searches are exact scans.
     no_graph = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
+    audio = (
+        {
+            AUDIO: qe.EdgeVectorParams(
+                size=manifest.audio_dim,
+                distance=qe.Distance.Cosine,
+                multivector_config=multi,
+                datatype=qe.VectorStorageDatatype.Float16,
+                hnsw_config=no_graph,
+            )
+        }
+        if manifest.audio_dim
+        else {}
+    )
     return qe.EdgeConfig(
         vectors={
+            **audio,
             RETRIEVAL: qe.EdgeVectorParams(
                 size=manifest.retrieval_dim, distance=qe.Distance.Cosine
             ),
@@ -142,6 +158,8 @@ def edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
         )
     if flt.has_video is not None:
         must.append(qe.FieldCondition(key="has_video", match=_match_bool(flt.has_video)))
+    if flt.has_audio is not None:
+        must.append(qe.FieldCondition(key="has_audio", match=_match_bool(flt.has_audio)))
     return qe.Filter(must=must or None, must_not=must_not or None)
 
 
@@ -431,7 +449,7 @@ class EdgeBankStore(BankStore):
         flt: SearchFilter | None = None,
         batch_size: int = 512,
     ) -> Iterator[BankPoint]:
-        names = check_vector_names(vectors)
+        names = bank_vectors(check_vector_names(vectors), self.manifest)
         shard = self._shard()
         if shard is None:
             return
@@ -455,7 +473,7 @@ class EdgeBankStore(BankStore):
     def get(
         self, item_ids: list[str], vectors: tuple[str, ...] = (RETRIEVAL,)
     ) -> list[BankPoint | None]:
-        names = check_vector_names(vectors)
+        names = bank_vectors(check_vector_names(vectors), self.manifest)
         shard = self._shard()
         if shard is None or not item_ids:
             return [None] * len(item_ids)

@@ -19,6 +19,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from ..schema import (
+    AUDIO,
     FRAMES,
     INDEXED_FIELDS,
     RETRIEVAL,
@@ -35,6 +36,7 @@ from .base import (
     BankNotInitialisedError,
     BankStore,
     NotABankError,
+    bank_vectors,
     check_vector_names,
     chunks,
     merge_manifest,
@@ -85,6 +87,19 @@ def vectors_config(manifest: Manifest) -> dict[str, models.VectorParams]:
             datatype=models.Datatype.FLOAT16,
             hnsw_config=no_graph,
         ),
+        **(
+            {
+                AUDIO: models.VectorParams(
+                    size=manifest.audio_dim,
+                    distance=models.Distance.COSINE,
+                    multivector_config=multi,
+                    datatype=models.Datatype.FLOAT16,
+                    hnsw_config=no_graph,
+                )
+            }
+            if manifest.audio_dim
+            else {}
+        ),
     }
 
 
@@ -103,12 +118,10 @@ def server_filter(flt: SearchFilter | None) -> models.Filter | None:
                 key="published_ts", range=models.Range(lt=float(flt.published_before))
             )
         )
-    if flt.has_video is not None:
-        must.append(
-            models.FieldCondition(
-                key="has_video", match=models.MatchValue(value=bool(flt.has_video))
-            )
-        )
+    for key in ("has_video", "has_audio"):
+        value = getattr(flt, key)
+        if value is not None:
+            must.append(models.FieldCondition(key=key, match=models.MatchValue(value=bool(value))))
     return models.Filter(must=must or None, must_not=must_not or None)
 
 
@@ -304,7 +317,7 @@ class ServerBankStore(BankStore):
         flt: SearchFilter | None = None,
         batch_size: int = 512,
     ) -> Iterator[BankPoint]:
-        names = check_vector_names(vectors)
+        names = bank_vectors(check_vector_names(vectors), self.manifest)
         if not self._ready():
             return
         qfilter = server_filter(flt)
@@ -326,7 +339,7 @@ class ServerBankStore(BankStore):
     def get(
         self, item_ids: list[str], vectors: tuple[str, ...] = (RETRIEVAL,)
     ) -> list[BankPoint | None]:
-        names = check_vector_names(vectors)
+        names = bank_vectors(check_vector_names(vectors), self.manifest)
         if not self._ready() or not item_ids:
             return [None] * len(item_ids)
         ids = [point_id(i) for i in item_ids]

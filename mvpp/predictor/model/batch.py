@@ -33,6 +33,11 @@ class ModelBatch:
     nb_label_mask: Tensor  # (B, k, T)
     # Parameter-free statistics of the neighbourhood (neighbours.neighbour_summary).
     nb_summary: Tensor  # (B, 4T + 2)
+    # The sound's segments, the items' own and the neighbours' projected ones; None: no sound.
+    audio: Tensor | None = None  # (B, S, d_audio)
+    audio_mask: Tensor | None = None  # (B, S)
+    nb_audio: Tensor | None = None  # (B, k, S, d)
+    nb_audio_mask: Tensor | None = None  # (B, k, S)
     meta_numeric: Tensor | None = None  # (B, M)
     meta_numeric_mask: Tensor | None = None  # (B, M)
     meta_categorical: Tensor | None = None  # (B, C) long, 0 = unknown

@@ -57,10 +57,13 @@ class PopularityModel(nn.Module):
         # Neighbours share the target's projections: retrieved and target features live in one space.
         self.frame_proj = Projection(sizes.d_frame, d) if c.use_frames else None
         self.token_proj = Projection(sizes.d_token, d) if c.use_text else None
+        self.audio_proj = Projection(sizes.d_audio, d) if c.use_audio else None
         # dropout on per-item sequences, after aggregation: (B, k, n, d) tensors are too big for it
         self.seq_dropout = nn.Dropout(c.dropout)
         self.target_attention = attention()
-        self.pool = nn.ModuleDict({n: AttentivePooling(d) for n in ("V", "T", "V_r", "T_r") if n in self.expert_names})
+        self.pool = nn.ModuleDict(
+            {n: AttentivePooling(d) for n in ("V", "T", "V_r", "T_r", "A", "A_r") if n in self.expert_names}
+        )
         self.aggregator: NeighbourAggregator | None = None
         self.retrieved_attention: BipolarCrossModalAttention | None = None
         if c.use_retrieval:
@@ -123,6 +126,9 @@ class PopularityModel(nn.Module):
             tokens = (self.seq_dropout(self.token_proj(batch.tokens, m_t)), m_t)  # (B, n, d)
         v, t = encode_pair(self.target_attention, self._pools(("V", "T")), frames, tokens)
         reps.update({name: rep for name, rep in (("V", v), ("T", t)) if rep is not None})
+        # the sound: its own expert, pooled over segments (it has no attention partner)
+        if self.audio_proj is not None:
+            reps["A"] = self._sound(batch.audio, batch.audio_mask, bsz)
 
         # 2, 3: the neighbours' projected frames and tokens, aggregated, fused and pooled
         k = int(batch.nb_score.shape[1])
@@ -142,6 +148,8 @@ class PopularityModel(nn.Module):
                 r_tokens = (self.seq_dropout(r_t), mr_t)
             v_r, t_r = encode_pair(self.retrieved_attention, self._pools(("V_r", "T_r")), r_frames, r_tokens)
             reps.update({name: rep for name, rep in (("V_r", v_r), ("T_r", t_r)) if rep is not None})
+            if self.audio_proj is not None:
+                reps["A_r"] = self._retrieved_sound(batch, nb_mask, a)
             if self.config.use_label_embedding:
                 reps["L_r"] = self.aggregator.label_embedding(batch.nb_labels, lm, a, batch.nb_score)
 
@@ -172,15 +180,38 @@ class PopularityModel(nn.Module):
             scalars.append(batch.nb_summary.to(z_mu.dtype))  # (B, 4T + 2)
         return Encoding(z_mu, z_logvar, interactions, torch.cat(scalars, dim=-1), expert_mask, a)
 
+    def _sound(self, audio: Tensor | None, mask: Tensor | None, bsz: int) -> tuple[Tensor, Tensor]:
+        """A: the items' segments projected and pooled; unavailable without sound."""
+        assert self.audio_proj is not None
+        ref = self.decoder.net[-1].weight
+        if audio is None or mask is None or audio.shape[1] == 0:
+            return ref.new_zeros(bsz, self.config.d_model), torch.zeros(bsz, dtype=torch.bool, device=ref.device)
+        m = mask.bool()
+        x = self.seq_dropout(self.audio_proj(audio, m))  # (B, S, d)
+        return self.pool["A"](x, m)
+
+    def _retrieved_sound(self, batch: ModelBatch, nb_mask: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """A_r: the neighbours' projected segments averaged with the retrieval weights, pooled."""
+        assert self.aggregator is not None
+        bsz = batch.batch_size
+        ref = self.decoder.net[-1].weight
+        if batch.nb_audio is None or batch.nb_audio_mask is None or batch.nb_audio.shape[2] == 0:
+            return ref.new_zeros(bsz, self.config.d_model), torch.zeros(bsz, dtype=torch.bool, device=ref.device)
+        nm = batch.nb_audio_mask.bool() & nb_mask.unsqueeze(-1)  # (B, k, S)
+        r_a, mr_a = self.aggregator.aggregate(zero_invalid(batch.nb_audio, nm), nm, a)  # (B, S, d)
+        return self.pool["A_r"](self.seq_dropout(r_a), mr_a)
+
     @torch.no_grad()
-    def project_items(
-        self, frames: Tensor, frame_mask: Tensor, tokens: Tensor, token_mask: Tensor
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Projected frames (N, L, d) and tokens (N, n, d) of bank items, the features they
-        bring as neighbours; None for a switched-off modality."""
-        x_v = self.frame_proj(frames, frame_mask.bool()) if self.frame_proj is not None else None
-        x_t = self.token_proj(tokens, token_mask.bool()) if self.token_proj is not None else None
-        return x_v, x_t
+    def project_items(self, sequences: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor | None]:
+        """Projected sequences of bank items, the features they bring as neighbours:
+        "frames" (N, L, d), "tokens" (N, n, d), "audio" (N, S, d) from their (values, mask);
+        None for a switched-off modality."""
+        projections = {"frames": self.frame_proj, "tokens": self.token_proj, "audio": self.audio_proj}
+        return {
+            name: (proj(x, mask.bool()) if proj is not None else None)
+            for name, proj in projections.items()
+            for x, mask in [sequences[name]]
+        }
 
     # ----------------------------------------------------------------- forward
 
