@@ -38,6 +38,9 @@ class MediaError(Exception):
 # The sound track is decoded to mono at this rate, at most this many seconds of it.
 AUDIO_RATE = 16_000
 MAX_AUDIO_S = 60.0
+# Peak amplitude below which a sound track counts as silent (-60 dBFS): a muted
+# track says nothing about the clip, so it is matched and modelled as no sound.
+SILENT_PEAK = 1e-3
 
 
 @dataclass
@@ -64,6 +67,11 @@ class Clip:
     @property
     def n_frames(self) -> int:
         return int(self.frames.shape[0])
+
+    @property
+    def has_sound(self) -> bool:
+        """A decoded sound track that is not silent."""
+        return self.audio is not None and self.audio.size > 0 and float(np.abs(self.audio).max()) >= SILENT_PEAK
 
 
 @dataclass

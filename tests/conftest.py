@@ -23,8 +23,14 @@ def shared_path(*parts: str) -> Path:
 
 
 def write_clip(path: Path, n_frames: int = 24, size: tuple[int, int] = (64, 48), fps: int = 12,
-               seed: int = 0) -> Path:
-    """A small synthetic H.264 clip: a moving square over a coloured gradient."""
+               seed: int = 0, sound: str | None = None, sound_seconds: float | None = None,
+               rate: int = 44100, layout: str = "stereo", corrupt_sound: bool = False) -> Path:
+    """A small synthetic H.264 clip: a moving square over a coloured gradient.
+
+    sound: None (no sound track), "tone" (a chord whose pitches follow `seed`), "noise"
+    or "silence", encoded as AAC at `rate` in `layout`, lasting `sound_seconds` (default:
+    the video's length); `corrupt_sound` replaces its packets by random bytes.
+    """
     import av
 
     rng = np.random.default_rng(seed)
@@ -36,6 +42,10 @@ def write_clip(path: Path, n_frames: int = 24, size: tuple[int, int] = (64, 48),
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        audio = None
+        if sound is not None:
+            audio = container.add_stream("aac", rate=rate)
+            audio.layout = layout
         for i in range(n_frames):
             img = base.copy()
             x = (i * 3) % max(1, w - 10)
@@ -45,7 +55,43 @@ def write_clip(path: Path, n_frames: int = 24, size: tuple[int, int] = (64, 48),
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if audio is not None:
+            seconds = n_frames / fps if sound_seconds is None else sound_seconds
+            _write_sound(container, audio, sound, seconds, rate, layout, seed, corrupt_sound)
     return path
+
+
+def _write_sound(container, stream, kind: str, seconds: float, rate: int, layout: str, seed: int,
+                 corrupt: bool) -> None:
+    import av
+
+    rng = np.random.default_rng(seed + 1000)
+    t = np.arange(int(seconds * rate)) / rate
+    if kind == "tone":
+        pitches = 220.0 * 2 ** (rng.integers(0, 24, 3) / 12)
+        wave = sum(0.2 * np.sin(2 * np.pi * f * t) for f in pitches) * (0.6 + 0.4 * np.sin(2 * np.pi * 2 * t))
+    elif kind == "noise":
+        wave = 0.3 * rng.standard_normal(t.size)
+    else:
+        wave = np.zeros(t.size)
+    channels = 2 if layout == "stereo" else 1
+    data = np.tile(wave.astype(np.float32), (channels, 1))
+
+    def mux(packet) -> None:
+        if corrupt:  # the same timing, random contents: the decoder cannot read it
+            garbled = av.Packet(bytes(rng.integers(0, 255, packet.size, dtype=np.uint8)))
+            garbled.pts, garbled.dts, garbled.time_base = packet.pts, packet.dts, packet.time_base
+            garbled.duration, garbled.stream = packet.duration, stream
+            packet = garbled
+        container.mux(packet)
+
+    for lo in range(0, data.shape[1], 1024):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, lo : lo + 1024]), format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = rate, lo
+        for packet in stream.encode(frame):
+            mux(packet)
+    for packet in stream.encode(None):
+        mux(packet)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def write_posts(root: Path, videos: bool, seed: int = 0) -> Path:
                 caption = "the same caption on many posts"  # copies tie in retrieval
             clip = ""
             if videos and i < N_VIDEOS:
-                clip = write_clip(clips / f"{i}.mp4", seed=i).name
+                clip = write_clip(clips / f"{i}.mp4", seed=i, sound="tone" if i % 2 else None).name  # some with sound
             if i >= N_POSTS - N_META_ONLY:
                 caption = ""  # a post known by its creator, time and counts only
             posted = START + timedelta(hours=float(rng.uniform(0, 40 * 24)))

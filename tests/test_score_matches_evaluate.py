@@ -23,7 +23,7 @@ from mvpp.config import BuildSettings
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.decoding import decode_item
 from mvpp.memory_bank.metadata import ColumnMap, load_metadata
-from mvpp.memory_bank.schema import FRAMES, RETRIEVAL, TEXT
+from mvpp.memory_bank.schema import AUDIO, FRAMES, RETRIEVAL, TEXT
 from mvpp.memory_bank.store import open_store
 from mvpp.predictor.run import Run
 from mvpp.predictor.scoring import RunPredictor, Scorer
@@ -133,11 +133,12 @@ def test_one_encoding_path_for_build_query_and_score(banks, encoders, tmp_path):
         scorer_points = scorer.encode(list(zip(items, clips, strict=True)))
         retriever = Retriever(store, encoders, BuildSettings(n_frames=4))
         queries = retriever.encode([Query(clip=it.video, title=it.title, item_id=it.item_id) for it in items])
-        stored = store.get([it.item_id for it in items], vectors=(RETRIEVAL, FRAMES, TEXT))
+        stored = store.get([it.item_id for it in items], vectors=(RETRIEVAL, FRAMES, TEXT, AUDIO))
         manifest = store.manifest
     assert sum(p.frames is not None for p in stored) == N_VIDEOS
+    assert sum(p.audio is not None for p in stored) == N_VIDEOS // 2
     for fresh in (scorer_points, [q.point for q in queries]):
-        for name in ("retrieval", "tokens", "frames"):
+        for name in ("retrieval", "tokens", "frames", "audio"):
             for a, b in zip(fresh, stored, strict=True):
                 x, y = getattr(a, name), getattr(b, name)
                 assert (x is None) == (y is None), name
@@ -149,6 +150,7 @@ def test_one_encoding_path_for_build_query_and_score(banks, encoders, tmp_path):
     a, b = snapshot_from_points(scorer_points, manifest, fresh=True), snapshot_from_points(stored, manifest, fresh=True)
     np.testing.assert_allclose(a.tokens.astype(np.float32), b.tokens.astype(np.float32), atol=1e-3)
     np.testing.assert_allclose(a.frames.astype(np.float32), b.frames.astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(a.audio.astype(np.float32), b.audio.astype(np.float32), atol=1e-3)
 
 
 def test_score_cli_matches_evaluate_on_real_posts(tmp_path):

@@ -438,12 +438,13 @@ class BankBuilder:
         ]
 
     def _sound_features(self, clips: list[Clip | None]) -> list[np.ndarray | None]:
-        """Per item its sound's segment vectors; None without an audio encoder or a sound."""
+        """Per item its sound's segment vectors; None without an audio encoder or a
+        sound (a silent track included)."""
         encoder = self.encoders.audio
         out: list[np.ndarray | None] = [None] * len(clips)
         if encoder is None:
             return out
-        with_sound = [i for i, c in enumerate(clips) if c is not None and c.audio is not None]
+        with_sound = [i for i, c in enumerate(clips) if c is not None and c.has_sound]
         if with_sound:
             feats = encoder.encode([(clips[i].audio, clips[i].audio_rate) for i in with_sound])  # type: ignore[union-attr]
             for i, f in zip(with_sound, feats, strict=True):

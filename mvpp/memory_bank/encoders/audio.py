@@ -36,6 +36,8 @@ DEFAULT_AST = "MIT/ast-finetuned-audioset-10-10-0.4593"
 
 # Segments of the sound track, each one vector (a clip shorter than one is one segment).
 SEGMENT_S = 2.0
+# The shortest sound handed to a transformer's feature extractor (seconds).
+MIN_TRANSFORMER_S = 0.5
 # Short-time analysis: 25 ms windows every 10 ms, 40 mel bands up to 8 kHz.
 N_FFT = 400
 HOP = 160
@@ -148,13 +150,19 @@ class LogMelAudioEncoder:
                 out.append(np.zeros((0, self.dim), np.float32))
                 continue
             fb = self._banks.setdefault(rate, mel_filterbank(rate))
-            seg = max(1, int(SEGMENT_S * rate))
-            parts = [samples[lo : lo + seg] for lo in range(0, samples.size, seg)]
-            if len(parts) > 1 and parts[-1].size < seg // 2:
-                parts[-2] = np.concatenate(parts[-2:])  # a short tail joins the segment before it
-                parts.pop()
+            parts = split_segments(samples, max(1, int(SEGMENT_S * rate)))
             out.append(l2_normalize(np.stack([segment_features(p, rate, fb) for p in parts])))
         return out
+
+
+def split_segments(samples: np.ndarray, seg: int) -> list[np.ndarray]:
+    """Consecutive pieces of `seg` samples; a tail shorter than half a piece joins the
+    piece before it, so no segment describes a fraction of a second of sound."""
+    parts = [samples[lo : lo + seg] for lo in range(0, samples.size, seg)]
+    if len(parts) > 1 and parts[-1].size < seg // 2:
+        parts[-2] = np.concatenate(parts[-2:])
+        parts.pop()
+    return parts
 
 
 class TransformersAudioEncoder:
@@ -202,8 +210,11 @@ class TransformersAudioEncoder:
                 continue
             if rate != self.rate:
                 samples = _resample(samples, rate, self.rate)
-            seg = max(1, int(self.segment_s * self.rate))
-            parts = [samples[lo : lo + seg] for lo in range(0, samples.size, seg)]
+            parts = split_segments(samples, max(1, int(self.segment_s * self.rate)))
+            # A filterbank needs whole analysis windows: a sound shorter than
+            # MIN_TRANSFORMER_S is padded with silence instead of failing the item.
+            shortest = int(MIN_TRANSFORMER_S * self.rate)
+            parts = [np.pad(p, (0, max(0, shortest - p.size))) for p in parts]
             inputs = self._extractor(parts, sampling_rate=self.rate, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with torch.no_grad():
