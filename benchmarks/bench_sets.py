@@ -24,8 +24,6 @@ import argparse
 import csv
 import json
 import math
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.baselines import lightgbm_on_inputs  # noqa: E402
 from benchmarks.bench_tiktok import build_args as tiktok_build_args  # noqa: E402
+from benchmarks.bench_tiktok import cli  # noqa: E402
 from benchmarks.datasets import CACHE, DataMissing, microlens, tiktok  # noqa: E402
 from mvpp.memory_bank.store import open_store  # noqa: E402
 from mvpp.predictor.run import Run  # noqa: E402
@@ -46,18 +45,6 @@ from mvpp.retriever.snapshot import read_snapshot  # noqa: E402
 console = Console(width=160)
 TIKTOK4K_SIZE = 4000
 COLUMNS = ("nmse", "mae", "src", "coverage")
-
-
-def cli(args: list[str], ok_codes: tuple[int, ...] = (0,)) -> float:
-    console.print(f"[cyan]$ {' '.join(shlex.quote(a) for a in args)}")
-    module = {"mvpp-bank": "mvpp.cli.bank", "mvpp": "mvpp.cli.main"}[args[0]]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", module, *args[1:]], text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if proc.returncode not in ok_codes:
-        console.print(proc.stdout[-4000:])
-        raise SystemExit(f"command failed with exit code {proc.returncode}")
-    return time.perf_counter() - t0
 
 
 def tiktok4k_table(path: Path) -> Path:
@@ -156,6 +143,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["microlens", "tiktok", "tiktok4k"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--label", default="defaults", help="name of this variant (runs go under it)")
+    parser.add_argument("--text-model", default=None,
+                        help="build the banks with this text encoder (hub id or folder; its banks are kept apart)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--report", type=Path, nargs="*", default=None, help="only print saved results")
     parser.add_argument("train_flags", nargs="*", help="more `mvpp train` flags (after --)")
@@ -169,11 +158,14 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {}
     for name in args.sets:
         spec = specs[name]
-        bank = CACHE / "sets" / f"{name}-bank"
+        suffix = f"-{Path(args.text_model).name}" if args.text_model else ""
+        bank = CACHE / "sets" / f"{name}-bank{suffix}"
         try:
             if not (bank / "manifest.json").exists():
                 bank.parent.mkdir(parents=True, exist_ok=True)
-                cli(spec["build"](bank), ok_codes=(0, 1))
+                text_model = ["--text-model", args.text_model] if args.text_model else []
+                build_s = cli([*spec["build"](bank), *text_model], ok_codes=(0, 1))
+                console.print(f"{name}: bank built in {build_s:.0f} s")
         except DataMissing as exc:
             console.print(f"[yellow]{name} skipped: {exc}")
             continue

@@ -15,6 +15,9 @@ DEFAULT_COLLECTION = "mvpp"
 DEFAULT_PROFILE = "full"
 PROFILES = ("full", "lite")
 
+# `--qdrant-url local:PATH`: the server backend on qdrant-client's local mode, no server.
+LOCAL_PREFIX = "local:"
+
 
 @dataclass
 class BankLocation:
@@ -93,6 +96,11 @@ def decode_ahead_default(device: str) -> bool:
 
 
 def default_failures_file(location: BankLocation) -> Path:
+    """Beside the bank's folder; for a Qdrant server, in the working directory."""
     if location.is_server:
+        assert location.qdrant_url is not None
+        if location.qdrant_url.startswith(LOCAL_PREFIX):
+            folder = Path(location.qdrant_url[len(LOCAL_PREFIX) :])
+            return folder.parent / f"{folder.name}.failures.jsonl"
         return Path(f"{location.collection}.failures.jsonl")
     return location.path.parent / f"{location.path.name}.failures.jsonl"

@@ -395,3 +395,7 @@ def test_server_backend_in_local_mode(small_library: Path, tmp_path: Path) -> No
     table = run("info", *where)
     assert table.exit_code == 0 and "n/a (server)" in table.stdout
     assert "local:" in one_error_line(run("info", "--qdrant-url", "local:"))
+    # without --failures the report goes beside the local folder, not into the working directory
+    build_default = [a for a in build if a not in ("--failures", tmp_path / "f.jsonl")]
+    assert run(*build_default).exit_code == 0
+    assert (tmp_path / "qdrant.failures.jsonl").exists()

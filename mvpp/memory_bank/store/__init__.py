@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mvpp.config import LOCAL_PREFIX
+
 from .base import BankBusyError, BankDamagedError, BankNotInitialisedError, BankStore, NotABankError
 from .edge import EdgeBankStore
 
@@ -37,10 +39,6 @@ def __getattr__(name: str) -> Any:
 
         return ServerBankStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# `--qdrant-url local:PATH`: the server backend on qdrant-client's local mode, no server.
-LOCAL_PREFIX = "local:"
 
 
 def open_store(
