@@ -110,6 +110,7 @@ def run_seed(name: str, spec: dict, bank: Path, out: Path, seed: int, extra: lis
         "metrics": result,
         "best_epoch": data["best_epoch"],
         "seconds_per_epoch": data["seconds_per_epoch"],
+        "gbdt_seconds": data.get("gbdt_seconds"),
         "lightgbm_s": time.perf_counter() - t0,
     }
 
@@ -135,7 +136,9 @@ def report(results: dict[str, dict[int, dict]], label: str) -> None:
         console.print(table)
         epochs = [s["best_epoch"] for s in seeds.values()]
         spe = np.mean([s["seconds_per_epoch"] for s in seeds.values()])
-        console.print(f"{name}: best epochs {epochs}, {spe:.1f} s per epoch")
+        trees = [s.get("gbdt_seconds") for s in seeds.values()]
+        trees_text = f", trees fitted in {np.mean(trees):.0f} s" if all(t is not None for t in trees) else ""
+        console.print(f"{name}: best epochs {epochs}, {spe:.1f} s per epoch{trees_text}")
 
 
 def main() -> None:

@@ -169,7 +169,7 @@ def test_a_damaged_sound_track_is_reported_and_the_clip_indexed(tmp_path):
 
 def test_the_acoustic_expert_drops_out_without_sound():
     cfg = ModelConfig(inputs=InputSizes(d_frame=4, d_token=4, n_targets=1, d_audio=6), d_model=8, d_z=4,
-                      expert_hidden=8, decoder_hidden=8)
+                      expert_hidden=8, decoder_hidden=8, use_wide_neighbourhood=False)
     assert {"A", "A_r"} <= set(cfg.expert_names) and ("A", "A_r") in cfg.interaction_pairs
     torch.manual_seed(0)
     model = PopularityModel(cfg).eval()

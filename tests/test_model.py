@@ -21,6 +21,7 @@ from mvpp.predictor.model import (
     ProductOfExperts,
     neighbour_summary,
     popularity_loss,
+    wide_summary,
 )
 
 D_FRAME, D_TOKEN = 12, 10
@@ -42,10 +43,14 @@ def small_config(**overrides: object) -> ModelConfig:
     return ModelConfig(inputs=InputSizes(**sizes), **base)  # type: ignore[arg-type]
 
 
-def summarise(batch: ModelBatch) -> ModelBatch:
+def summarise(batch: ModelBatch, wide_widths: tuple[int, ...] = ()) -> ModelBatch:
     """The batch with its neighbour statistics computed from its neighbours, as
-    dataset.make_batch computes them."""
+    dataset.make_batch computes them (its neighbours standing in for the wider
+    neighbourhood)."""
     batch.nb_summary = neighbour_summary(batch.nb_labels, batch.nb_label_mask, batch.nb_score, batch.nb_mask.bool())
+    if wide_widths:
+        mask = batch.nb_label_mask.bool() & batch.nb_mask.bool().unsqueeze(-1)
+        batch.nb_wide = wide_summary(batch.nb_labels, mask, batch.nb_score, wide_widths)
     return batch
 
 
@@ -87,7 +92,7 @@ def make_batch(
         meta_numeric=rand(b, cfg.inputs.n_meta_numeric),
         meta_numeric_mask=torch.rand(b, cfg.inputs.n_meta_numeric, generator=g) > 0.3,
         meta_categorical=torch.randint(0, 3, (b, len(cfg.inputs.meta_cardinalities)), generator=g),
-    ))
+    ), cfg.wide_widths)
 
 
 def expert_column(model: PopularityModel, name: str) -> int:
@@ -293,6 +298,7 @@ def pad_batch(batch: ModelBatch, extra_frames: int, extra_tokens: int, extra_nb:
         nb_labels=cat(batch.nb_labels, garbage(b, extra_nb, t), 1),
         nb_label_mask=cat(batch.nb_label_mask, torch.ones(b, extra_nb, t), 1),
         nb_summary=batch.nb_summary,
+        nb_wide=batch.nb_wide,
         meta_numeric=torch.where(batch.meta_numeric_mask, batch.meta_numeric, float("nan")),
         meta_numeric_mask=batch.meta_numeric_mask,
         meta_categorical=batch.meta_categorical,
@@ -341,16 +347,16 @@ def test_empty_bank_drops_retrieval_experts() -> None:
     # an item whose neighbours are all invalid scores as if the bank were empty
     with_nb = make_batch(cfg, k=3)
     with_nb.nb_mask[0] = False
-    out_nb = model(summarise(with_nb))
+    out_nb = model(summarise(with_nb, cfg.wide_widths))
     for name in RETRIEVAL_EXPERTS:
         assert not out_nb.expert_mask[0, expert_column(model, name)]
         assert out_nb.expert_mask[1:, expert_column(model, name)].all()
     nb_fields = [
         f.name
         for f in dataclasses.fields(ModelBatch)
-        if f.name.startswith("nb_") and f.name != "nb_summary" and getattr(with_nb, f.name) is not None
+        if f.name.startswith("nb_") and f.name not in ("nb_summary", "nb_wide") and getattr(with_nb, f.name) is not None
     ]
-    no_nb = summarise(dataclasses.replace(with_nb, **{f: getattr(with_nb, f)[:, :0] for f in nb_fields}))
+    no_nb = summarise(dataclasses.replace(with_nb, **{f: getattr(with_nb, f)[:, :0] for f in nb_fields}), cfg.wide_widths)
     torch.testing.assert_close(out_nb.mu_y[0], model(no_nb).mu_y[0], atol=1e-5, rtol=0)
     # and training on an empty bank works (with interactions too)
     full = PopularityModel(small_config()).train()
@@ -576,7 +582,7 @@ def test_missing_numbers_are_masked_not_read() -> None:
 
 
 def test_neighbour_label_average_matches_the_weighted_mean_and_ignores_missing_labels() -> None:
-    cfg = small_config(use_neighbour_prior=True, use_neighbour_summary=False, n_targets=2)
+    cfg = small_config(use_neighbour_prior=True, use_neighbour_summary=False, use_wide_neighbourhood=False, n_targets=2)
     torch.manual_seed(0)
     model = PopularityModel(cfg).eval()
     batch = make_batch(cfg, b=4, k=3)
@@ -602,8 +608,21 @@ def test_neighbour_label_average_matches_the_weighted_mean_and_ignores_missing_l
     assert not PopularityModel(dataclasses.replace(cfg, use_retrieval=False)).neighbour_prior
 
 
+def test_wide_summary_averages_the_best_n_and_ignores_absent_neighbours() -> None:
+    labels = torch.tensor([[[1.0, 9.0], [3.0, 0.0], [5.0, 4.0], [7.0, 0.0]]])  # (1, 4, 2)
+    present = torch.tensor([[True, True, True, False]])  # the 4th is absent
+    mask = present.unsqueeze(-1) & torch.tensor([[[True, True], [True, False], [True, True], [True, True]]])
+    score = torch.tensor([[0.9, 0.7, 0.5, 123.0]])
+    out = wide_summary(labels, mask, score, (2, 10))
+    # width 2: labels 1, 3 (target 0) and 9 (target 1), scores 0.9, 0.7; width 10: what is there
+    expected = [2.0, 9.0, 0.8, 3.0, 6.5, 0.7]
+    torch.testing.assert_close(out, torch.tensor([expected]))
+    nothing = wide_summary(labels, torch.zeros_like(mask), score, (2,))
+    torch.testing.assert_close(nothing, torch.zeros(1, 3))
+
+
 def test_neighbour_summary_statistics_match_numpy_and_ignore_missing_labels() -> None:
-    cfg = small_config(use_neighbour_summary=True, n_targets=2)
+    cfg = small_config(use_neighbour_summary=True, use_wide_neighbourhood=False, n_targets=2)
     torch.manual_seed(0)
     model = PopularityModel(cfg).eval()
     batch = make_batch(cfg, b=4, k=3)
@@ -660,9 +679,10 @@ def test_a_prediction_does_not_depend_on_its_batch_or_its_neighbours_order() -> 
     order = torch.tensor([3, 1, 0, 2])
     nb_fields = [
         f.name for f in dataclasses.fields(ModelBatch)
-        if f.name.startswith("nb_") and f.name != "nb_summary" and getattr(batch, f.name) is not None
+        if f.name.startswith("nb_") and f.name not in ("nb_summary", "nb_wide") and getattr(batch, f.name) is not None
     ]
-    shuffled = summarise(dataclasses.replace(batch, **{f: getattr(batch, f)[:, order] for f in nb_fields}))
+    shuffled = summarise(dataclasses.replace(batch, **{f: getattr(batch, f)[:, order] for f in nb_fields}),
+                         cfg.wide_widths)
     # the items in another order, and each item alone
     perm = torch.tensor([5, 2, 0, 4, 1, 3])
     items = [f.name for f in dataclasses.fields(ModelBatch) if isinstance(getattr(batch, f.name), torch.Tensor)]

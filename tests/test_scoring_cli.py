@@ -155,9 +155,10 @@ def test_memory_grows_without_retraining(trained, tmp_path):
     n_train = len(run_split["train"])
     assert got["train"][1] == {"mvpp.memory": "train", "mvpp.memory_items": str(n_train)}
     assert got["all"][1]["mvpp.memory"] == "all" and int(got["all"][1]["mvpp.memory_items"]) == N_POSTS + 4
-    assert got["all"][0]["neighbour_1"].startswith("late")
-    assert not got["train"][0]["neighbour_1"].startswith("late")
-    assert got["all"][0]["views_pred"] > got["train"][0]["views_pred"]  # the new posts did well
+    assert all(got["all"][0][f"neighbour_{j}"].startswith("late") for j in (1, 2, 3))
+    assert not any(got["train"][0][f"neighbour_{j}"].startswith("late") for j in (1, 2, 3))
+    # the new neighbours reach the prediction (a two-epoch model: no claim on its direction)
+    assert got["all"][0]["views_pred"] != got["train"][0]["views_pred"]
 
 
 def test_a_bank_with_other_encoders_is_refused_naming_both(trained, tmp_path):

@@ -25,6 +25,7 @@ from mvpp.predictor.dataset import SplitConfig, make_splits
 from mvpp.predictor.run import Run
 from mvpp.predictor.scoring import Scorer
 from mvpp.predictor.training import TrainConfig, prepare
+from mvpp.retriever.bulk import ranking_scores
 from mvpp.retriever.snapshot import read_snapshot
 
 runner = CliRunner()
@@ -145,6 +146,27 @@ def test_time_safe_retrieval_in_every_split(snapshot, by_time):
             for r, q in enumerate(idx)
         )
         assert leaks > 0
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_the_wider_neighbourhood_obeys_the_filters_and_leaves_the_k_unchanged(snapshot, hybrid):
+    cfg = TrainConfig(k=8, split_by_time=False, lexical_retrieval=2.0 if hybrid else 0.0)
+    lexicon = "fit" if hybrid else None
+    narrow = prepare(snapshot, cfg, lexicon=lexicon)
+    wide = prepare(snapshot, cfg, lexicon=lexicon, wide_widths=(5, 30))
+    train = set(wide.splits["train"].tolist())
+    t = snapshot.published_ts
+    for split, idx in wide.splits.items():
+        a, b = narrow.neighbours[split], wide.neighbours[split]
+        np.testing.assert_array_equal(a.indices, b.indices)  # the k the model attends to
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert a.wide_indices is None and b.wide_indices is not None and b.wide_indices.shape == (len(idx), 30)
+        for row, q in enumerate(idx):
+            got = b.wide_indices[row][b.wide_indices[row] >= 0]
+            assert q not in got and set(got.tolist()) <= train
+            assert (t[got] < t[q]).all()
+            s = b.wide_scores[row][: len(got)]
+            assert (np.diff(ranking_scores(s)) <= 0).all()  # best first, by the dense ranking
 
 
 @pytest.fixture(scope="module")

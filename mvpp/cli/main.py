@@ -231,7 +231,8 @@ def train_cmd(
         for name, per in result.member_metrics.items():
             out.print(metrics_table(f"{name} alone, val ({out_dir})", per["val"]))
         weights = ", ".join(f"{t} {w:.2f}" for t, w in zip(result.data.target_names, result.blend_weights, strict=True))
-        console.print(f"blend: the network's weight per target (the trees get the rest): {weights}")
+        console.print(f"blend: the network's weight per target (the trees get the rest): {weights}; "
+                      f"trees fitted in {result.gbdt_seconds:.0f} s")
     elif "gbdt" not in cfg.members:
         console.print("members: the network alone (--members net)")
     for split in ("val", "test"):

@@ -8,8 +8,9 @@ weight per target fitted on the validation split, is never worse than the better
 two there (the weights 0 and 1 are among those tried).
 
 Features per item (`member_features`): the retrieval vector, the metadata expert's numeric
-values and categories, the neighbourhood's statistics (the model's `neighbour_summary` and
-a softmax-weighted label average at the model's initial temperature), and the word prior:
+values and categories, the neighbourhood's statistics (the model's `neighbour_summary`, its
+wider neighbourhoods' and a softmax-weighted label average at the model's initial
+temperature), and the word prior:
 out-of-fold on training items, as the network gets it. Missing values are NaN, which the
 trees handle themselves. Boosters are saved in LightGBM's own text format.
 """
@@ -91,6 +92,8 @@ def member_features(
     total = w.sum(dim=1)
     average = torch.where(total > 0, (w * labels).sum(dim=1) / total.clamp_min(1e-12), torch.nan)
     parts += [average.numpy().astype(np.float32), batch.nb_summary.numpy().astype(np.float32)]
+    if batch.nb_wide is not None:
+        parts.append(batch.nb_wide.numpy().astype(np.float32))
     if word_prior is not None:
         parts.append(word_prior.detach().numpy().astype(np.float32))
     categorical: list[int] = []

@@ -35,6 +35,7 @@ ABLATIONS: dict[str, str] = {
     "label-embedding": "use_label_embedding",
     "neighbour-prior": "use_neighbour_prior",
     "neighbour-summary": "use_neighbour_summary",
+    "wide-neighbourhood": "use_wide_neighbourhood",
 }
 
 # Options earlier versions had and measured without a win (benchmarks/README.md, "Removed
@@ -143,6 +144,12 @@ class ModelConfig:
     # worth 0.0035 nMSE on MicroLens (benchmarks/README.md).
     use_neighbour_prior: bool = True
     use_neighbour_summary: bool = True
+    # Wider neighbourhoods beside z: for each n in `wide_neighbourhood`, the mean label
+    # (per target) and the mean score of the best n by the dense ranking. An average over
+    # dozens of similar items is a smoother estimate than the k the attention reads, and
+    # the trees of the boosted member use it most (neighbours.wide_summary).
+    use_wide_neighbourhood: bool = True
+    wide_neighbourhood: tuple[int, ...] = (25, 100)
     # The label embedding also sees each neighbour's score (how far to trust its label).
     label_similarity: bool = True
 
@@ -151,6 +158,9 @@ class ModelConfig:
             self.inputs = InputSizes(**self.inputs)
         self.expert_logvar_range = tuple(float(v) for v in self.expert_logvar_range)  # type: ignore[assignment]
         self.logvar_range = tuple(float(v) for v in self.logvar_range)  # type: ignore[assignment]
+        self.wide_neighbourhood = tuple(int(n) for n in self.wide_neighbourhood)
+        if any(n <= 0 for n in self.wide_neighbourhood):
+            raise ValueError(f"ModelConfig.wide_neighbourhood must hold positive sizes, got {self.wide_neighbourhood}")
         for name in ("d_model", "d_z", "expert_hidden", "decoder_hidden", "meta_embed_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
@@ -173,6 +183,11 @@ class ModelConfig:
     def has_meta(self) -> bool:
         """Whether a metadata expert exists (configured and switched on)."""
         return self.use_meta and (self.inputs.n_meta_numeric > 0 or len(self.inputs.meta_cardinalities) > 0)
+
+    @property
+    def wide_widths(self) -> tuple[int, ...]:
+        """The wider neighbourhoods the model reads (none when switched off)."""
+        return self.wide_neighbourhood if self.use_wide_neighbourhood and self.use_retrieval else ()
 
     @property
     def has_word_prior(self) -> bool:
@@ -211,7 +226,7 @@ class ModelConfig:
         """Inverse of `to_dict`. Unknown keys are an error that names them; configs of
         earlier versions load (input sizes at the top level, options since removed left
         off, switches that did not exist then set as they were)."""
-        data = dict(data)
+        data_in, data = data, dict(data)
         size_keys = [f.name for f in dataclasses.fields(InputSizes)]
         # a run saved by an earlier version: input sizes at the top level
         legacy = "inputs" not in data and any(k in data for k in size_keys)
@@ -228,5 +243,7 @@ class ModelConfig:
                     "use_neighbour_summary": False, **data}
         if before_audio:
             data = {"use_audio": False, **data}
+        if legacy or ("inputs" in data_in and "use_wide_neighbourhood" not in data_in):
+            data = {"use_wide_neighbourhood": False, **data}  # saved before wider neighbourhoods
         check_keys("model", data, cls)
         return cls(inputs=InputSizes(**inputs), **data)

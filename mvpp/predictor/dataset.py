@@ -16,7 +16,7 @@ import torch
 
 from mvpp.predictor.features import MetaFeaturizer
 from mvpp.predictor.lexicon import Lexicon
-from mvpp.predictor.model import ModelBatch, PopularityModel, neighbour_summary
+from mvpp.predictor.model import ModelBatch, PopularityModel, neighbour_summary, wide_summary
 from mvpp.retriever.bulk import Neighbours
 from mvpp.retriever.search import GroupBoost, LexicalRerank, NeighbourSearch, QueryBatch
 from mvpp.retriever.snapshot import BankSnapshot
@@ -95,9 +95,11 @@ def split_neighbours(
     time_safe: bool,
     rerank: LexicalRerank | None = None,
     groups: GroupBoost | None = None,
+    wide: int = 0,
 ) -> dict[str, Neighbours]:
-    """Neighbours of every split's items among the training items (indices into snapshot)."""
-    search = NeighbourSearch(snapshot, splits["train"], k, time_safe, rerank, groups)
+    """Neighbours of every split's items among the training items (indices into snapshot),
+    with the best `wide` by the dense ranking as their wider neighbourhood."""
+    search = NeighbourSearch(snapshot, splits["train"], k, time_safe, rerank, groups, wide)
     return {
         name: search.search(QueryBatch.from_snapshot(snapshot, idx, rerank, groups))
         for name, idx in splits.items()
@@ -239,6 +241,18 @@ class FeatureTable:
         return feats
 
 
+def _wide_statistics(table: FeatureTable, nb: Neighbours, widths: tuple[int, ...]) -> torch.Tensor:
+    """(B, len(widths) * (T + 1)) label statistics of the wider neighbourhoods."""
+    if nb.wide_indices is None or nb.wide_scores is None or nb.wide_indices.shape[1] < max(widths):
+        raise ValueError(f"the search gave no wider neighbourhood of {max(widths)} items: "
+                         "search with wide >= the model's widest neighbourhood")
+    idx = torch.from_numpy(nb.wide_indices)
+    labels = table.targets[idx.clamp(min=0)]  # (B, W, T)
+    mask = (idx >= 0).unsqueeze(-1) & ~torch.isnan(labels)
+    scores = torch.from_numpy(np.where(nb.wide_indices >= 0, nb.wide_scores, 0.0).astype(np.float32))
+    return wide_summary(torch.nan_to_num(labels, nan=0.0), mask, scores, widths)
+
+
 def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size).expand(*lengths.shape, size) < lengths.unsqueeze(-1)
 
@@ -246,14 +260,16 @@ def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
 def make_batch(
     table: FeatureTable,
     query: ItemFeatures,
-    nb_indices: np.ndarray,
-    nb_scores: np.ndarray,
+    nb: Neighbours,
+    wide_widths: tuple[int, ...] = (),
 ) -> ModelBatch:
     """A model batch for queries (features given) and their neighbours (snapshot rows,
     -1 for none, in `table`, whose projection must hold every one of them).
 
-    nb_indices, nb_scores: (B, k).
+    nb: (B, k) neighbours; with `wide_widths`, also their wider neighbourhood (B, W),
+    W >= the largest width, whose labels are summarised (`wide_summary`).
     """
+    nb_indices, nb_scores = nb.indices, nb.scores
     proj = table.projection
     if proj is None:
         raise ValueError("the feature table has no projection: project the neighbours' rows first")
@@ -294,6 +310,7 @@ def make_batch(
         nb_labels=nb_labels,
         nb_label_mask=nb_label_mask,
         nb_summary=neighbour_summary(nb_labels, nb_label_mask, scores, valid),
+        nb_wide=_wide_statistics(table, nb, wide_widths) if wide_widths else None,
         audio=query.audio,
         audio_mask=_length_mask(query.audio_len, query.audio.shape[1]) if query.audio is not None and query.audio_len is not None else None,
         nb_audio=nb_audio,

@@ -177,6 +177,7 @@ def _write_run(
         {
             "best_epoch": result.best_epoch,
             "seconds_per_epoch": result.seconds_per_epoch,
+            "gbdt_seconds": result.gbdt_seconds,
             "history": [asdict(h) for h in result.history],
             "metrics": metrics_to_dict(result.metrics),
             "members": {m: metrics_to_dict(per) for m, per in result.member_metrics.items()},

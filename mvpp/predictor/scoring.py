@@ -78,6 +78,7 @@ def prepare_for_run(
         meta=run.featurizer,
         lexicon=run.lexicon,
         word_prior=word_prior,
+        wide_widths=run.model_config.wide_widths,
     )
     return cfg, data
 
@@ -139,7 +140,10 @@ class RunPredictor:
         rerank, self.groups = neighbour_policy(self.bank, self.table, run.lexicon, cfg)
         self.splits = run.splits_in(snapshot)
         rows = self.splits["train"] if memory == "train" else np.flatnonzero(self.bank.labelled)
-        self.search = NeighbourSearch(self.bank, rows, cfg.k, run.time_safe, rerank, self.groups)
+        self.wide_widths = run.model_config.wide_widths
+        self.search = NeighbourSearch(
+            self.bank, rows, cfg.k, run.time_safe, rerank, self.groups, max(self.wide_widths, default=0)
+        )
         self._row_of = snapshot.index_of()
 
     @property
@@ -171,7 +175,7 @@ class RunPredictor:
         model = self.run.model
         model.eval()
         self.table.project(model, nb.indices[nb.indices >= 0])
-        batch = make_batch(self.table, table.items(torch.from_numpy(rows)), nb.indices, nb.scores)
+        batch = make_batch(self.table, table.items(torch.from_numpy(rows)), nb, self.wide_widths)
         pred = predict_batch(model, batch, cfg.mc_samples, cfg.quantiles, cfg.seed)
         gbdt = self.run.gbdt
         if gbdt is not None and self.run.blend_weights is not None:
@@ -194,7 +198,7 @@ class RunPredictor:
         fresh, table, own = self._fresh(points)
         search = self.search
         if k is not None and k != search.k:
-            search = NeighbourSearch(self.bank, search.memory, k, search.time_safe, search.rerank, search.groups)
+            search = NeighbourSearch(self.bank, search.memory, k, search.time_safe, search.rerank, search.groups)  # no wider neighbourhood: only the k are shown
         nb = search.search(self._queries(fresh, table, np.arange(len(points)), own))
         return [
             [(self.bank.item_ids[n], float(sc)) for n, sc in zip(idx, score, strict=True) if n >= 0]

@@ -191,6 +191,8 @@ class PreparedData:
     rerank: LexicalRerank | None = None
     # Same-group bonus of the neighbours (None: no groups); serving uses the same.
     groups: GroupBoost | None = None
+    # The wider neighbourhoods summarised in each batch (ModelConfig.wide_widths).
+    wide_widths: tuple[int, ...] = ()
 
     @property
     def target_names(self) -> list[str]:
@@ -221,6 +223,7 @@ def prepare(
     meta: MetaFeaturizer | str | None = "fit",
     lexicon: Lexicon | str | None = None,
     word_prior: bool = False,
+    wide_widths: tuple[int, ...] = (),
 ) -> PreparedData:
     """Targets, splits, neighbours, normalisation and feature table of a snapshot.
 
@@ -228,7 +231,8 @@ def prepare(
     saved run's) is used as is; None means no metadata features. lexicon: likewise for
     the titles' bag-of-words vocabulary. word_prior: fit the word ridge on the training
     split (needs a lexicon) and give training items its out-of-fold estimates; a saved
-    run's ridge lives in its model instead.
+    run's ridge lives in its model instead. wide_widths: the wider neighbourhoods the
+    model reads (their largest is searched beside the k neighbours).
     """
     target_idx = resolve_targets(snapshot, cfg.targets)
     # Restrict "labelled" to the chosen targets by viewing only those columns.
@@ -277,13 +281,13 @@ def prepare(
         lexicon = None  # no title shares a word with enough others: nothing to learn
     table = FeatureTable(view, norm, meta, lexicon)
     rerank, groups = neighbour_policy(view, table, lexicon, cfg)
-    neighbours = split_neighbours(view, splits, cfg.k, time_safe, rerank, groups)
+    neighbours = split_neighbours(view, splits, cfg.k, time_safe, rerank, groups, max(wide_widths, default=0))
     ridge = None
     if word_prior and table.words is not None and table.word_weights is not None:
         ridge = _fit_word_prior(table, splits["train"], lexicon.size, cfg)
     return PreparedData(
         view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe, meta,
-        lexicon, ridge, rerank, groups,
+        lexicon, ridge, rerank, groups, tuple(wide_widths),
     )
 
 
@@ -346,7 +350,7 @@ def batch_for(data: PreparedData, split: str, pos: np.ndarray) -> tuple[ModelBat
     """The model batch and normalised targets (B, T) of split items at positions `pos`."""
     items = torch.from_numpy(data.splits[split][pos])
     nb = data.neighbours[split]
-    batch = make_batch(data.table, data.table.items(items), nb.indices[pos], nb.scores[pos])
+    batch = make_batch(data.table, data.table.items(items), nb.take(pos), data.wide_widths)
     return batch, data.table.targets[items]
 
 
@@ -550,6 +554,8 @@ class TrainResult:
     blend_weights: np.ndarray | None = None  # (T,) the network's weight
     # member -> split -> target -> metrics of each member alone (with both members)
     member_metrics: dict[str, dict[str, dict[str, Metrics]]] = field(default_factory=dict)
+    # Wall time of the boosted member's fit (features included); None without it.
+    gbdt_seconds: float | None = None
 
 
 def train(
@@ -576,8 +582,12 @@ def train(
         meta="fit" if base_cfg.use_meta else None,
         lexicon="fit" if base_cfg.use_word_prior or cfg.lexical_retrieval else None,
         word_prior=base_cfg.use_word_prior,
+        wide_widths=base_cfg.wide_widths,
     )
     mcfg = model_config_for(data, model_cfg)
+    if mcfg.wide_widths != data.wide_widths:
+        raise ValueError(f"the data summarises wider neighbourhoods {data.wide_widths}, the model reads "
+                         f"{mcfg.wide_widths}: prepare(wide_widths=ModelConfig.wide_widths)")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = PopularityModel(mcfg).to(device)
     if model.word_prior is not None:
@@ -638,7 +648,9 @@ def train(
     model.load_state_dict(best[2])
     model.eval()
     notify("members", {"members": cfg.members})
+    t_members = time.perf_counter()
     net, gbdt, weights = fit_members(model, data, cfg)
+    gbdt_seconds = time.perf_counter() - t_members if gbdt else None
     blended = {s: with_mean(net[s], blend(net[s].mean.numpy(), gbdt.get(s), weights)) for s in ("val", "test")}
     scale = (
         calibrate_scale(data, blended["val"], cfg.interval)
@@ -653,7 +665,7 @@ def train(
         member_metrics["gbdt"] = {s: mean_metrics(data, s, gbdt[s]) for s in ("val", "test")}
     return TrainResult(
         model.cpu(), mcfg, data, history, best[1], scale, metrics, float(np.mean(train_seconds)),
-        gbdt=gbdt.get("member"), blend_weights=weights, member_metrics=member_metrics,
+        gbdt=gbdt.get("member"), blend_weights=weights, member_metrics=member_metrics, gbdt_seconds=gbdt_seconds,
     )
 
 

@@ -21,14 +21,28 @@ SCORE_RESOLUTION = 1e-4
 @dataclass
 class Neighbours:
     """indices: (N, k) into the key set, -1 where fewer than k keys qualify.
-    scores: (N, k) cosine similarities, -inf where indices is -1."""
+    scores: (N, k) cosine similarities, -inf where indices is -1.
+    wide_indices / wide_scores: (N, W) the wider neighbourhood a search was asked for
+    (the best W by the dense ranking, before any re-rank), or None."""
 
     indices: np.ndarray
     scores: np.ndarray
+    wide_indices: np.ndarray | None = None
+    wide_scores: np.ndarray | None = None
 
     @property
     def k(self) -> int:
         return int(self.indices.shape[1])
+
+    def take(self, rows: np.ndarray) -> Neighbours:
+        """The neighbours of some queries (rows of this result)."""
+        wide = self.wide_indices is not None and self.wide_scores is not None
+        return Neighbours(
+            self.indices[rows],
+            self.scores[rows],
+            self.wide_indices[rows] if wide else None,  # type: ignore[index]
+            self.wide_scores[rows] if wide else None,  # type: ignore[index]
+        )
 
     def valid(self) -> np.ndarray:
         return self.indices >= 0

@@ -147,6 +147,9 @@ class NeighbourSearch:
     time_safe: keys must be published strictly before their query (an undated query
     gets no time filter; undated keys never qualify for a dated query).
     rerank / groups: describe the whole snapshot (key bags, key group codes).
+    wide: also return the best `wide` keys by the dense ranking (cosine and group bonus,
+    every filter applied), before the re-rank: the wider neighbourhood whose label
+    statistics the predictor reads (0: none).
     """
 
     def __init__(
@@ -157,10 +160,12 @@ class NeighbourSearch:
         time_safe: bool,
         rerank: LexicalRerank | None = None,
         groups: GroupBoost | None = None,
+        wide: int = 0,
     ) -> None:
         self.snapshot = snapshot
         self.memory = np.asarray(memory, np.int64)
         self.k = k
+        self.wide = wide
         self.time_safe = time_safe
         self.rerank = rerank if rerank is not None and rerank.weight != 0.0 else None
         self.groups = groups if groups is not None and groups.weight != 0.0 else None
@@ -185,10 +190,11 @@ class NeighbourSearch:
         own = np.where(queries.own_row >= 0, self._pos_in_memory[np.maximum(queries.own_row, 0)], -1)
         hybrid = self.rerank is not None and queries.bags is not None
         groups = self.groups if queries.groups is not None else None
+        candidates = self.rerank.candidates if hybrid and self.rerank is not None else 0
         nb = bulk_topk(
             queries.vectors,
             self._vectors,
-            max(self.k, self.rerank.candidates) if hybrid and self.rerank is not None else self.k,
+            max(self.k, candidates, self.wide),
             query_has_vector=queries.has_vector,
             key_has_vector=self._has_vector,
             query_key_index=own,
@@ -198,10 +204,21 @@ class NeighbourSearch:
             key_group=self._group if groups is not None else None,
             group_weight=groups.weight if groups is not None else 0.0,
         )
+        wide = nb.indices[:, : self.wide], nb.scores[:, : self.wide]
+        # ranked best first, ties to the lower index: the first n of a deeper search are
+        # the n a search for n returns
+        top = max(self.k, candidates)
+        nb = Neighbours(nb.indices[:, :top], nb.scores[:, :top])
         if hybrid:
             assert self.rerank is not None and queries.bags is not None
             nb = rerank_lexical(
                 nb, queries.bags[0], queries.bags[1], self.rerank.key_ids[keys],
                 self.rerank.key_weights[keys], self.rerank.vocab_size, self.k, self.rerank.weight,
             )
-        return Neighbours(np.where(nb.indices >= 0, keys[np.maximum(nb.indices, 0)], -1), nb.scores)
+
+        def rows(idx: np.ndarray) -> np.ndarray:
+            return np.where(idx >= 0, keys[np.maximum(idx, 0)], -1)
+
+        if not self.wide:
+            return Neighbours(rows(nb.indices), nb.scores)
+        return Neighbours(rows(nb.indices), nb.scores, rows(wide[0]), wide[1])

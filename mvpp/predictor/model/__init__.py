@@ -14,7 +14,12 @@ from mvpp.predictor.model.decoder import Decoder, WordPrior
 from mvpp.predictor.model.encoder import AttentivePooling, BipolarCrossModalAttention, Projection
 from mvpp.predictor.model.experts import ConcatFusion, ExpertHead, MetadataEncoder, ProductOfExperts
 from mvpp.predictor.model.loss import LOSSES, popularity_loss, predictive
-from mvpp.predictor.model.neighbours import LabelInteraction, NeighbourAggregator, neighbour_summary
+from mvpp.predictor.model.neighbours import (
+    LabelInteraction,
+    NeighbourAggregator,
+    neighbour_summary,
+    wide_summary,
+)
 from mvpp.predictor.model.popularity import Encoding, PopularityModel
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "WordPrior",
     "masked_softmax",
     "neighbour_summary",
+    "wide_summary",
     "popularity_loss",
     "predictive",
 ]

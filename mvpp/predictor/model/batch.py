@@ -33,6 +33,8 @@ class ModelBatch:
     nb_label_mask: Tensor  # (B, k, T)
     # Parameter-free statistics of the neighbourhood (neighbours.neighbour_summary).
     nb_summary: Tensor  # (B, 4T + 2)
+    # Label statistics of wider neighbourhoods (neighbours.wide_summary); None: not read.
+    nb_wide: Tensor | None = None  # (B, len(widths) * (T + 1))
     # The sound's segments, the items' own and the neighbours' projected ones; None: no sound.
     audio: Tensor | None = None  # (B, S, d_audio)
     audio_mask: Tensor | None = None  # (B, S)

@@ -130,6 +130,29 @@ def neighbour_summary(labels: Tensor, label_mask: Tensor, score: Tensor, nb_mask
     return torch.cat([mean, var.sqrt(), top1, share, max_s, mean_s], dim=-1)
 
 
+def wide_summary(labels: Tensor, label_mask: Tensor, score: Tensor, widths: tuple[int, ...]) -> Tensor:
+    """Per width n (in ranking order), the mean label of the best n neighbours per target
+    and their mean score: (B, W, T), (B, W, T), (B, W) -> (B, len(widths) * (T + 1)).
+
+    label_mask is False for neighbours that are absent or lack the label; an absent
+    neighbour's score is ignored; statistics with nothing to average are 0.
+    """
+    dtype = torch.float32
+    bsz, _, n_targets = labels.shape
+    present = label_mask.any(dim=-1)  # (B, W)
+    parts = []
+    for n in widths:
+        m = label_mask[:, :n].to(dtype)  # (B, n, T)
+        y = zero_invalid(labels[:, :n].to(dtype).unsqueeze(-1), label_mask[:, :n]).squeeze(-1)
+        parts.append((m * y).sum(dim=1) / m.sum(dim=1).clamp_min(1.0))  # (B, T)
+        p = present[:, :n].to(dtype)
+        s = torch.where(present[:, :n], score[:, :n].to(dtype), torch.zeros((), dtype=dtype))
+        parts.append((s.sum(dim=1) / p.sum(dim=1).clamp_min(1.0)).unsqueeze(-1))  # (B, 1)
+    if not parts:
+        return torch.zeros(bsz, 0, dtype=dtype)
+    return torch.cat(parts, dim=-1)
+
+
 class LabelInteraction(nn.Module):
     """Element-wise products of target and retrieved representations, zeroed where either
     is missing: V*V_r, V*T_r, T*V_r, T*T_r, V*L_r, T*L_r (those whose sides exist)."""

@@ -30,7 +30,7 @@ class Encoding:
     z_logvar: Tensor  # (B, d_z)
     interactions: Tensor  # (B, P * d)
     # word prior (B, T), neighbour label average (B, 2T), neighbour summary (B, 4T + 2),
-    # each when switched on; (B, 0) when none is
+    # wider neighbourhoods (B, W (T + 1)), each when switched on; (B, 0) when none is
     scalars: Tensor
     expert_mask: Tensor  # (B, E)
     neighbour_weights: Tensor  # (B, k)
@@ -89,11 +89,13 @@ class PopularityModel(nn.Module):
         self.word_prior = WordPrior(sizes.lexicon_size, sizes.n_targets) if c.has_word_prior else None
         self.neighbour_prior = c.use_neighbour_prior and c.use_retrieval
         self.neighbour_summary = c.use_neighbour_summary and c.use_retrieval
+        self.wide_widths = c.wide_widths
         t = sizes.n_targets
         scalar_width = (
             (t if self.word_prior is not None else 0)
             + (2 * t if self.neighbour_prior else 0)
             + (4 * t + 2 if self.neighbour_summary else 0)
+            + len(self.wide_widths) * (t + 1)
         )
         self.decoder = Decoder(
             c.d_z + len(c.interaction_pairs) * d + scalar_width,
@@ -178,6 +180,10 @@ class PopularityModel(nn.Module):
             scalars.append(self.aggregator.label_average(batch.nb_labels, lm, a).to(z_mu.dtype))  # (B, 2T)
         if self.neighbour_summary:
             scalars.append(batch.nb_summary.to(z_mu.dtype))  # (B, 4T + 2)
+        if self.wide_widths:
+            if batch.nb_wide is None or batch.nb_wide.shape[1] != len(self.wide_widths) * (self.config.inputs.n_targets + 1):
+                raise ValueError("the batch lacks the wider neighbourhoods' statistics the model reads")
+            scalars.append(batch.nb_wide.to(z_mu.dtype))  # (B, W (T + 1))
         return Encoding(z_mu, z_logvar, interactions, torch.cat(scalars, dim=-1), expert_mask, a)
 
     def _sound(self, audio: Tensor | None, mask: Tensor | None, bsz: int) -> tuple[Tensor, Tensor]:
