@@ -197,27 +197,36 @@ def build(
             quiet_model_loading()
             encoders = load_encoders(spec, device=device)
             builder = BankBuilder(store, encoders, settings)
-            total = len(items) + len(plan_failures)
             with progress_bar() as bar:
-                task = bar.add_task("indexing", total=total, rate="", status="")
-                counts = {"indexed": 0, "unchanged": 0, "failed": 0}
-
-                def on_progress(n: int, status: str) -> None:
-                    if status not in counts:  # a phase, not an item count
-                        bar.update(task, status=status)
-                        return
-                    counts[status] += n
-                    elapsed = bar.tasks[task].elapsed or 0.0
-                    rate = counts["indexed"] / elapsed if elapsed > 0 else 0.0
-                    bar.update(
-                        task,
-                        advance=n,
-                        rate=f"{rate:.1f} items/s",
-                        status=f"{counts['indexed']} new, {counts['unchanged']} unchanged, "
-                        f"{counts['failed']} failed",
-                    )
-
+                on_progress = _indexing_progress(bar, len(items) + len(plan_failures))
                 report = builder.build(items, plan_failures, failures_file, on_progress, columns)
+    _report(report, loc, failures_file)
+
+
+def _indexing_progress(bar, total: int):
+    """A progress callback of the builder that counts items by outcome on `bar`."""
+    task = bar.add_task("indexing", total=total, rate="", status="")
+    counts = {"indexed": 0, "unchanged": 0, "failed": 0}
+
+    def on_progress(n: int, status: str) -> None:
+        if status not in counts:  # a phase, not an item count
+            bar.update(task, status=status)
+            return
+        counts[status] += n
+        elapsed = bar.tasks[task].elapsed or 0.0
+        rate = counts["indexed"] / elapsed if elapsed > 0 else 0.0
+        bar.update(
+            task,
+            advance=n,
+            rate=f"{rate:.1f} items/s",
+            status=f"{counts['indexed']} new, {counts['unchanged']} unchanged, {counts['failed']} failed",
+        )
+
+    return on_progress
+
+
+def _report(report, loc, failures_file: Path) -> None:
+    """The summary table of a build or an import; exit code 1 when an item failed."""
     table = Table(title=Text(f"bank {loc.describe()}"))
     table.add_column("indexed", justify="right")
     table.add_column("unchanged", justify="right")
@@ -240,6 +249,123 @@ def build(
             console.print(f"  ... and {report.failed - len(shown)} more")
         console.print(f"failures written to {escape(str(failures_file))}")
         raise typer.Exit(EXIT_ITEMS_FAILED)
+
+
+@app.command("export")
+def export_(
+    out_file: Annotated[Path, typer.Option("--out", help="The Parquet table to write.")],
+    bank: BankOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "mvpp",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write every item of a bank to one Parquet table: its metadata columns, labels,
+    times, vectors and manifest. `mvpp-bank import` reads it into another bank (embedded
+    or on a server) with no other flags."""
+    from mvpp.memory_bank.transfer import export_bank
+
+    setup_logging(verbose)
+    loc = location(bank, qdrant_url, api_key, collection)
+    if out_file.suffix.lower() not in {".parquet", ".pq"}:
+        fail(f"--out must name a .parquet file, not {out_file}")
+    with friendly_errors(), store_for(loc) as store:
+        if store.manifest is None:
+            fail(f"no bank at {loc.describe()}: nothing to export")
+        with progress_bar() as bar:
+            task = bar.add_task("exporting", total=store.count(), rate="", status="")
+            written = export_bank(store, out_file, lambda n: bar.update(task, advance=n))
+    size = out_file.stat().st_size
+    console.print(f"{written} items written to {escape(str(out_file))} ({size / 1e6:.1f} MB)")
+
+
+@app.command("import")
+def import_(
+    table: Annotated[Path, typer.Argument(help="Parquet table with vector columns (see --help).")],
+    id_col: Annotated[str | None, typer.Option("--id-col", help="Id column \\[default: id].")] = None,
+    text_col: Annotated[
+        list[str] | None, typer.Option("--text-col", help="Text column(s), joined in order \\[default: title].")
+    ] = None,
+    label_col: Annotated[list[str] | None, typer.Option("--label-col", help="Label column; repeatable.")] = None,
+    label_transform: Annotated[
+        str | None,
+        typer.Option("--label-transform", help=f"Label -> target: {', '.join(LABEL_TRANSFORMS)} "
+                     "\\[default: the table's, else log2p1]."),
+    ] = None,
+    time_col: Annotated[str | None, typer.Option("--time-col", help="Publish time column.")] = None,
+    observed_col: Annotated[str | None, typer.Option("--observed-col", help="Label observation time column.")] = None,
+    meta_col: Annotated[list[str] | None, typer.Option("--meta-col", help="Metadata column; repeatable.")] = None,
+    failures: Annotated[
+        Path | None, typer.Option("--failures", help="Failures file (JSONL) \\[default: beside the bank].")
+    ] = None,
+    bank: BankOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "mvpp",
+    profile: ProfileOpt = None,
+    text_model: TextModelOpt = None,
+    captioner_model: CaptionerOpt = None,
+    frame_model: FrameModelOpt = None,
+    frame_pretrained: FramePretrainedOpt = None,
+    audio_model: AudioModelOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Index a Parquet table whose rows carry their own vectors.
+
+    A table written by `mvpp-bank export` needs no other flags. A table of your own
+    holds `vector.retrieval` (a list of floats per row) and optionally `vector.text`,
+    `vector.frames`, `vector.audio` (lists of rows), made by the encoders the bank will
+    use for new items: name them with --profile / --text-model / ... (the bank records
+    them), and the columns as for `build`. Rows are checked one by one (id, labels,
+    times, vector sizes, finite values); a bad row fails alone, and a rerun skips rows
+    already imported.
+    """
+    from mvpp.memory_bank.transfer import import_table, read_header
+
+    setup_logging(verbose)
+    loc = location(bank, qdrant_url, api_key, collection)
+    failures_file = failures or default_failures_file(loc)
+    with friendly_errors():
+        header = read_header(table)
+        exported = header.manifest is not None and header.columns is not None
+        flags = any(v for v in (id_col, text_col, label_col, time_col, observed_col, meta_col))
+        if exported and flags:
+            fail(f"{table} was written by `mvpp-bank export` and names its own columns: drop the column flags")
+        if exported and any(v for v in (profile, text_model, captioner_model, frame_model, frame_pretrained,
+                                         audio_model)):
+            fail(f"{table} holds vectors of the encoders it was exported with: drop the encoder flags")
+        transform = label_transform or (header.manifest.label_transform if header.manifest else "log2p1")
+        if transform not in LABEL_TRANSFORMS:
+            fail(f"--label-transform must be one of {', '.join(LABEL_TRANSFORMS)}")
+        with store_for(loc) as store:
+            if exported:
+                assert header.manifest is not None and header.columns is not None
+                manifest, columns = header.manifest, header.columns
+                if label_transform:
+                    manifest.label_transform = label_transform
+            else:
+                columns = ColumnMap(
+                    id_col=id_col or "id", text_cols=text_col or ["title"], label_cols=label_col or [],
+                    time_col=time_col, observed_col=observed_col, meta_cols=meta_col or [],
+                    require_text=bool(text_col),
+                )
+                spec = encoder_spec(
+                    profile, store.manifest, text_model, captioner_model, frame_model, frame_pretrained, audio_model
+                )
+                quiet_model_loading()
+                # the encoders' names and widths: the bank encodes new items with them
+                encoders = load_encoders(spec, device=device)
+                manifest = BankBuilder(store, encoders, BuildSettings(label_transform=transform)).manifest(
+                    columns.label_cols, columns
+                )
+            settings = BuildSettings(label_transform=manifest.label_transform, n_frames=manifest.n_frames,
+                                     max_tokens=manifest.max_tokens)
+            with progress_bar() as bar:
+                on_progress = _indexing_progress(bar, header.rows)
+                report = import_table(table, store, manifest, columns, failures_file, on_progress, settings,
+                                      record_columns=not exported)
+    _report(report, loc, failures_file)
 
 
 @app.command()

@@ -123,7 +123,7 @@ def stored_form(point: BankPoint) -> BankPoint:
     return point
 
 
-def _point(
+def make_point(
     item: BuildItem,
     retrieval: np.ndarray | None,
     frames: np.ndarray | None,
@@ -159,7 +159,7 @@ def with_stored_vectors(item: BuildItem, stored: BankPoint) -> BankPoint:
     Encoders give a text a slightly different vector in each batch (float noise in the
     last bits); reusing the stored one keeps every prediction of the item the same,
     trees' included, whose thresholds can fall between two such vectors."""
-    return _point(item, stored.retrieval, stored.frames, stored.tokens, stored.captions, stored.duration_s,
+    return make_point(item, stored.retrieval, stored.frames, stored.tokens, stored.captions, stored.duration_s,
                   stored.audio)
 
 
@@ -348,64 +348,90 @@ class BankBuilder:
         progress = progress or (lambda n, status: None)
         report = BuildReport(planned=len(items) + len(failures or []), failures_file=failures_file)
         label_names = sorted({name for it in items if it.meta for name in it.meta.labels})
-        manifest = self.manifest(label_names, columns)
-        self.store.init(manifest)
-        # labels of columns this build does not read are kept when an item is re-indexed
-        self._label_cols = set(columns.label_cols) if columns is not None else set(label_names)
-        self._existing: set[str] = set()
-
-        sink = _FailureSink(failures_file)
+        manifest = self.begin(label_names, columns)
+        sink = FailureSink(failures_file)
         try:
             for failure in failures or []:
                 sink.add(failure, report)
                 progress(1, "failed")
-
-            todo: list[tuple[BuildItem, str]] = []
-            for chunk in _chunks(items, 1024):
-                hashes = []
-                for item in chunk:
-                    try:
-                        hashes.append(self.item_hash(item, manifest))
-                    except OSError as exc:
-                        hashes.append("")
-                        sink.add(Failure(item.item_id, f"cannot read video: {exc}", str(item.video)), report)
-                        progress(1, "failed")
-                stored = self.store.hashes([it.item_id for it in chunk])
-                self._existing.update(stored)
-                for item, h in zip(chunk, hashes, strict=True):
-                    if not h:
-                        continue
-                    if stored.get(item.item_id) == h:
-                        report.unchanged += 1
-                        progress(1, "unchanged")
-                    else:
-                        todo.append((item, h))
-
-            # Videos are slow and text-only items fast: batch them separately.
-            with_video = [(it, h) for it, h in todo if it.video is not None]
-            text_only = [(it, h) for it, h in todo if it.video is None]
-            for batch in _chunks(text_only, self.settings.text_batch_size):
-                self._index_batch([(it, h, None) for it, h in batch], sink, report, progress)
-            video_batches = list(_chunks(with_video, self.settings.batch_size))
-            with BatchDecoder(self.settings, self.decode) as decoder:
-                decoded_batches = decoder.batches([[it.video for it, _ in batch] for batch in video_batches])
-                for batch, decoded in zip(video_batches, decoded_batches, strict=True):
-                    ready = []
-                    for (item, h), result in zip(batch, decoded, strict=True):
-                        if isinstance(result, MediaError):
-                            sink.add(Failure(item.item_id, result.reason, str(item.video)), report)
-                            progress(1, "failed")
-                        else:
-                            ready.append((item, h, result))
-                    self._index_batch(ready, sink, report, progress)
-            self.store.flush()
-            if report.indexed and self.store.count() >= INDEX_MIN_POINTS:
-                progress(0, "building the search index")
-                self.store.optimize()
+            self.index(items, manifest, sink, report, progress)
+            self.finish(report, progress)
         finally:
             sink.close()
         report.elapsed_s = time.perf_counter() - start
         return report
+
+    def begin(self, label_names: list[str], columns: ColumnMap | None) -> Manifest:
+        """Open the bank for writing with this build's labels and columns; the manifest
+        that holds from now on."""
+        self.store.init(self.manifest(label_names, columns))
+        # labels of columns this build does not read are kept when an item is re-indexed
+        self._label_cols = set(columns.label_cols) if columns is not None else set(label_names)
+        manifest = self.store.manifest
+        assert manifest is not None
+        return manifest
+
+    def index(
+        self,
+        items: list[BuildItem],
+        manifest: Manifest,
+        sink: FailureSink,
+        report: BuildReport,
+        progress: ProgressFn,
+    ) -> None:
+        """Index items not already in the bank with the same content (after `begin`)."""
+        todo: list[tuple[BuildItem, str]] = []
+        for chunk in _chunks(items, 1024):
+            hashes = []
+            for item in chunk:
+                try:
+                    hashes.append(self.item_hash(item, manifest))
+                except OSError as exc:
+                    hashes.append("")
+                    sink.add(Failure(item.item_id, f"cannot read video: {exc}", str(item.video)), report)
+                    progress(1, "failed")
+            stored = self.store.hashes([it.item_id for it in chunk])
+            self._existing.update(stored)
+            for item, h in zip(chunk, hashes, strict=True):
+                if not h:
+                    continue
+                if stored.get(item.item_id) == h:
+                    report.unchanged += 1
+                    progress(1, "unchanged")
+                else:
+                    todo.append((item, h))
+
+        # Videos are slow and text-only items fast: batch them separately.
+        with_video = [(it, h) for it, h in todo if it.video is not None]
+        text_only = [(it, h) for it, h in todo if it.video is None]
+        for batch in _chunks(text_only, self.settings.text_batch_size):
+            self._index_batch([(it, h, None) for it, h in batch], sink, report, progress)
+        if not with_video:
+            return
+        video_batches = list(_chunks(with_video, self.settings.batch_size))
+        with BatchDecoder(self.settings, self.decode) as decoder:
+            decoded_batches = decoder.batches([[it.video for it, _ in batch] for batch in video_batches])
+            for batch, decoded in zip(video_batches, decoded_batches, strict=True):
+                ready = []
+                for (item, h), result in zip(batch, decoded, strict=True):
+                    if isinstance(result, MediaError):
+                        sink.add(Failure(item.item_id, result.reason, str(item.video)), report)
+                        progress(1, "failed")
+                    else:
+                        ready.append((item, h, result))
+                self._index_batch(ready, sink, report, progress)
+
+    def finish(self, report: BuildReport, progress: ProgressFn) -> None:
+        """Make what was indexed durable, and build the search index once the bank is
+        large enough for it to pay."""
+        self.store.flush()
+        if report.indexed and self.store.count() >= INDEX_MIN_POINTS:
+            progress(0, "building the search index")
+            self.store.optimize()
+
+    def content_problem(self, item: BuildItem, clip: Clip | None) -> str | None:
+        """Why an item cannot be indexed (`content_problem`), or None."""
+        return content_problem(item, clip)
 
     def encode(self, items: list[tuple[BuildItem, Clip | None]]) -> list[BankPoint]:
         """Encode items (with their decoded clips) into points; no store access."""
@@ -425,7 +451,7 @@ class BankBuilder:
         vectors, tokens = self._text_features(prompts, titles)
         sounds = self._sound_features([clip for _, clip in items])
         return [
-            stored_form(_point(
+            stored_form(make_point(
                 item,
                 retrieval=vectors[i],
                 frames=per_item_frames[i],
@@ -494,7 +520,7 @@ class BankBuilder:
     def _index_batch(
         self,
         batch: list[tuple[BuildItem, str, Clip | None]],
-        sink: _FailureSink,
+        sink: FailureSink,
         report: BuildReport,
         progress: ProgressFn,
     ) -> None:
@@ -507,7 +533,7 @@ class BankBuilder:
             if clip is not None and clip.audio_error:
                 sink.warn(Failure(item.item_id, f"indexed without its sound: {clip.audio_error}",
                                   str(item.video), indexed=True), report)
-            problem = content_problem(item, clip)
+            problem = self.content_problem(item, clip)
             if problem:
                 sink.add(Failure(item.item_id, problem), report)
                 progress(1, "failed")
@@ -541,7 +567,7 @@ class BankBuilder:
     def _encode_isolated(
         self,
         batch: list[tuple[BuildItem, str, Clip | None]],
-        sink: _FailureSink,
+        sink: FailureSink,
         report: BuildReport,
         progress: ProgressFn,
     ) -> list[BankPoint | None]:
@@ -565,7 +591,7 @@ class BankBuilder:
     def _upsert_isolated(
         self,
         done: list[tuple[BankPoint, BuildItem]],
-        sink: _FailureSink,
+        sink: FailureSink,
         report: BuildReport,
         progress: ProgressFn,
     ) -> int:
@@ -601,7 +627,7 @@ class BankBuilder:
                         point.targets[name] = old.targets[name]
 
 
-class _FailureSink:
+class FailureSink:
     """Appends failures to a JSONL file as they happen, so a killed run keeps them."""
 
     def __init__(self, path: Path | None) -> None:

@@ -256,9 +256,18 @@ def table_columns(rows: list[dict[str, Any]]) -> set[str]:
     return set().union(*(row.keys() for row in rows)) if rows else set()
 
 
-def parse_rows(rows: list[dict[str, Any]], columns: ColumnMap, source: str = "") -> list[MetaRow]:
+def parse_rows(
+    rows: list[dict[str, Any]],
+    columns: ColumnMap,
+    source: str = "",
+    seen: set[str] | None = None,
+    first_row: int = 1,
+) -> list[MetaRow]:
     """Map raw rows to MetaRows, one per row. A row's problems (duplicate id after the
-    first occurrence, empty id, bad label or time) fail that row alone."""
+    first occurrence, empty id, bad label or time) fail that row alone.
+
+    A table read in parts passes the same `seen` (ids of the parts before) to every
+    call, and each part's `first_row` (its first row's number in the table)."""
     if rows:
         present = table_columns(rows)
         wanted = [columns.id_col, *columns.label_cols, *columns.meta_cols]
@@ -271,9 +280,9 @@ def parse_rows(rows: list[dict[str, Any]], columns: ColumnMap, source: str = "")
                 f"{source or 'metadata'}: column(s) {', '.join(map(repr, missing))} not found; "
                 f"the table has {', '.join(map(repr, sorted(present)))}"
             )
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     out: list[MetaRow] = []
-    for n, row in enumerate(rows, 1):
+    for n, row in enumerate(rows, first_row):
         raw_id = row.get(columns.id_col)
         if _is_missing(raw_id):
             # kept, so that every input row is accounted for
