@@ -19,6 +19,43 @@ PROFILES = ("full", "lite")
 LOCAL_PREFIX = "local:"
 
 
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How a new collection is spread over a Qdrant cluster: shards, copies of each shard,
+    and how many copies must acknowledge a write. Read when a bank is created on a
+    server; an existing collection keeps its own. None: the server's default."""
+
+    shard_number: int | None = None
+    replication_factor: int | None = None
+    write_consistency_factor: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("shard_number", "replication_factor", "write_consistency_factor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if (
+            self.write_consistency_factor is not None
+            and self.write_consistency_factor > (self.replication_factor or 1)
+        ):
+            raise ValueError(
+                f"write consistency {self.write_consistency_factor} needs as many copies of each shard; "
+                f"replication is {self.replication_factor or 1}"
+            )
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.shard_number, self.replication_factor, self.write_consistency_factor))
+
+    def collection_params(self) -> dict[str, int]:
+        """The keyword arguments of a collection's creation that are set."""
+        return {k: v for k, v in (
+            ("shard_number", self.shard_number),
+            ("replication_factor", self.replication_factor),
+            ("write_consistency_factor", self.write_consistency_factor),
+        ) if v is not None}
+
+
 @dataclass
 class BankLocation:
     """Where a bank lives: an embedded folder, or a Qdrant server collection."""
@@ -27,6 +64,8 @@ class BankLocation:
     qdrant_url: str | None = None
     api_key: str | None = None
     collection: str = DEFAULT_COLLECTION
+    # For a bank created on a server by this command.
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @classmethod
     def from_env(
@@ -35,12 +74,14 @@ class BankLocation:
         qdrant_url: str | None = None,
         api_key: str | None = None,
         collection: str | None = None,
+        cluster: ClusterSettings | None = None,
     ) -> BankLocation:
         return cls(
             path=Path(path or os.environ.get("MVPP_BANK") or DEFAULT_BANK),
             qdrant_url=qdrant_url or os.environ.get("MVPP_QDRANT_URL") or None,
             api_key=api_key or os.environ.get("QDRANT_API_KEY") or None,
             collection=collection or DEFAULT_COLLECTION,
+            cluster=cluster or ClusterSettings(),
         )
 
     @property

@@ -22,9 +22,12 @@ from mvpp.cli.common import (
     FrameModelOpt,
     FramePretrainedOpt,
     ProfileOpt,
+    ReplicasOpt,
+    ShardsOpt,
     TextModelOpt,
     UrlOpt,
     VerboseOpt,
+    WriteConsistencyOpt,
     check_spec,
     check_text_columns,
     console,
@@ -132,6 +135,9 @@ def build(
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
     collection: CollectionOpt = "mvpp",
+    shards: ShardsOpt = None,
+    replicas: ReplicasOpt = None,
+    write_consistency: WriteConsistencyOpt = None,
     profile: ProfileOpt = None,
     text_model: TextModelOpt = None,
     captioner_model: CaptionerOpt = None,
@@ -154,7 +160,7 @@ def build(
         fail(f"not a folder: {videos_dir}")
     if label_transform not in LABEL_TRANSFORMS:
         fail(f"--label-transform must be one of {', '.join(LABEL_TRANSFORMS)}")
-    loc = location(bank, qdrant_url, api_key, collection)
+    loc = location(bank, qdrant_url, api_key, collection, shards, replicas, write_consistency)
     resolved_device = resolve_device(device)
     settings = BuildSettings(
         n_frames=frames or BuildSettings().n_frames,
@@ -302,6 +308,9 @@ def import_(
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
     collection: CollectionOpt = "mvpp",
+    shards: ShardsOpt = None,
+    replicas: ReplicasOpt = None,
+    write_consistency: WriteConsistencyOpt = None,
     profile: ProfileOpt = None,
     text_model: TextModelOpt = None,
     captioner_model: CaptionerOpt = None,
@@ -324,7 +333,7 @@ def import_(
     from mvpp.memory_bank.transfer import import_table, read_header
 
     setup_logging(verbose)
-    loc = location(bank, qdrant_url, api_key, collection)
+    loc = location(bank, qdrant_url, api_key, collection, shards, replicas, write_consistency)
     failures_file = failures or default_failures_file(loc)
     with friendly_errors():
         header = read_header(table)

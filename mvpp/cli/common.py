@@ -25,7 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mvpp.config import DEFAULT_PROFILE, BankLocation
+from mvpp.config import DEFAULT_PROFILE, BankLocation, ClusterSettings
 from mvpp.media import MediaError
 from mvpp.memory_bank.encoders.base import EncoderUnavailableError
 from mvpp.memory_bank.encoders.profiles import EncoderSpec
@@ -63,6 +63,19 @@ ApiKeyOpt = Annotated[
 ]
 CollectionOpt = Annotated[
     str, typer.Option("--collection", help="Collection name on a Qdrant server.")
+]
+ShardsOpt = Annotated[
+    int | None,
+    typer.Option("--shards", min=1, help="Shards of a collection created on a Qdrant cluster \\[default: the server's]."),
+]
+ReplicasOpt = Annotated[
+    int | None,
+    typer.Option("--replicas", min=1, help="Copies of each shard of a collection created on a cluster."),
+]
+WriteConsistencyOpt = Annotated[
+    int | None,
+    typer.Option("--write-consistency", min=1,
+                 help="Copies of a shard that must acknowledge each write (at most --replicas)."),
 ]
 ProfileOpt = Annotated[
     str | None,
@@ -114,8 +127,20 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def location(bank: Path | None, url: str | None, api_key: str | None, collection: str) -> BankLocation:
-    return BankLocation.from_env(bank, url, api_key, collection)
+def location(
+    bank: Path | None,
+    url: str | None,
+    api_key: str | None,
+    collection: str,
+    shards: int | None = None,
+    replicas: int | None = None,
+    write_consistency: int | None = None,
+) -> BankLocation:
+    try:
+        cluster = ClusterSettings(shards, replicas, write_consistency)
+    except ValueError as exc:
+        fail(str(exc))
+    return BankLocation.from_env(bank, url, api_key, collection, cluster)
 
 
 def store_for(loc: BankLocation) -> BankStore:
@@ -124,6 +149,7 @@ def store_for(loc: BankLocation) -> BankStore:
         qdrant_url=loc.qdrant_url,
         api_key=loc.api_key,
         collection=loc.collection,
+        cluster=loc.cluster,
     )
 
 

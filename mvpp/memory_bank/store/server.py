@@ -18,6 +18,8 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
+from mvpp.config import ClusterSettings
+
 from ..schema import (
     AUDIO,
     FRAMES,
@@ -152,8 +154,10 @@ class ServerBankStore(BankStore):
         collection: str = "mvpp",
         path: str | None = None,
         timeout: int = 30,
+        cluster: ClusterSettings | None = None,
     ) -> None:
         self.collection = collection
+        self.cluster = cluster or ClusterSettings()
         self._local = path is not None
         if path is not None:
             self.location = f"{path}#{collection}"
@@ -242,6 +246,7 @@ class ServerBankStore(BankStore):
             self.collection,
             vectors_config=vectors_config(manifest),
             metadata={MANIFEST_KEY: manifest.to_dict()},
+            **self.cluster.collection_params(),
         )
         if not self._local:
             for field, kind in INDEXED_FIELDS.items():
