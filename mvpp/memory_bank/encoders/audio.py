@@ -23,9 +23,7 @@ import numpy as np
 from .base import (
     EncoderUnavailableError,
     l2_normalize,
-    load_cache_first,
-    looks_like_local_path,
-    require_cached_when_offline,
+    load_local_or_hub,
     resolve_device,
 )
 
@@ -230,24 +228,14 @@ def _resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 
 def _load_audio_model(source: str, device: str) -> tuple[Any, Any]:
-    path = Path(source).expanduser()
-    if not path.is_dir() and not looks_like_local_path(source):
-        require_cached_when_offline(source)
     try:
         from transformers import AutoFeatureExtractor, AutoModel
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise EncoderUnavailableError(source, f"transformers is not installed ({exc})") from exc
 
-    def load(local_only: bool) -> tuple[Any, Any]:
-        extractor = AutoFeatureExtractor.from_pretrained(source, local_files_only=local_only)
-        model = AutoModel.from_pretrained(source, local_files_only=local_only).to(device).eval()
+    def load(name: str, local_only: bool) -> tuple[Any, Any]:
+        extractor = AutoFeatureExtractor.from_pretrained(name, local_files_only=local_only)
+        model = AutoModel.from_pretrained(name, local_files_only=local_only).to(device).eval()
         return extractor, model
 
-    if path.is_dir():
-        try:
-            return load(True)
-        except Exception as exc:
-            raise EncoderUnavailableError(source, f"cannot load the local model folder ({exc})") from exc
-    if looks_like_local_path(source):
-        raise EncoderUnavailableError(source, f"local path {path} does not exist")
-    return load_cache_first(source, load)
+    return load_local_or_hub(source, load)

@@ -173,6 +173,24 @@ def require_cached_when_offline(repo_id: str) -> None:
         raise EncoderUnavailableError(repo_id, "not in the local Hugging Face cache") from exc
 
 
+def load_local_or_hub(source: str, load: Callable[[str, bool], T]) -> T:
+    """`load(name, local_files_only)` of a transformers model given as a local folder
+    (loaded from it alone) or a hub id (the cache first, then the hub when allowed);
+    every failure is an `EncoderUnavailableError` naming `source`."""
+    path = Path(source).expanduser()
+    if not path.is_dir() and not looks_like_local_path(source):
+        require_cached_when_offline(source)
+    if path.is_dir():
+        try:
+            return load(str(path), True)
+        except Exception as exc:
+            raise EncoderUnavailableError(source, f"cannot load the local model folder ({exc})") from exc
+    if looks_like_local_path(source):
+        what = "is not a model folder" if path.exists() else "does not exist"
+        raise EncoderUnavailableError(source, f"local path {path} {what}")
+    return load_cache_first(source, lambda local_only: load(source, local_only))
+
+
 def load_cache_first(model: str, load: Callable[[bool], T]) -> T:
     """Call `load(local_files_only)` from the local cache first, then (if allowed) the hub.
 

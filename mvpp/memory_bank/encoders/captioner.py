@@ -11,9 +11,7 @@ import numpy as np
 
 from .base import (
     EncoderUnavailableError,
-    load_cache_first,
-    looks_like_local_path,
-    require_cached_when_offline,
+    load_local_or_hub,
     resolve_device,
 )
 
@@ -101,9 +99,6 @@ def _check_frame(frame: np.ndarray, index: int) -> np.ndarray:
 
 
 def _load_blip(source: str) -> tuple[Any, Any]:
-    path = Path(source).expanduser()
-    if not path.is_dir() and not looks_like_local_path(source):
-        require_cached_when_offline(source)
     try:
         from transformers import BlipForConditionalGeneration, BlipProcessor
     except ImportError as exc:  # pragma: no cover - a dependency of the package
@@ -114,14 +109,4 @@ def _load_blip(source: str) -> tuple[Any, Any]:
         model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=local_only)
         return processor, model
 
-    if path.is_dir():
-        try:
-            return load(str(path), True)
-        except Exception as exc:
-            raise EncoderUnavailableError(
-                source, f"cannot load the local model folder ({exc})"
-            ) from exc
-    if looks_like_local_path(source):
-        what = "is not a model folder" if path.exists() else "does not exist"
-        raise EncoderUnavailableError(source, f"local path {path} {what}")
-    return load_cache_first(source, lambda local_only: load(source, local_only))
+    return load_local_or_hub(source, load)
