@@ -115,6 +115,22 @@ def run_seed(name: str, spec: dict, bank: Path, out: Path, seed: int, extra: lis
     }
 
 
+def markdown(results: dict[str, dict[int, dict]], label: str) -> str:
+    """The results as one GitHub table (3-seed means ± std), for benchmarks/README.md."""
+    lines = [f"| set ({label}) | target | model | " + " | ".join(COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    for name, seeds in results.items():
+        first = next(iter(seeds.values()))["metrics"]
+        for t in first["mvpp"]:
+            for model in first:
+                cells = []
+                for col in COLUMNS:
+                    vals = [v for s in seeds.values() if (v := s["metrics"][model][t].get(col)) is not None]
+                    cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if vals else "")
+                lines.append(f"| {name} | {t} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(results: dict[str, dict[int, dict]], label: str) -> None:
     for name, seeds in results.items():
         first = next(iter(seeds.values()))["metrics"]
@@ -150,12 +166,17 @@ def main() -> None:
                         help="build the banks with this text encoder (hub id or folder; its banks are kept apart)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--report", type=Path, nargs="*", default=None, help="only print saved results")
+    parser.add_argument("--markdown", action="store_true", help="with --report: one Markdown table")
     parser.add_argument("train_flags", nargs="*", help="more `mvpp train` flags (after --)")
     args = parser.parse_args()
     if args.report:
         for path in args.report:
             saved = json.loads(path.read_text())
-            report({n: {int(k): v for k, v in s.items()} for n, s in saved["results"].items()}, saved["label"])
+            results = {n: {int(k): v for k, v in s.items()} for n, s in saved["results"].items()}
+            if args.markdown:
+                print(markdown(results, saved["label"]))
+            else:
+                report(results, saved["label"])
         return
     specs = set_specs()
     results: dict[str, dict[int, dict]] = {}
