@@ -94,6 +94,20 @@ def test_a_truncated_cache_is_rebuilt(trained):
         assert read_snapshot(store, bank / "cache").item_ids
 
 
+def test_a_bank_that_changed_keeps_one_cache(trained, tmp_path):
+    _, bank, _ = trained
+    copy = _copy(bank, tmp_path)
+    with open_store(bank=copy) as store:
+        first = read_snapshot(store, copy / "cache").fingerprint
+    table = tmp_path / "more.csv"
+    table.write_text("id,title\nlate1,a post added later\n")
+    assert runner.invoke(bank_app, ["build", "--meta", str(table), "--bank", str(copy), "--profile", "lite"]).exit_code == 0
+    with open_store(bank=copy) as store:
+        second = read_snapshot(store, copy / "cache").fingerprint
+    assert second != first
+    assert [p.name for p in (copy / "cache").iterdir()] == [second]  # the old arrays are gone
+
+
 @pytest.mark.parametrize("damage", ["truncated weights", "truncated config", "config without a key",
                                     "config not an object"])
 def test_a_damaged_run_is_named(trained, tmp_path, damage):

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,17 @@ def read_snapshot(
     snap.fingerprint = fingerprint
     if cache_dir is not None:
         snap.save(cache_dir / fingerprint)
+        _drop_stale_caches(cache_dir, keep=fingerprint)
     return snap
+
+
+def _drop_stale_caches(cache_dir: Path, keep: str) -> None:
+    """Remove the caches of the bank's earlier contents: each is as large as the bank's
+    arrays, and a bank that grows every day would otherwise keep one per day."""
+    for folder in cache_dir.iterdir():
+        if folder.is_dir() and folder.name != keep and (folder / "index.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("removed the stale bank cache %s", folder)
 
 
 def snapshot_from_points(points: list[BankPoint], manifest: Manifest, fresh: bool = False) -> BankSnapshot:
