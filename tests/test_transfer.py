@@ -179,3 +179,22 @@ def test_what_cannot_be_imported_is_said_once(built, tmp_path):
     assert result.exit_code != 0 and "drop the column flags" in result.output
     result = runner.invoke(bank_app, ["export", "--bank", str(tmp_path / "nothing"), "--out", str(exported)])
     assert result.exit_code != 0 and "no bank" in result.output
+
+
+def test_the_cached_arrays_are_the_bank_read_again(built, tmp_path):
+    """The array cache keeps sequences without their padding and gives back the same arrays."""
+    import shutil
+
+    from mvpp.retriever.snapshot import BankSnapshot, read_snapshot
+
+    root, _ = built
+    copy = tmp_path / "bank"
+    shutil.copytree(root / "bank", copy, ignore=shutil.ignore_patterns("cache"))
+    with open_store(bank=copy) as store:
+        fresh = read_snapshot(store)
+        cached = read_snapshot(store, copy / "cache")  # written now
+    loaded = BankSnapshot.load(copy / "cache" / fresh.fingerprint)
+    assert loaded is not None and loaded.item_ids == fresh.item_ids == cached.item_ids
+    for name in BankSnapshot._ARRAYS:
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(fresh, name), err_msg=name)
+    assert fresh.audio.shape[1] > 0 and fresh.frames.shape[1] > 0 and (fresh.token_len < fresh.tokens.shape[1]).any()

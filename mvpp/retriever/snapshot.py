@@ -23,7 +23,9 @@ from mvpp.memory_bank.store.base import BankStore
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
+# Padded sequences and their lengths: the cache keeps only their valid rows.
+_SEQUENCES = (("frames", "frame_len"), ("tokens", "token_len"), ("audio", "audio_len"))
 
 
 @dataclass
@@ -98,12 +100,22 @@ class BankSnapshot:
     )
 
     def save(self, folder: Path) -> None:
+        """Write the arrays to `folder`; padded sequences as their valid rows alone (a
+        title of 12 tokens padded to 32 would otherwise store 20 rows of zeros)."""
         folder.mkdir(parents=True, exist_ok=True)
         tmp_arrays = folder / "arrays.tmp.npz"
-        np.savez(tmp_arrays, **{n: getattr(self, n) for n in self._ARRAYS})
+        arrays = {n: getattr(self, n) for n in self._ARRAYS}
+        shapes = {}
+        for seq, length in _SEQUENCES:
+            padded, lengths = arrays[seq], arrays[length]
+            shapes[seq] = list(padded.shape)
+            valid = np.arange(padded.shape[1])[None, :] < lengths[:, None]  # (N, P)
+            arrays[seq] = padded[valid]  # (sum of lengths, d)
+        np.savez(tmp_arrays, **arrays)
         tmp_arrays.replace(folder / "arrays.npz")
         meta = {
             "version": CACHE_VERSION,
+            "shapes": shapes,
             "fingerprint": self.fingerprint,
             "item_ids": self.item_ids,
             "label_names": self.label_names,
@@ -127,6 +139,11 @@ class BankSnapshot:
                 return None
             with np.load(folder / "arrays.npz", allow_pickle=False) as data:
                 arrays = {n: data[n] for n in cls._ARRAYS}
+            for seq, length in _SEQUENCES:
+                rows, lengths = arrays[seq], arrays[length]
+                padded = np.zeros(meta["shapes"][seq], rows.dtype)
+                padded[np.arange(padded.shape[1])[None, :] < lengths[:, None]] = rows
+                arrays[seq] = padded
         except Exception as exc:  # a truncated zip, a torn JSON, a missing array, ...
             logger.warning("the bank cache %s is damaged (%s): reading the bank again", folder, exc)
             return None
