@@ -1,8 +1,12 @@
 """`mvpp serve` under load: text-only scoring against a MicroLens run, on loopback.
 
 Starts `mvpp serve` in its own process, then sends N requests of one title each from
-1, 8 and 32 concurrent clients and reports p50 / p99 latency, requests/s and items/s;
-and scores the same titles with `mvpp score` for comparison.
+1, 8 and 32 concurrent clients and reports p50 / p99 latency, items/s and the CPU cores
+the service and the load generator used (they share the machine); then requests of
+`--items-per-request` titles each, as a pipeline that batches its own uploads sends them.
+It also times the bank's text encoder alone on the same titles (batches of 32): on a CPU
+that pass is most of a text item's cost, so it bounds what the service can reach. Last,
+`mvpp score` of the same titles for comparison.
 
     python benchmarks/bench_serve.py --run RUN [--requests 400] [--clients 1 8 32]
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -36,18 +41,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def load(url: str, titles: list[str], clients: int) -> tuple[list[float], float]:
-    """Latencies (s) of one request per title from `clients` concurrent clients, and the wall time."""
-    queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
-    for i, t in enumerate(titles):
-        queue.put_nowait((i, t))
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, titles: list[str], clients: int, per_request: int = 1) -> tuple[list[float], float]:
+    """Latencies (s) of requests of `per_request` titles each from `clients` concurrent
+    clients, and the wall time."""
+    queue: asyncio.Queue[tuple[int, list[str]]] = asyncio.Queue()
+    for i in range(0, len(titles), per_request):
+        queue.put_nowait((i, titles[i : i + per_request]))
     latencies: list[float] = []
 
     async def client(http: httpx.AsyncClient) -> None:
         while not queue.empty():
-            i, title = queue.get_nowait()
+            i, part = queue.get_nowait()
+            items = [{"id": f"q{i + j}", "title": title} for j, title in enumerate(part)]
             t0 = time.perf_counter()
-            response = await http.post(f"{url}/v1/score", json={"items": [{"id": f"q{i}", "title": title}]})
+            response = await http.post(f"{url}/v1/score", json={"items": items})
             response.raise_for_status()
             latencies.append(time.perf_counter() - t0)
 
@@ -58,11 +71,27 @@ async def load(url: str, titles: list[str], clients: int) -> tuple[list[float], 
         return latencies, time.perf_counter() - t0
 
 
+def encoder_rate(run: Path, titles: list[str]) -> float:
+    """Items/s of the run's bank text encoder (one pass gives the retrieval vector and the
+    token features) on `titles`, 32 at a time."""
+    from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
+    from mvpp.predictor.run import Run
+
+    text = load_encoders(EncoderSpec.for_bank(Run.load(run).manifest)).text
+    text.encode_both(titles[:32])
+    t0 = time.perf_counter()
+    for lo in range(0, len(titles), 32):
+        text.encode_both(titles[lo : lo + 32])
+    return len(titles) / (time.perf_counter() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a run trained on a MicroLens bank")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--items-per-request", type=int, default=16,
+                        help="titles per request in the client-batched rows")
     args = parser.parse_args()
     try:
         table = microlens()
@@ -88,18 +117,23 @@ def main() -> None:
             time.sleep(0.2)
         console.print(f"service ready in {time.perf_counter() - t0:.1f} s")
         asyncio.run(load(url, titles[:20], 1))  # warm up
-        table_out = Table(title=f"mvpp serve, {len(titles)} requests of one title each (MicroLens run {args.run})")
-        for col in ("clients", "p50 ms", "p99 ms", "items/s (one per request)"):
+        table_out = Table(title=f"mvpp serve, {len(titles)} titles (MicroLens run {args.run.name})")
+        for col in ("clients", "items per request", "p50 ms", "p99 ms", "items/s", "service cores", "client cores"):
             table_out.add_column(col, justify="right")
-        for clients in args.clients:
-            latencies, wall = asyncio.run(load(url, titles, clients))
+        cases = [(c, 1) for c in args.clients] + [(c, args.items_per_request) for c in args.clients if c > 1]
+        for clients, per_request in cases:
+            server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+            latencies, wall = asyncio.run(load(url, titles, clients, per_request))
             ms = np.array(latencies) * 1000
-            table_out.add_row(str(clients), f"{np.percentile(ms, 50):.1f}", f"{np.percentile(ms, 99):.1f}",
-                              f"{len(latencies) / wall:.1f}")
+            table_out.add_row(str(clients), str(per_request), f"{np.percentile(ms, 50):.1f}",
+                              f"{np.percentile(ms, 99):.1f}", f"{len(titles) / wall:.1f}",
+                              f"{(cpu_seconds(server.pid) - server_cpu) / wall:.2f}",
+                              f"{(time.process_time() - client_cpu) / wall:.2f}")
         console.print(table_out)
     finally:
         server.terminate()
         server.wait(30)
+    console.print(f"the bank's text encoder alone, batches of 32: {encoder_rate(args.run, titles):.1f} items/s")
     uploads = Path("/tmp") / f"mvpp-bench-serve-{port}.jsonl"
     uploads.write_text("\n".join(json.dumps({"id": f"q{i}", "title": t}) for i, t in enumerate(titles)))
     t0 = time.perf_counter()

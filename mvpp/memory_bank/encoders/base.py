@@ -65,7 +65,7 @@ class TextEncoder(Protocol):
     dim: int
     token_dim: int
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """(B, dim) float32, rows L2-normalised."""
         ...
 
@@ -74,7 +74,7 @@ class TextEncoder(Protocol):
         ...
 
     def encode_both(
-        self, texts: list[str], max_tokens: int = 32, batch_size: int = 64
+        self, texts: list[str], max_tokens: int = 32, batch_size: int | None = None
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """`encode` and `encode_tokens` from a single transformer pass."""
         ...

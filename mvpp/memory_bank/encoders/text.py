@@ -32,6 +32,14 @@ __all__ = ["SentenceTextEncoder"]
 # description bounded (UAE-Large-V1 would otherwise accept 512 tokens).
 DEFAULT_MAX_SEQ_LENGTH = 256
 
+# Texts per transformer call. sentence-transformers sorts a call's texts by length and
+# pads each batch to its longest text, so on the CPU small batches waste little on
+# padding: 32 MicroLens titles (one of 124 tokens, median 14) encode at 236 items/s in
+# batches of 8-16 and at 86 items/s in one batch of 32; on 1,024 titles 16 to 64 are
+# within 6% of each other (258 items/s at 16). A GPU wants larger batches.
+CPU_BATCH_SIZE = 16
+CUDA_BATCH_SIZE = 128
+
 
 class SentenceTextEncoder:
     """A sentence-transformers model as a `TextEncoder`.
@@ -43,6 +51,7 @@ class SentenceTextEncoder:
         model_id: the id recorded in the bank manifest; defaults to `model_id_or_path`.
             Give a stable name when the path differs between machines.
         max_seq_length: cap on the transformer's input length (tokens).
+        batch_size: texts per transformer call; default 128 on CUDA, 16 on the CPU.
     """
 
     def __init__(
@@ -52,10 +61,14 @@ class SentenceTextEncoder:
         *,
         model_id: str | None = None,
         max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+        batch_size: int | None = None,
     ) -> None:
         source = str(model_id_or_path)
         self.model_id: str = model_id or source
         self.device: str = resolve_device(device)
+        if batch_size is None:
+            batch_size = CUDA_BATCH_SIZE if self.device.startswith("cuda") else CPU_BATCH_SIZE
+        self.batch_size = max(1, batch_size)
         self._model = _load_sentence_transformer(source, self.device)
 
         import torch
@@ -93,14 +106,14 @@ class SentenceTextEncoder:
     def __repr__(self) -> str:
         return f"SentenceTextEncoder(model_id={self.model_id!r}, dim={self.dim}, device={self.device!r})"
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """Pooled sentence vectors, (B, dim) float32, L2-normalised."""
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         vectors = self._model.encode(
             texts,
-            batch_size=batch_size,
+            batch_size=batch_size or self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
@@ -109,7 +122,7 @@ class SentenceTextEncoder:
         return l2_normalize(vectors)
 
     def encode_tokens(
-        self, texts: Sequence[str], max_tokens: int = 32, batch_size: int = 64
+        self, texts: Sequence[str], max_tokens: int = 32, batch_size: int | None = None
     ) -> list[np.ndarray]:
         """Per text the (n_i, token_dim) float32 output token embeddings.
 
@@ -119,13 +132,13 @@ class SentenceTextEncoder:
         return self.encode_both(texts, max_tokens=max_tokens, batch_size=batch_size)[1]
 
     def encode_both(
-        self, texts: Sequence[str], max_tokens: int = 32, batch_size: int = 64
+        self, texts: Sequence[str], max_tokens: int = 32, batch_size: int | None = None
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """`encode(texts)` and `encode_tokens(texts, max_tokens)` from one transformer pass."""
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32), []
-        return self._run(texts, max_tokens=max_tokens, batch_size=batch_size)
+        return self._run(texts, max_tokens=max_tokens, batch_size=batch_size or self.batch_size)
 
     def _run(
         self, texts: list[str], max_tokens: int, batch_size: int
