@@ -39,6 +39,7 @@ from ..schema import (
 )
 from .base import (
     MULTIVECTOR_NAMES,
+    SEARCH_EF,
     UPSERT_BATCH,
     BankBusyError,
     BankDamagedError,
@@ -506,7 +507,7 @@ class EdgeBankStore(BankStore):
             query=qe.Query.Nearest(q, using=using),
             filter=edge_filter(flt),
             with_payload=True,
-            params=qe.SearchParams(exact=True) if exact else None,
+            params=qe.SearchParams(exact=True) if exact else qe.SearchParams(hnsw_ef=SEARCH_EF),
         )
         return request, rows
 

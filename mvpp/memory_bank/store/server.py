@@ -33,6 +33,7 @@ from ..schema import (
     point_id,
 )
 from .base import (
+    SEARCH_EF,
     UPSERT_BATCH,
     BankBusyError,
     BankNotInitialisedError,
@@ -354,7 +355,9 @@ class ServerBankStore(BankStore):
 
     def _params(self, exact: bool) -> models.SearchParams | None:
         # local mode is always exact and warns on any search params
-        return models.SearchParams(exact=True) if exact and not self._local else None
+        if self._local:
+            return None
+        return models.SearchParams(exact=True) if exact else models.SearchParams(hnsw_ef=SEARCH_EF)
 
     @staticmethod
     def _hits(points: list[models.ScoredPoint], rows: int) -> list[Hit]:

@@ -1,0 +1,280 @@
+"""How the bank's costs grow with its size: synthetic banks of 10^5 (and 10^6) items.
+
+Items are realistic but made up: the MiniLM retrieval vectors of the MicroLens-100k
+titles (encoded once, cached in .bench-data/), replicated with small Gaussian noise
+(renormalised) under fresh ids, each copy keeping its original's title and label, with a
+made-up publish time (uniform over a year) and creator (one per 50 items). Text-only
+rows with the retrieval vector alone: the table a user who has embeddings already
+brings to `mvpp-bank import`.
+
+For each size it measures, each in its own process where memory matters:
+- `mvpp-bank import` of the table: items/s and peak RSS (the HNSW index is built as
+  part of it);
+- the bank's size on disk;
+- filtered queries (k = 10, labelled items published before a random time, the query's
+  own id excluded) on the HNSW index: p50 / p99 latency and recall@10 against the same
+  search done exactly;
+- reading the bank into the arrays training uses (`read_snapshot`): seconds and peak RSS;
+- exact bulk neighbours (`bulk_topk`, time-filtered, k = 10) for `--bulk-sample` items,
+  timed and extrapolated linearly to every item of the bank (the search is exact and
+  quadratic in the bank's size: this is the cost an approximate path must remove).
+
+Then how each cost grows from the smallest size to the largest (the exponent b of
+cost ~ size^b).
+
+    python benchmarks/bench_scale.py [--sizes 100000 1000000] [--queries 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.datasets import CACHE, DataMissing, microlens  # noqa: E402
+
+console = Console(width=130)
+
+# Spread of the noise added to each copy of a vector, per dimension, before renormalising:
+# about 0.94 cosine between a copy and its original (384-d), so copies are near
+# neighbours of each other without being duplicates.
+NOISE = 0.0125
+ITEMS_PER_CREATOR = 50
+YEAR_S = 365 * 24 * 3600
+START_TS = 1_700_000_000
+ROWS_PER_GROUP = 50_000
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[float, float, int]:
+    """Runs `cmd`; returns its wall seconds, its peak resident memory (GB, sampled every
+    0.1 s from /proc) and its exit code."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        status = Path(f"/proc/{proc.pid}/status")
+        while not stop.is_set():
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        peak = max(peak, int(line.split()[1]))
+            except OSError:
+                return
+            stop.wait(0.1)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    t0 = time.perf_counter()
+    watcher.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
+    if proc.returncode not in (0, 1):
+        console.print(f"[red]{' '.join(cmd[:4])} ... failed:\n{err[-2000:]}")
+    return wall, peak / 1024**2, proc.returncode
+
+
+def source_vectors() -> tuple[np.ndarray, list[str], np.ndarray]:
+    """MiniLM retrieval vectors, titles and comment counts of the MicroLens titles."""
+    rows = [json.loads(line) for line in microlens().read_text().splitlines()]
+    rows = [r for r in rows if r.get("title")]
+    cache = CACHE / "microlens-minilm-retrieval.npy"
+    if cache.exists() and len(np.load(cache, mmap_mode="r")) == len(rows):
+        vectors = np.load(cache)
+    else:
+        from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
+
+        console.print(f"encoding {len(rows):,} MicroLens titles with the lite profile's text encoder (once)")
+        vectors = load_encoders(EncoderSpec.from_profile("lite")).text.encode([r["title"] for r in rows])
+        np.save(cache, vectors.astype(np.float32))
+    return vectors.astype(np.float32), [r["title"] for r in rows], np.array([r["comments"] for r in rows], float)
+
+
+def synthetic_table(path: Path, n: int, seed: int = 0) -> np.ndarray:
+    """Writes the n-item table; returns its vectors (for the exact searches)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base, titles, comments = source_vectors()
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, base.shape[1]), np.float32)
+    writer = None
+    try:
+        for lo in range(0, n, ROWS_PER_GROUP):
+            hi = min(n, lo + ROWS_PER_GROUP)
+            src = rng.integers(0, len(base), hi - lo)
+            vec = base[src] + rng.normal(0.0, NOISE, (hi - lo, base.shape[1])).astype(np.float32)
+            vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+            out[lo:hi] = vec
+            ids = np.arange(lo, hi)
+            batch = pa.table({
+                "id": [f"s{i}" for i in ids],
+                "title": [titles[j] for j in src],
+                "comments": comments[src],
+                "published": rng.uniform(START_TS, START_TS + YEAR_S, hi - lo).round(),
+                "creator": [f"c{i // ITEMS_PER_CREATOR}" for i in ids],
+                "vector.retrieval": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), base.shape[1]),
+            })
+            writer = writer or pq.ParquetWriter(path, batch.schema)
+            writer.write_table(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    return out
+
+
+def query_latency(bank: Path, vectors: np.ndarray, n_queries: int, seed: int = 1) -> dict[str, float]:
+    """p50 / p99 ms of filtered HNSW queries (k = 10) and their recall@10 against the same
+    filtered search done exactly."""
+    from mvpp.memory_bank.schema import SearchFilter
+    from mvpp.memory_bank.store import open_store
+
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(vectors), n_queries, replace=False)
+    latencies, recalls = [], []
+    with open_store(bank=bank) as store:
+        for i in picks[:20]:  # warm the caches
+            store.search(vectors[i], 10)
+        for i in picks:
+            flt = SearchFilter(exclude_ids=[f"s{i}"], labelled_only=True,
+                               published_before=float(rng.uniform(START_TS + YEAR_S / 4, START_TS + YEAR_S)))
+            t0 = time.perf_counter()
+            hits = store.search(vectors[i], 10, flt=flt)
+            latencies.append(time.perf_counter() - t0)
+            exact = store.search(vectors[i], 10, flt=flt, exact=True)
+            truth = {h.item_id for h in exact}
+            recalls.append(len(truth & {h.item_id for h in hits}) / max(1, len(truth)))
+    ms = np.array(latencies) * 1000
+    return {"query_p50_ms": float(np.percentile(ms, 50)), "query_p99_ms": float(np.percentile(ms, 99)),
+            "recall_at_10": float(np.mean(recalls))}
+
+
+SNAPSHOT_SCRIPT = """
+import sys
+from pathlib import Path
+from mvpp.memory_bank.store import open_store
+from mvpp.retriever.snapshot import read_snapshot
+with open_store(bank=Path(sys.argv[1])) as store:
+    read_snapshot(store, None)
+"""
+
+
+def bulk_seconds(vectors: np.ndarray, sample: int, seed: int = 2) -> float:
+    """Seconds for exact time-filtered top-10 neighbours of every item, extrapolated from
+    `sample` queries against the whole bank."""
+    from mvpp.retriever.bulk import bulk_topk
+
+    rng = np.random.default_rng(seed)
+    times = rng.uniform(START_TS, START_TS + YEAR_S, len(vectors))
+    picks = rng.choice(len(vectors), min(sample, len(vectors)), replace=False)
+    t0 = time.perf_counter()
+    bulk_topk(vectors[picks], vectors, 10, query_key_index=picks, query_time=times[picks], key_time=times)
+    return (time.perf_counter() - t0) * len(vectors) / len(picks)
+
+
+def measure(n: int, work: Path, args: argparse.Namespace) -> dict[str, float]:
+    table, bank = work / f"scale-{n}.parquet", work / f"bank-{n}"
+    t0 = time.perf_counter()
+    vectors = synthetic_table(table, n)
+    console.print(f"{n:,} items: table written in {time.perf_counter() - t0:.0f} s")
+    wall, rss, code = peak_rss_of([
+        sys.executable, "-m", "mvpp.cli.bank", "import", str(table),
+        "--bank", str(bank), "--profile", "lite", "--label-col", "comments", "--time-col", "published",
+        "--meta-col", "creator",
+    ])
+    row = {"items": n, "import_s": wall, "import_items_per_s": n / wall, "import_peak_gb": rss}
+    # blocks in use: the engine preallocates files larger than what they hold
+    row["disk_gb"] = sum(f.stat().st_blocks * 512 for f in bank.rglob("*") if f.is_file()) / 1024**3
+    console.print(f"{n:,} items: imported in {wall:.0f} s (exit {code}), {row['disk_gb']:.2f} GB on disk")
+    row.update(query_latency(bank, vectors, args.queries))
+    wall, rss, _ = peak_rss_of([sys.executable, "-c", SNAPSHOT_SCRIPT, str(bank)])
+    row.update({"snapshot_s": wall, "snapshot_peak_gb": rss})
+    row["bulk_exact_s"] = bulk_seconds(vectors, args.bulk_sample)
+    console.print(row)
+    if not args.keep:
+        shutil.rmtree(bank, ignore_errors=True)
+        table.unlink(missing_ok=True)
+    return row
+
+
+COLUMNS = [
+    ("import_items_per_s", "import items/s", "{:,.0f}"),
+    ("import_peak_gb", "import peak GB", "{:.2f}"),
+    ("disk_gb", "disk GB", "{:.2f}"),
+    ("query_p50_ms", "query p50 ms", "{:.2f}"),
+    ("query_p99_ms", "query p99 ms", "{:.2f}"),
+    ("recall_at_10", "recall@10", "{:.3f}"),
+    ("snapshot_s", "read arrays s", "{:.1f}"),
+    ("snapshot_peak_gb", "read arrays peak GB", "{:.2f}"),
+    ("bulk_exact_s", "bulk exact, all items s", "{:,.0f}"),
+]
+# costs whose growth is reported (import time, not its rate)
+GROWTH = {"import_s": "import time", "disk_gb": "disk", "query_p50_ms": "query p50",
+          "snapshot_peak_gb": "read arrays RAM", "bulk_exact_s": "bulk exact"}
+
+
+def report(rows: list[dict[str, float]]) -> None:
+    table = Table(title="bank costs by size (text-only lite rows, 384-d retrieval vectors)")
+    table.add_column("items", justify="right")
+    for _, name, _ in COLUMNS:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(f"{int(row['items']):,}", *(fmt.format(row[key]) for key, _, fmt in COLUMNS))
+    console.print(table)
+    if len(rows) > 1:
+        lo, hi = rows[0], rows[-1]
+        scale = math.log(hi["items"] / lo["items"])
+        growth = ", ".join(f"{name} {math.log(hi[key] / lo[key]) / scale:.2f}"
+                           for key, name in GROWTH.items() if lo[key] > 0 and hi[key] > 0)
+        console.print(f"exponent b of cost ~ items^b from {int(lo['items']):,} to {int(hi['items']):,}: {growth}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=300, help="filtered queries timed per size")
+    parser.add_argument("--bulk-sample", type=int, default=2048, help="items whose exact neighbours are timed")
+    parser.add_argument("--work", type=Path, default=None, help="folder for tables and banks (default: temporary)")
+    parser.add_argument("--keep", action="store_true", help="keep the tables and banks")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--report", type=Path, nargs="*", default=None, help="only print saved rows")
+    args = parser.parse_args()
+    if args.report is not None:
+        report(sorted((r for p in args.report for r in json.loads(p.read_text())), key=lambda r: r["items"]))
+        return
+    try:
+        source_vectors()
+    except DataMissing as exc:
+        console.print(f"[yellow]skipped: {exc}")
+        return
+    work = args.work or Path(tempfile.mkdtemp(prefix="mvpp-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for n in sorted(args.sizes):
+            rows.append(measure(n, work, args))
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+    finally:
+        if args.work is None and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()
