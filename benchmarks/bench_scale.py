@@ -56,6 +56,7 @@ ITEMS_PER_CREATOR = 50
 YEAR_S = 365 * 24 * 3600
 START_TS = 1_700_000_000
 ROWS_PER_GROUP = 50_000
+BULK_BLOCK_VALUES = 200_000_000
 
 
 def peak_rss_of(cmd: list[str]) -> tuple[float, float, int]:
@@ -177,13 +178,16 @@ with open_store(bank=Path(sys.argv[1])) as store:
 def bulk_seconds(vectors: np.ndarray, sample: int, seed: int = 2) -> float:
     """Seconds for exact time-filtered top-10 neighbours of every item, extrapolated from
     `sample` queries against the whole bank."""
-    from mvpp.retriever.bulk import bulk_topk
+    from mvpp.retriever.bulk import DEFAULT_BLOCK, bulk_topk
 
     rng = np.random.default_rng(seed)
     times = rng.uniform(START_TS, START_TS + YEAR_S, len(vectors))
     picks = rng.choice(len(vectors), min(sample, len(vectors)), replace=False)
+    # queries per block so that one (block, items) float64 score matrix stays near 1.6 GB
+    block = int(max(64, min(DEFAULT_BLOCK, BULK_BLOCK_VALUES // len(vectors))))
     t0 = time.perf_counter()
-    bulk_topk(vectors[picks], vectors, 10, query_key_index=picks, query_time=times[picks], key_time=times)
+    bulk_topk(vectors[picks], vectors, 10, query_key_index=picks, query_time=times[picks], key_time=times,
+              block=block)
     return (time.perf_counter() - t0) * len(vectors) / len(picks)
 
 
