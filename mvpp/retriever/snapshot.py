@@ -186,7 +186,7 @@ def read_snapshot(
     assert manifest is not None
     points = []
     for p in store.scroll(vectors=(RETRIEVAL, FRAMES, TEXT, AUDIO)):
-        points.append(p)
+        points.append(_slim(p, manifest.max_tokens))
         if progress:
             progress(1)
     snap = snapshot_from_points(points, manifest)
@@ -195,6 +195,31 @@ def read_snapshot(
         snap.save(cache_dir / fingerprint)
         _drop_stale_caches(cache_dir, keep=fingerprint)
     return snap
+
+
+def _f16(rows: np.ndarray | None) -> np.ndarray | None:
+    return None if rows is None else rows.astype(np.float16)
+
+
+def _slim(point: BankPoint, max_tokens: int) -> BankPoint:
+    """What a snapshot needs of a scrolled point, and no more: the whole bank is held until
+    it is packed into arrays. Multivectors go to float16 at once (the bank stores them at
+    float16, so nothing is lost: the arrays are float16 too), tokens past `max_tokens`
+    are dropped, and so are the fields the arrays do not use (hashes, captions, paths)."""
+    return BankPoint(
+        item_id=point.item_id,
+        retrieval=point.retrieval,
+        frames=_f16(point.frames),
+        tokens=_f16(None if point.tokens is None else point.tokens[:max_tokens]),
+        audio=_f16(point.audio),
+        title=point.title,
+        labels=point.labels,
+        targets=point.targets,
+        published_ts=point.published_ts,
+        metadata=point.metadata,
+        duration_s=point.duration_s,
+        observed_ts=point.observed_ts,
+    )
 
 
 def _drop_stale_caches(cache_dir: Path, keep: str) -> None:
