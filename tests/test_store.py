@@ -588,3 +588,10 @@ def test_server_too_old_or_refusing_is_a_clear_error(fake_server: Callable[..., 
         ServerBankStore(url=fake_server(status=403))
     with ServerBankStore(url=fake_server(version="1.17.1")) as store:  # reachable, no bank yet
         assert store.manifest is None and store.backend == "server"
+
+
+def test_graph_searches_keep_at_least_k_candidates():
+    from mvpp.memory_bank.store.base import SEARCH_EF, search_ef
+
+    assert search_ef(10) == SEARCH_EF  # filtered searches need more candidates than k
+    assert search_ef(SEARCH_EF + 500) == SEARCH_EF + 500  # and never fewer than k

@@ -59,6 +59,11 @@ UPSERT_BATCH = 256
 SEARCH_EF = 256
 
 
+def search_ef(k: int) -> int:
+    """Graph candidates for a search of the best k: never fewer than k."""
+    return max(SEARCH_EF, int(k))
+
+
 class BankBusyError(RuntimeError):
     """The bank's folder is held by another process (one writer per embedded bank)."""
 

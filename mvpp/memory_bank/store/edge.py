@@ -39,7 +39,6 @@ from ..schema import (
 )
 from .base import (
     MULTIVECTOR_NAMES,
-    SEARCH_EF,
     UPSERT_BATCH,
     BankBusyError,
     BankDamagedError,
@@ -53,6 +52,7 @@ from .base import (
     point_vectors,
     prepare_query,
     record_to_point,
+    search_ef,
     vector_dims,
 )
 
@@ -507,7 +507,7 @@ class EdgeBankStore(BankStore):
             query=qe.Query.Nearest(q, using=using),
             filter=edge_filter(flt),
             with_payload=True,
-            params=qe.SearchParams(exact=True) if exact else qe.SearchParams(hnsw_ef=SEARCH_EF),
+            params=qe.SearchParams(exact=True) if exact else qe.SearchParams(hnsw_ef=search_ef(k)),
         )
         return request, rows
 

@@ -33,7 +33,6 @@ from ..schema import (
     point_id,
 )
 from .base import (
-    SEARCH_EF,
     UPSERT_BATCH,
     BankBusyError,
     BankNotInitialisedError,
@@ -46,6 +45,7 @@ from .base import (
     point_vectors,
     prepare_query,
     record_to_point,
+    search_ef,
     vector_dims,
 )
 
@@ -353,11 +353,11 @@ class ServerBankStore(BankStore):
         by_id = {str(rec.id): record_to_point(rec.payload, rec.vector) for rec in records}
         return [by_id.get(pid) for pid in ids]
 
-    def _params(self, exact: bool) -> models.SearchParams | None:
+    def _params(self, exact: bool, k: int) -> models.SearchParams | None:
         # local mode is always exact and warns on any search params
         if self._local:
             return None
-        return models.SearchParams(exact=True) if exact else models.SearchParams(hnsw_ef=SEARCH_EF)
+        return models.SearchParams(exact=True) if exact else models.SearchParams(hnsw_ef=search_ef(k))
 
     @staticmethod
     def _hits(points: list[models.ScoredPoint], rows: int) -> list[Hit]:
@@ -389,7 +389,7 @@ class ServerBankStore(BankStore):
             using=using,
             limit=int(k),
             query_filter=server_filter(flt),
-            search_params=self._params(exact),
+            search_params=self._params(exact, k),
             with_payload=True,
         )
         return self._hits(response.points, rows)
@@ -416,7 +416,7 @@ class ServerBankStore(BankStore):
                     using=using,
                     limit=int(k),
                     filter=server_filter(flt),
-                    params=self._params(exact),
+                    params=self._params(exact, k),
                     with_payload=True,
                 )
             prepared.append((request, rows))
