@@ -26,11 +26,8 @@ import numpy as np
 import qdrant_edge as qe
 
 from ..schema import (
-    AUDIO,
-    FRAMES,
     INDEXED_FIELDS,
     RETRIEVAL,
-    TEXT,
     BankPoint,
     Hit,
     Manifest,
@@ -99,40 +96,19 @@ def edge_config(manifest: Manifest) -> qe.EdgeConfig:
     # m=0: no HNSW graph for multivectors (one node per frame / token row would make
     # optimisation dominate build time); their searches are exact scans.
     no_graph = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
-    audio = (
-        {
-            AUDIO: qe.EdgeVectorParams(
-                size=manifest.audio_dim,
-                distance=qe.Distance.Cosine,
-                multivector_config=multi,
-                datatype=qe.VectorStorageDatatype.Float16,
-                hnsw_config=no_graph,
-            )
-        }
-        if manifest.audio_dim
-        else {}
-    )
+    dims = vector_dims(manifest)
+    multivectors = {
+        name: qe.EdgeVectorParams(
+            size=dims[name],
+            distance=qe.Distance.Cosine,
+            multivector_config=multi,
+            datatype=qe.VectorStorageDatatype.Float16,
+            hnsw_config=no_graph,
+        )
+        for name in bank_vectors(MULTIVECTOR_NAMES, manifest)
+    }
     return qe.EdgeConfig(
-        vectors={
-            **audio,
-            RETRIEVAL: qe.EdgeVectorParams(
-                size=manifest.retrieval_dim, distance=qe.Distance.Cosine
-            ),
-            FRAMES: qe.EdgeVectorParams(
-                size=manifest.frame_dim,
-                distance=qe.Distance.Cosine,
-                multivector_config=multi,
-                datatype=qe.VectorStorageDatatype.Float16,
-                hnsw_config=no_graph,
-            ),
-            TEXT: qe.EdgeVectorParams(
-                size=manifest.token_dim,
-                distance=qe.Distance.Cosine,
-                multivector_config=multi,
-                datatype=qe.VectorStorageDatatype.Float16,
-                hnsw_config=no_graph,
-            ),
-        }
+        vectors={RETRIEVAL: qe.EdgeVectorParams(size=dims[RETRIEVAL], distance=qe.Distance.Cosine), **multivectors}
     )
 
 

@@ -21,11 +21,8 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 from mvpp.config import ClusterSettings
 
 from ..schema import (
-    AUDIO,
-    FRAMES,
     INDEXED_FIELDS,
     RETRIEVAL,
-    TEXT,
     BankPoint,
     Hit,
     Manifest,
@@ -33,6 +30,7 @@ from ..schema import (
     point_id,
 )
 from .base import (
+    MULTIVECTOR_NAMES,
     UPSERT_BATCH,
     BankBusyError,
     BankNotInitialisedError,
@@ -72,37 +70,19 @@ def vectors_config(manifest: Manifest) -> dict[str, models.VectorParams]:
     multi = models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
     # m=0: no HNSW graph over frame / token rows; multivector searches are exact scans
     no_graph = models.HnswConfigDiff(m=0)
+    dims = vector_dims(manifest)
     return {
-        RETRIEVAL: models.VectorParams(
-            size=manifest.retrieval_dim, distance=models.Distance.COSINE
-        ),
-        FRAMES: models.VectorParams(
-            size=manifest.frame_dim,
-            distance=models.Distance.COSINE,
-            multivector_config=multi,
-            datatype=models.Datatype.FLOAT16,
-            hnsw_config=no_graph,
-        ),
-        TEXT: models.VectorParams(
-            size=manifest.token_dim,
-            distance=models.Distance.COSINE,
-            multivector_config=multi,
-            datatype=models.Datatype.FLOAT16,
-            hnsw_config=no_graph,
-        ),
-        **(
-            {
-                AUDIO: models.VectorParams(
-                    size=manifest.audio_dim,
-                    distance=models.Distance.COSINE,
-                    multivector_config=multi,
-                    datatype=models.Datatype.FLOAT16,
-                    hnsw_config=no_graph,
-                )
-            }
-            if manifest.audio_dim
-            else {}
-        ),
+        RETRIEVAL: models.VectorParams(size=dims[RETRIEVAL], distance=models.Distance.COSINE),
+        **{
+            name: models.VectorParams(
+                size=dims[name],
+                distance=models.Distance.COSINE,
+                multivector_config=multi,
+                datatype=models.Datatype.FLOAT16,
+                hnsw_config=no_graph,
+            )
+            for name in bank_vectors(MULTIVECTOR_NAMES, manifest)
+        },
     }
 
 
