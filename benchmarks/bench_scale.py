@@ -17,7 +17,11 @@ For each size it measures, each in its own process where memory matters:
 - reading the bank into the arrays training uses (`read_snapshot`): seconds and peak RSS;
 - exact bulk neighbours (`bulk_topk`, time-filtered, k = 10) for `--bulk-sample` items,
   timed and extrapolated linearly to every item of the bank (the search is exact and
-  quadratic in the bank's size: this is the cost an approximate path must remove).
+  quadratic in the bank's size);
+- the same bulk neighbours through an HNSW index (`retriever.ann`, what `mvpp train`
+  uses from `ANN_THRESHOLD` items on): the index's build, ms per item for the 200
+  candidates a default run asks, all items extrapolated, recall@10 against exact on a
+  sample, and the process's peak RSS.
 
 Then how each cost grows from the smallest size to the largest (the exponent b of
 cost ~ size^b).
@@ -195,6 +199,51 @@ def bulk_seconds(vectors: np.ndarray, sample: int, seed: int = 2) -> float:
     return (time.perf_counter() - t0) * len(vectors) / len(picks)
 
 
+ANN_SCRIPT = """
+import json, sys
+import numpy as np
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from benchmarks.bench_scale import ann_bulk
+vectors = np.load(sys.argv[2], mmap_mode="r")
+out = ann_bulk(np.asarray(vectors), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+Path(sys.argv[6]).write_text(json.dumps(out))
+"""
+
+
+def ann_bulk(vectors: np.ndarray, root: Path, sample: int, recall_sample: int, seed: int = 2) -> dict[str, float]:
+    """The dense stage of training's neighbour search through an HNSW index (what
+    `mvpp train` does from `ANN_THRESHOLD` items on): the index's build, the time of the
+    candidates for every item (extrapolated from `sample` queries, as many as the
+    default run asks: its re-rank's 200), and recall@10 against the exact search."""
+    from mvpp.predictor.training import TrainConfig
+    from mvpp.retriever.search import ApproximateSearch, NeighbourSearch, QueryBatch
+    from mvpp.retriever.snapshot import BankSnapshot
+
+    n = len(vectors)
+    rng = np.random.default_rng(seed)
+    times = rng.uniform(START_TS, START_TS + YEAR_S, n)
+    snap = BankSnapshot(
+        item_ids=[f"s{i}" for i in range(n)], retrieval=vectors, has_retrieval=np.ones(n, bool),
+        targets=np.zeros((n, 1), np.float32), label_names=["comments"], published_ts=times,
+        frames=np.zeros((n, 0, 1), np.float16), frame_len=np.zeros(n, np.int32),
+        tokens=np.zeros((n, 0, 1), np.float16), token_len=np.zeros(n, np.int32),
+    )
+    cfg = TrainConfig()
+    limit = max(cfg.k, cfg.rerank_candidates)
+    t0 = time.perf_counter()
+    search = NeighbourSearch(snap, np.arange(n), cfg.k, True, approximate=ApproximateSearch(root, cfg.ann))
+    build = time.perf_counter() - t0
+    picks = np.sort(rng.choice(n, min(sample, n), replace=False))
+    queries = QueryBatch.from_snapshot(snap, picks)
+    t0 = time.perf_counter()
+    search.dense(queries, picks, limit, exact=False)
+    per_query = (time.perf_counter() - t0) / len(picks)
+    recall = search.recall(queries.subset(slice(0, recall_sample)), 10)
+    return {"ann_build_s": build, "ann_query_ms": per_query * 1000, "ann_bulk_s": build + per_query * n,
+            "ann_recall_at_10": recall}
+
+
 def measure(n: int, work: Path, args: argparse.Namespace) -> dict[str, float]:
     table, bank = work / f"scale-{n}.parquet", work / f"bank-{n}"
     t0 = time.perf_counter()
@@ -213,6 +262,20 @@ def measure(n: int, work: Path, args: argparse.Namespace) -> dict[str, float]:
     wall, rss, _ = peak_rss_of([sys.executable, "-c", SNAPSHOT_SCRIPT, str(bank)])
     row.update({"snapshot_s": wall, "snapshot_peak_gb": rss})
     row["bulk_exact_s"] = bulk_seconds(vectors, args.bulk_sample)
+    np.save(work / "vectors.npy", vectors)
+    del vectors  # the index's process holds its own copy
+    result = work / "ann.json"
+    wall, rss, code = peak_rss_of([
+        sys.executable, "-c", ANN_SCRIPT, str(Path(__file__).resolve().parent.parent), str(work / "vectors.npy"),
+        str(work / f"index-{n}"), str(args.ann_sample), str(args.recall_sample), str(result),
+    ])
+    if code == 0:
+        row.update(json.loads(result.read_text()))
+        row["ann_peak_gb"] = rss
+    else:
+        console.print(f"the approximate bulk search failed (exit {code})")
+    shutil.rmtree(work / f"index-{n}", ignore_errors=True)
+    (work / "vectors.npy").unlink(missing_ok=True)
     console.print(row)
     if not args.keep:
         shutil.rmtree(bank, ignore_errors=True)
@@ -230,10 +293,15 @@ COLUMNS = [
     ("snapshot_s", "read arrays s", "{:.1f}"),
     ("snapshot_peak_gb", "read arrays peak GB", "{:.2f}"),
     ("bulk_exact_s", "bulk exact, all items s", "{:,.0f}"),
+    ("ann_build_s", "index build s", "{:,.0f}"),
+    ("ann_query_ms", "index ms/query", "{:.2f}"),
+    ("ann_bulk_s", "bulk index, all items s", "{:,.0f}"),
+    ("ann_recall_at_10", "bulk index recall@10", "{:.4f}"),
+    ("ann_peak_gb", "bulk index peak GB", "{:.2f}"),
 ]
 # costs whose growth is reported (import time, not its rate)
 GROWTH = {"import_s": "import time", "disk_gb": "disk", "query_p50_ms": "query p50",
-          "snapshot_peak_gb": "read arrays RAM", "bulk_exact_s": "bulk exact"}
+          "snapshot_peak_gb": "read arrays RAM", "bulk_exact_s": "bulk exact", "ann_bulk_s": "bulk index"}
 
 
 def report(rows: list[dict[str, float]]) -> None:
@@ -242,13 +310,13 @@ def report(rows: list[dict[str, float]]) -> None:
     for _, name, _ in COLUMNS:
         table.add_column(name, justify="right")
     for row in rows:
-        table.add_row(f"{int(row['items']):,}", *(fmt.format(row[key]) for key, _, fmt in COLUMNS))
+        table.add_row(f"{int(row['items']):,}", *(fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS))
     console.print(table)
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
         scale = math.log(hi["items"] / lo["items"])
         growth = ", ".join(f"{name} {math.log(hi[key] / lo[key]) / scale:.2f}"
-                           for key, name in GROWTH.items() if lo[key] > 0 and hi[key] > 0)
+                           for key, name in GROWTH.items() if lo.get(key, 0) > 0 and hi.get(key, 0) > 0)
         console.print(f"exponent b of cost ~ items^b from {int(lo['items']):,} to {int(hi['items']):,}: {growth}")
 
 
@@ -257,6 +325,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=300, help="filtered queries timed per size")
     parser.add_argument("--bulk-sample", type=int, default=2048, help="items whose exact neighbours are timed")
+    parser.add_argument("--ann-sample", type=int, default=5000, help="items whose index neighbours are timed")
+    parser.add_argument("--recall-sample", type=int, default=500, help="of those, items compared with exact search")
     parser.add_argument("--work", type=Path, default=None, help="folder for tables and banks (default: temporary)")
     parser.add_argument("--keep", action="store_true", help="keep the tables and banks")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")

@@ -63,6 +63,11 @@ CASES = {
                                                "--ablate", "meta", "--ablate", "neighbour-summary"]),
     "frames-no-prior": (True, "embedded", ["--ablate", "word-prior", "--neighbour-group", "creator",
                                            "--ablate", "retrieval"]),
+    # neighbours from the run's HNSW index (thresholds of 1 KB: the graph is walked)
+    "index-grouped": (True, "embedded", ["--neighbour-index", "ann", "--neighbour-group", "creator",
+                                         "--set", "train.ann={full_scan_threshold=1, indexing_threshold=1}"]),
+    "index-time-split": (False, "local", ["--neighbour-index", "ann", "--split-by-time",
+                                          "--set", "train.ann={full_scan_threshold=1, indexing_threshold=1}"]),
 }
 
 
@@ -82,6 +87,9 @@ def test_scoring_a_split_item_gives_what_evaluate_gave(case, banks, encoders, tm
     ])
     assert result.exit_code == 0, result.output
     run = Run.load(run_dir)
+    indexed = "--neighbour-index" in flags
+    assert ("recall@10" in result.output) == indexed
+    assert len(list((run_dir / "neighbour-index").glob("*/index.json"))) == int(indexed)
     columns = ColumnMap(id_col="vid", text_cols=["caption"], time_col="posted",
                         meta_cols=["followers", "creator"], video_col="clip")
     rows = {r.item_id: r for r in load_metadata(table, columns)}
@@ -110,6 +118,10 @@ def test_scoring_a_split_item_gives_what_evaluate_gave(case, banks, encoders, tm
                     assert sc_flat[f"{t}_count"] == pytest.approx(ev_flat[f"{t}_count"], rel=1e-3)
                 checked += 1
         assert checked == sum(len(v) for v in run.split_ids.values())
+        if indexed:  # evaluation and scoring searched the graph training left in the run
+            assert predictor.search.index is not None
+            assert predictor.search.index.folder.parent == run_dir / "neighbour-index"
+            assert len(list((run_dir / "neighbour-index").iterdir())) == 1
     # metadata-only posts were indexed, trained on and scored
     meta_only = {f"p{i:03d}" for i in range(N_POSTS - N_META_ONLY, N_POSTS)}
     assert meta_only <= {i for ids in run.split_ids.values() for i in ids}

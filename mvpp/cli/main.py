@@ -45,8 +45,11 @@ from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run, save_run
 from mvpp.predictor.scoring import DEFAULT_MEMORY, MEMORIES, RunPredictor, Scorer, upload_columns
 from mvpp.predictor.training import (
+    ANN_THRESHOLD,
     MAX_EPOCHS,
     MIN_EPOCHS,
+    RECALL_AT,
+    RECALL_SAMPLE,
     STEPS_TARGET,
     TRAIN_ABLATIONS,
     TrainConfig,
@@ -141,6 +144,15 @@ def train_cmd(
             "a creator's earlier posts are retrieved before any other's.",
         ),
     ] = None,
+    neighbour_index: Annotated[
+        str | None,
+        typer.Option(
+            "--neighbour-index",
+            help="Dense neighbour search: exact (every key), ann (candidates from an HNSW index kept "
+            f"in the run), auto (ann from {ANN_THRESHOLD:,} training items on). "
+            f"{_default(TrainConfig().neighbour_index)}",
+        ),
+    ] = None,
     meta_col: Annotated[
         list[str] | None,
         typer.Option("--meta-col", help="Metadata column(s) of the bank to use \\[default: all]."),
@@ -183,7 +195,7 @@ def train_cmd(
         flags = {
             "k": k, "epochs": epochs, "seed": seed, "split_by_time": split_by_time, "time_safe": time_safe,
             "targets": target, "neighbour_group": neighbour_group, "meta_cols": meta_col,
-            "meta_categorical": meta_categorical, "device": device,
+            "meta_categorical": meta_categorical, "device": device, "neighbour_index": neighbour_index,
             "members": [m.strip() for m in members.split(",") if m.strip()] if members is not None else None,
         }
         cfg = replace(cfg, **{name: value for name, value in flags.items() if value is not None})
@@ -227,6 +239,13 @@ def train_cmd(
             result = train(snapshot, cfg, mcfg, on_event)
         save_run(result, cfg, out_dir, manifest, loc)
     console.print(f"best epoch {result.best_epoch}; {result.seconds_per_epoch:.1f} s per epoch")
+    index = result.data.neighbour_index
+    if index is not None:
+        console.print(
+            f"neighbours from an HNSW index of {index.meta['vectors']:,} vectors (built in "
+            f"{index.built_seconds:.0f} s): recall@{RECALL_AT} {result.data.neighbour_recall:.4f} "
+            f"against exact search on a sample of {RECALL_SAMPLE:,} items"
+        )
     if result.member_metrics:
         for name, per in result.member_metrics.items():
             out.print(metrics_table(f"{name} alone, val ({out_dir})", per["val"]))

@@ -18,7 +18,13 @@ from mvpp.predictor.features import MetaFeaturizer
 from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.model import ModelBatch, PopularityModel, neighbour_summary, wide_summary
 from mvpp.retriever.bulk import Neighbours
-from mvpp.retriever.search import GroupBoost, LexicalRerank, NeighbourSearch, QueryBatch
+from mvpp.retriever.search import (
+    ApproximateSearch,
+    GroupBoost,
+    LexicalRerank,
+    NeighbourSearch,
+    QueryBatch,
+)
 from mvpp.retriever.snapshot import BankSnapshot
 
 SPLITS = ("train", "val", "test")
@@ -96,14 +102,17 @@ def split_neighbours(
     rerank: LexicalRerank | None = None,
     groups: GroupBoost | None = None,
     wide: int = 0,
-) -> dict[str, Neighbours]:
+    approximate: ApproximateSearch | None = None,
+) -> tuple[dict[str, Neighbours], NeighbourSearch]:
     """Neighbours of every split's items among the training items (indices into snapshot),
-    with the best `wide` by the dense ranking as their wider neighbourhood."""
-    search = NeighbourSearch(snapshot, splits["train"], k, time_safe, rerank, groups, wide)
-    return {
+    with the best `wide` by the dense ranking as their wider neighbourhood; and the
+    search that found them."""
+    search = NeighbourSearch(snapshot, splits["train"], k, time_safe, rerank, groups, wide, approximate)
+    found = {
         name: search.search(QueryBatch.from_snapshot(snapshot, idx, rerank, groups))
         for name, idx in splits.items()
     }
+    return found, search
 
 
 @dataclass

@@ -8,6 +8,9 @@ RUN_DIR/
                       the bank's manifest and location
   splits.json         item ids of train / val / test
   metrics.json        per-split, per-target metrics and the epoch history
+  neighbour-index/    HNSW indexes of the neighbour search's memories, one folder per
+                      memory named by its digest (retriever.ann); only for runs whose
+                      neighbours come from an index (TrainConfig.neighbour_index)
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 SPLITS = "splits.json"
 METRICS = "metrics.json"
+INDEX_DIR = "neighbour-index"
 RUN_FORMAT = 1
 
 
@@ -170,6 +174,9 @@ def _write_run(
             },
         },
     )
+    index = data.neighbour_index
+    if index is not None:  # evaluation and scoring search the graph training searched
+        shutil.copytree(index.folder, out_dir / INDEX_DIR / index.digest)
     ids = data.snapshot.item_ids
     _write_json(out_dir / SPLITS, {s: [ids[i] for i in idx] for s, idx in data.splits.items()})
     _write_json(
@@ -181,6 +188,13 @@ def _write_run(
             "history": [asdict(h) for h in result.history],
             "metrics": metrics_to_dict(result.metrics),
             "members": {m: metrics_to_dict(per) for m, per in result.member_metrics.items()},
+            "neighbour_index": None
+            if index is None
+            else {
+                "vectors": index.meta["vectors"],
+                "build_seconds": index.built_seconds,
+                "recall_at_10": data.neighbour_recall,
+            },
         },
     )
 

@@ -17,8 +17,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +36,7 @@ from mvpp.predictor.boosting import blend
 from mvpp.predictor.dataset import FeatureTable, make_batch
 from mvpp.predictor.metrics import Metrics, regression_metrics
 from mvpp.predictor.model import Prediction
-from mvpp.predictor.run import Run
+from mvpp.predictor.run import INDEX_DIR, Run
 from mvpp.predictor.training import (
     PreparedData,
     TrainConfig,
@@ -42,10 +45,11 @@ from mvpp.predictor.training import (
     predict_batch,
     prepare,
     scaled_interval,
+    uses_index,
     with_mean,
 )
 from mvpp.retriever.bulk import Neighbours
-from mvpp.retriever.search import NeighbourSearch, QueryBatch
+from mvpp.retriever.search import ApproximateSearch, NeighbourSearch, QueryBatch
 from mvpp.retriever.snapshot import BankSnapshot, snapshot_from_points
 
 logger = logging.getLogger(__name__)
@@ -79,6 +83,7 @@ def prepare_for_run(
         lexicon=run.lexicon,
         word_prior=word_prior,
         wide_widths=run.model_config.wide_widths,
+        index_root=index_root(run),
     )
     return cfg, data
 
@@ -122,6 +127,23 @@ class Evaluation:
     rows: list[ScoreRow]
 
 
+# Index folders of runs whose own folder is read-only, for the life of the process.
+_TEMP_INDEX_ROOTS: dict[Path, tempfile.TemporaryDirectory] = {}
+
+
+def index_root(run: Run) -> Path:
+    """Where the run's neighbour indexes are kept: its folder, where training left the
+    one it searched; a temporary folder when the run's folder is read-only (an index
+    for another memory is then built for this process only)."""
+    root = run.path / INDEX_DIR
+    if os.access(root if root.exists() else run.path, os.W_OK):
+        return root
+    if run.path not in _TEMP_INDEX_ROOTS:
+        logger.warning("%s is read-only: neighbour indexes it lacks are built in a temporary folder", run.path)
+        _TEMP_INDEX_ROOTS[run.path] = tempfile.TemporaryDirectory(prefix="mvpp-neighbour-index-")
+    return Path(_TEMP_INDEX_ROOTS[run.path].name)
+
+
 class RunPredictor:
     """A run applied to items: of its bank (by row) or new ones (as encoded points).
 
@@ -141,8 +163,9 @@ class RunPredictor:
         self.splits = run.splits_in(snapshot)
         rows = self.splits["train"] if memory == "train" else np.flatnonzero(self.bank.labelled)
         self.wide_widths = run.model_config.wide_widths
+        approximate = ApproximateSearch(index_root(run), cfg.ann) if uses_index(cfg, len(rows)) else None
         self.search = NeighbourSearch(
-            self.bank, rows, cfg.k, run.time_safe, rerank, self.groups, max(self.wide_widths, default=0)
+            self.bank, rows, cfg.k, run.time_safe, rerank, self.groups, max(self.wide_widths, default=0), approximate
         )
         self._row_of = snapshot.index_of()
 
@@ -198,7 +221,10 @@ class RunPredictor:
         fresh, table, own = self._fresh(points)
         search = self.search
         if k is not None and k != search.k:
-            search = NeighbourSearch(self.bank, search.memory, k, search.time_safe, search.rerank, search.groups)  # no wider neighbourhood: only the k are shown
+            search = NeighbourSearch(  # no wider neighbourhood: only the k are shown
+                self.bank, search.memory, k, search.time_safe, search.rerank, search.groups,
+                approximate=search.approximate,
+            )
         nb = search.search(self._queries(fresh, table, np.arange(len(points)), own))
         return [
             [(self.bank.item_ids[n], float(sc)) for n, sc in zip(idx, score, strict=True) if n >= 0]

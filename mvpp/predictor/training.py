@@ -10,9 +10,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,10 +46,22 @@ from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.metrics import Metrics, regression_metrics
 from mvpp.predictor.model import LOSSES, ModelBatch, PopularityModel, Prediction, popularity_loss
 from mvpp.predictor.word_prior import WordPriorConfig, WordRidge, fit_word_ridge
+from mvpp.retriever.ann import AnnConfig, AnnIndex
 from mvpp.retriever.bulk import Neighbours
+from mvpp.retriever.search import ApproximateSearch, QueryBatch
 from mvpp.retriever.snapshot import BankSnapshot
 
 logger = logging.getLogger(__name__)
+
+# Dense neighbour search: "exact" scans every key, "ann" takes candidates from an HNSW
+# index (retriever.ann), "auto" does so from ANN_THRESHOLD memory items on. Exact search
+# is quadratic (about 15 s for 20,000 items, 14 min for 100,000 on 2 cores), the index
+# costs its build (about 50 s for 100,000) and a few ms per query; benchmarks/README.md.
+NEIGHBOUR_INDEXES = ("auto", "exact", "ann")
+ANN_THRESHOLD = 50_000
+# Queries whose index neighbours are compared with exact ones (recall@RECALL_AT).
+RECALL_SAMPLE = 1000
+RECALL_AT = 10
 
 # Hybrid neighbours: weight of the titles' TF-IDF cosine next to the dense cosine, and
 # dense candidates re-ranked per query. A re-rank of the dense top 200 keeps almost all
@@ -114,6 +129,11 @@ class TrainConfig:
     # equal values make a key score `group_retrieval` more; empty: no groups.
     neighbour_group: str = ""
     group_retrieval: float = GROUP_RETRIEVAL_WEIGHT
+    # Dense search of the neighbours (NEIGHBOUR_INDEXES), the memory size from which
+    # "auto" uses the index, and the index's graph.
+    neighbour_index: str = "auto"
+    ann_threshold: int = ANN_THRESHOLD
+    ann: AnnConfig = field(default_factory=AnnConfig)
     # Torch device of the model while training and predicting; None: CUDA when present.
     device: str | None = None
     # The run's members (boosting.MEMBERS): the network, the boosted trees, or both,
@@ -133,6 +153,13 @@ class TrainConfig:
         if isinstance(self.boost, dict):
             check_keys("train.boost", self.boost, BoostConfig)
             self.boost = BoostConfig(**self.boost)
+        if isinstance(self.ann, dict):
+            check_keys("train.ann", self.ann, AnnConfig)
+            self.ann = AnnConfig(**self.ann)
+        if self.neighbour_index not in NEIGHBOUR_INDEXES:
+            raise ValueError(f"TrainConfig.neighbour_index must be one of {NEIGHBOUR_INDEXES}, got {self.neighbour_index!r}")
+        if self.ann_threshold < 1:
+            raise ValueError("TrainConfig.ann_threshold must be at least 1")
         self.members = list(self.members)
         unknown = [m for m in self.members if m not in MEMBERS]
         if unknown or not self.members:
@@ -160,6 +187,8 @@ class TrainConfig:
             )
         if legacy:  # runs saved before hybrid neighbours existed were trained on dense ones
             d = {"lexical_retrieval": 0.0, **d}
+        if "neighbour_index" not in d:  # saved before the index existed: exact neighbours
+            d = {"neighbour_index": "exact", **d}
         check_keys("train", d, cls)
         return cls(**d)
 
@@ -193,6 +222,12 @@ class PreparedData:
     groups: GroupBoost | None = None
     # The wider neighbourhoods summarised in each batch (ModelConfig.wide_widths).
     wide_widths: tuple[int, ...] = ()
+    # The HNSW index the dense neighbours came from (None: exact search), and the share
+    # of the exact top RECALL_AT it found on a sample of queries.
+    neighbour_index: AnnIndex | None = None
+    neighbour_recall: float | None = None
+    # keeps a temporary index folder alive as long as the data (see `prepare`)
+    index_folder: Any = None
 
     @property
     def target_names(self) -> list[str]:
@@ -224,6 +259,7 @@ def prepare(
     lexicon: Lexicon | str | None = None,
     word_prior: bool = False,
     wide_widths: tuple[int, ...] = (),
+    index_root: Path | None = None,
 ) -> PreparedData:
     """Targets, splits, neighbours, normalisation and feature table of a snapshot.
 
@@ -232,7 +268,9 @@ def prepare(
     the titles' bag-of-words vocabulary. word_prior: fit the word ridge on the training
     split (needs a lexicon) and give training items its out-of-fold estimates; a saved
     run's ridge lives in its model instead. wide_widths: the wider neighbourhoods the
-    model reads (their largest is searched beside the k neighbours).
+    model reads (their largest is searched beside the k neighbours). index_root: where
+    the neighbour index is kept when the run uses one (a run's folder); None: a
+    temporary folder that lives as long as the data (`save_run` copies it into the run).
     """
     target_idx = resolve_targets(snapshot, cfg.targets)
     # Restrict "labelled" to the chosen targets by viewing only those columns.
@@ -281,14 +319,35 @@ def prepare(
         lexicon = None  # no title shares a word with enough others: nothing to learn
     table = FeatureTable(view, norm, meta, lexicon)
     rerank, groups = neighbour_policy(view, table, lexicon, cfg)
-    neighbours = split_neighbours(view, splits, cfg.k, time_safe, rerank, groups, max(wide_widths, default=0))
+    approximate, holder = None, None
+    if uses_index(cfg, len(splits["train"])):
+        if index_root is None:
+            holder = tempfile.TemporaryDirectory(prefix="mvpp-neighbour-index-")
+            index_root = Path(holder.name)
+        approximate = ApproximateSearch(index_root, cfg.ann)
+    neighbours, search = split_neighbours(
+        view, splits, cfg.k, time_safe, rerank, groups, max(wide_widths, default=0), approximate
+    )
+    recall = None
+    if search.index is not None:
+        every = np.concatenate(list(splits.values()))
+        sample = np.random.default_rng(cfg.seed).choice(every, min(RECALL_SAMPLE, len(every)), replace=False)
+        recall = search.recall(QueryBatch.from_snapshot(view, np.sort(sample), rerank, groups), RECALL_AT)
+        logger.info("neighbour index: recall@%d %.4f against exact search (%d queries)", RECALL_AT, recall, len(sample))
     ridge = None
     if word_prior and table.words is not None and table.word_weights is not None:
         ridge = _fit_word_prior(table, splits["train"], lexicon.size, cfg)
     return PreparedData(
         view, list(range(len(target_idx))), splits, neighbours, norm, table, time_safe, meta,
-        lexicon, ridge, rerank, groups, tuple(wide_widths),
+        lexicon, ridge, rerank, groups, tuple(wide_widths), search.index, recall, holder,
     )
+
+
+def uses_index(cfg: TrainConfig, memory_size: int) -> bool:
+    """Whether a search among `memory_size` keys takes its candidates from an index."""
+    if cfg.neighbour_index == "auto":
+        return memory_size >= cfg.ann_threshold
+    return cfg.neighbour_index == "ann"
 
 
 def neighbour_policy(

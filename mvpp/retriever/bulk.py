@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
-# Queries scored per block: bounds peak memory at block x n_keys floats.
+# Queries scored per block: bounds peak memory at block x n_keys floats, and the block
+# shrinks so that it never holds more than MAX_BLOCK_SCORES scores (a million keys).
 DEFAULT_BLOCK = 2048
+MAX_BLOCK_SCORES = 1 << 26
 # Neighbours are ranked by scores rounded to this (see `ranking_scores`).
 SCORE_RESOLUTION = 1e-4
 
@@ -82,6 +84,7 @@ def bulk_topk(
     import torch  # here rather than at the top: `mvpp-bank` commands start without it
 
     n, m = len(queries), len(keys)
+    block = max(1, min(block, MAX_BLOCK_SCORES // max(m, 1)))
     k_eff = max(0, min(k, m))
     indices = np.full((n, k), -1, dtype=np.int64)
     scores = np.full((n, k), -np.inf, dtype=np.float32)
@@ -137,6 +140,72 @@ def bulk_topk(
             order = np.lexsort((np.where(i_np < 0, m, i_np), -ranking_scores(s_np)), axis=1)
             indices[lo:hi, :k_eff] = np.take_along_axis(i_np, order, 1)
             scores[lo:hi, :k_eff] = np.take_along_axis(s_np, order, 1)
+    return Neighbours(indices, scores)
+
+
+# Queries scored together by `candidate_topk`: bounds the gathered keys at
+# CANDIDATE_BLOCK x candidates x D doubles.
+CANDIDATE_BLOCK = 256
+
+
+def candidate_topk(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    *,
+    query_has_vector: np.ndarray,
+    key_has_vector: np.ndarray,
+    query_key_index: np.ndarray,
+    query_time: np.ndarray | None = None,
+    key_time: np.ndarray | None = None,
+    query_group: np.ndarray | None = None,
+    key_group: np.ndarray | None = None,
+    group_weight: float = 0.0,
+) -> Neighbours:
+    """The top k of each query among its own candidate keys, scored, filtered and ranked
+    as `bulk_topk` scores, filters and ranks all keys (same arguments): when a query's
+    candidates hold its true top k, both return the same neighbours and scores.
+
+    candidates: (N, C) key indices, -1 for none; repeats count once.
+    """
+    n, m = len(queries), len(keys)
+    indices = np.full((n, k), -1, dtype=np.int64)
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    if n == 0 or k == 0 or candidates.shape[1] == 0:
+        return Neighbours(indices, scores)
+    cand_all = np.sort(np.asarray(candidates, np.int64), axis=1)
+    cand_all[:, 1:][cand_all[:, 1:] == cand_all[:, :-1]] = -1  # a key proposed twice
+    grouped = group_weight != 0.0 and query_group is not None and key_group is not None
+    timed = query_time is not None and key_time is not None
+    width = min(k, cand_all.shape[1])
+    for lo in range(0, n, CANDIDATE_BLOCK):
+        hi = min(n, lo + CANDIDATE_BLOCK)
+        cand = cand_all[lo:hi]
+        c = np.maximum(cand, 0)
+        q = np.asarray(queries[lo:hi], np.float64)
+        comparable = query_has_vector[lo:hi, None] & key_has_vector[c]  # (b, C)
+        sims = np.where(comparable, np.einsum("bd,bcd->bc", q, np.asarray(keys[c], np.float64)), 0.0)
+        valid = cand >= 0
+        mask = valid & comparable
+        if grouped:
+            assert query_group is not None and key_group is not None
+            qg = np.asarray(query_group[lo:hi], np.int64)[:, None]
+            same = (qg == key_group[c]) & (qg >= 0)
+            sims = sims + group_weight * same
+            mask |= valid & same
+        mask &= c != np.asarray(query_key_index[lo:hi], np.int64)[:, None]
+        if timed:
+            assert query_time is not None and key_time is not None
+            qt = np.asarray(query_time[lo:hi], np.float64)[:, None]
+            with np.errstate(invalid="ignore"):
+                mask &= (key_time[c] < qt) | np.isnan(qt)
+        sims = np.where(mask, sims, -np.inf)
+        order = np.lexsort((np.where(mask, c, m), -ranking_scores(sims)), axis=1)[:, :width]
+        top_s = np.take_along_axis(sims, order, 1)
+        top_i = np.take_along_axis(c, order, 1)
+        indices[lo:hi, :width] = np.where(np.isinf(top_s), -1, top_i)
+        scores[lo:hi, :width] = top_s
     return Neighbours(indices, scores)
 
 

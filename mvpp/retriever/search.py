@@ -6,7 +6,8 @@ item of the bank). The policy, saved with a run as its training config:
 
 1. dense cosine of the retrieval vectors (`bulk.bulk_topk`), with every filter of the
    protocol: never the query itself, and with time safety only keys published strictly
-   before the query;
+   before the query; for a large memory, the same ranking of the candidates an HNSW
+   index proposes (`ann.AnnIndex`, `ApproximateSearch`);
 2. a bonus for keys in the query's group (`GroupBoost`, e.g. the same creator), which also
    lets items without a retrieval vector (metadata-only posts) find and be found;
 3. a lexical re-rank of the dense candidates (`LexicalRerank`, see `rerank`).
@@ -17,13 +18,15 @@ training) and from freshly encoded items (scoring), so both retrieve alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mvpp.memory_bank.metadata import category_key
-from mvpp.retriever.bulk import Neighbours, bulk_topk
+from mvpp.retriever.ann import AnnConfig, AnnIndex
+from mvpp.retriever.bulk import Neighbours, bulk_topk, candidate_topk
 from mvpp.retriever.rerank import rerank_lexical
 from mvpp.retriever.snapshot import BankSnapshot
 
@@ -140,6 +143,24 @@ class QueryBatch:
         )
 
 
+# Candidates an index proposes beyond the limit: keys whose scores tie with the last one
+# at the ranking's resolution (`bulk.ranking_scores`) go to the lowest index, which the
+# engine, ranking by the unrounded score, may leave just outside its top.
+TIE_MARGIN = 8
+
+
+@dataclass
+class ApproximateSearch:
+    """Dense candidates from an HNSW index (`ann.AnnIndex`) instead of an exact scan.
+
+    root: the folder that keeps indexes, one per memory (named by its digest): a run's
+    folder, so that evaluation and scoring search the graph training searched.
+    """
+
+    root: Path
+    config: AnnConfig = field(default_factory=AnnConfig)
+
+
 class NeighbourSearch:
     """Top-k neighbours among a memory of snapshot rows, by the run's policy.
 
@@ -150,6 +171,8 @@ class NeighbourSearch:
     wide: also return the best `wide` keys by the dense ranking (cosine and group bonus,
     every filter applied), before the re-rank: the wider neighbourhood whose label
     statistics the predictor reads (0: none).
+    approximate: take the dense stage's candidates from an HNSW index over the memory
+    (None: exact search of every key).
     """
 
     def __init__(
@@ -161,6 +184,7 @@ class NeighbourSearch:
         rerank: LexicalRerank | None = None,
         groups: GroupBoost | None = None,
         wide: int = 0,
+        approximate: ApproximateSearch | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.memory = np.asarray(memory, np.int64)
@@ -178,6 +202,20 @@ class NeighbourSearch:
         self._has_vector = snapshot.has_retrieval[keys]
         self._time = snapshot.published_ts[keys]
         self._group = self.groups.key_group[keys] if self.groups is not None else None
+        self.approximate = approximate
+        self.index: AnnIndex | None = None
+        self._members: dict[int, np.ndarray] = {}
+        if approximate is not None:
+            self.index = AnnIndex.open_or_build(
+                approximate.root, self._vectors, self._has_vector,
+                self._time if time_safe else None, self._group, approximate.config,
+            )
+            if self._group is not None:
+                order = np.argsort(self._group, kind="stable")
+                codes, starts = np.unique(self._group[order], return_index=True)
+                for code, part in zip(codes, np.split(order, starts[1:]), strict=True):
+                    if code >= 0:
+                        self._members[int(code)] = part  # positions, ascending
 
     def __len__(self) -> int:
         """Items in the memory."""
@@ -189,21 +227,8 @@ class NeighbourSearch:
         keys = self.memory
         own = np.where(queries.own_row >= 0, self._pos_in_memory[np.maximum(queries.own_row, 0)], -1)
         hybrid = self.rerank is not None and queries.bags is not None
-        groups = self.groups if queries.groups is not None else None
         candidates = self.rerank.candidates if hybrid and self.rerank is not None else 0
-        nb = bulk_topk(
-            queries.vectors,
-            self._vectors,
-            max(self.k, candidates, self.wide),
-            query_has_vector=queries.has_vector,
-            key_has_vector=self._has_vector,
-            query_key_index=own,
-            query_time=queries.time if self.time_safe else None,
-            key_time=self._time if self.time_safe else None,
-            query_group=queries.groups if groups is not None else None,
-            key_group=self._group if groups is not None else None,
-            group_weight=groups.weight if groups is not None else 0.0,
-        )
+        nb = self.dense(queries, own, max(self.k, candidates, self.wide), exact=self.index is None)
         wide = nb.indices[:, : self.wide], nb.scores[:, : self.wide]
         # ranked best first, ties to the lower index: the first n of a deeper search are
         # the n a search for n returns
@@ -216,9 +241,68 @@ class NeighbourSearch:
                 self.rerank.key_weights[keys], self.rerank.vocab_size, self.k, self.rerank.weight,
             )
 
-        def rows(idx: np.ndarray) -> np.ndarray:
+        def rows(idx: np.ndarray) -> np.ndarray:  # memory positions -> snapshot rows
             return np.where(idx >= 0, keys[np.maximum(idx, 0)], -1)
 
         if not self.wide:
             return Neighbours(rows(nb.indices), nb.scores)
         return Neighbours(rows(nb.indices), nb.scores, rows(wide[0]), wide[1])
+
+    def dense(self, queries: QueryBatch, own: np.ndarray, limit: int, exact: bool) -> Neighbours:
+        """(B, limit) memory positions of the best keys by the dense ranking (cosine plus
+        the group bonus, every filter applied): of all keys, or (exact=False) of the
+        candidates the index proposes. own: the queries' positions in the memory or -1."""
+        groups = self.groups if queries.groups is not None else None
+        common = dict(
+            query_has_vector=queries.has_vector,
+            key_has_vector=self._has_vector,
+            query_key_index=own,
+            query_time=queries.time if self.time_safe else None,
+            key_time=self._time if self.time_safe else None,
+            query_group=queries.groups if groups is not None else None,
+            key_group=self._group if groups is not None else None,
+            group_weight=groups.weight if groups is not None else 0.0,
+        )
+        if exact or self.index is None:
+            return bulk_topk(queries.vectors, self._vectors, limit, **common)
+        with_vector = queries.has_vector
+        cand = np.full((len(queries), 0), -1, np.int64)
+        if with_vector.any():
+            rows = np.flatnonzero(with_vector)
+            found = self.index.candidates(
+                queries.vectors[rows], limit + TIE_MARGIN, own[rows],
+                queries.time[rows] if self.time_safe else None,
+                queries.groups[rows] if groups is not None and queries.groups is not None else None,
+            )
+            cand = np.full((len(queries), found.shape[1]), -1, np.int64)
+            cand[rows] = found
+        if groups is not None and queries.groups is not None:
+            cand = np.concatenate([cand, self._group_candidates(queries, own, limit)], axis=1)
+        return candidate_topk(queries.vectors, self._vectors, cand, limit, **common)
+
+    def _group_candidates(self, queries: QueryBatch, own: np.ndarray, limit: int) -> np.ndarray:
+        """(B, limit) keys of each query's group the index cannot propose, lowest position
+        first (they tie on the group bonus alone): those without a vector, or all of them
+        for a query without one. Positions in the memory, -1 for none."""
+        assert queries.groups is not None
+        out = np.full((len(queries), limit), -1, np.int64)
+        for i, code in enumerate(queries.groups):
+            members = self._members.get(int(code))
+            if members is None:
+                continue
+            if queries.has_vector[i]:
+                members = members[~self._has_vector[members]]
+            members = members[members != own[i]]
+            if self.time_safe and np.isfinite(queries.time[i]):
+                members = members[self._time[members] < queries.time[i]]
+            out[i, : min(limit, len(members))] = members[:limit]
+        return out
+
+    def recall(self, queries: QueryBatch, n: int) -> float:
+        """Share of the exact dense top n the index's search also returns, over `queries`
+        (1.0 without an index): the price of the approximation, measured."""
+        own = np.where(queries.own_row >= 0, self._pos_in_memory[np.maximum(queries.own_row, 0)], -1)
+        exact = self.dense(queries, own, n, exact=True).indices
+        approx = self.dense(queries, own, n, exact=False).indices
+        found = sum(len(set(e[e >= 0]) & set(a[a >= 0])) for e, a in zip(exact, approx, strict=True))
+        return found / max(1, int((exact >= 0).sum()))

@@ -1,0 +1,265 @@
+"""Approximate neighbours of many items: an HNSW index over a memory, in Qdrant's engine.
+
+Exact bulk search (`bulk.bulk_topk`) does work quadratic in the bank: minutes at 10^5
+items, hours at 10^6. Above a size (`TrainConfig.neighbour_index`), the dense stage of the
+neighbour search asks this index for candidates instead, with the protocol's filters as
+payload filters (publish time strictly before the query's, never the query itself), and
+`bulk.candidate_topk` scores and ranks them exactly as the exact search would.
+
+An index is an embedded Qdrant shard (qdrant-edge) of the memory's retrieval vectors,
+with point id = the key's position in the memory, payload `t` (publish time, absent when
+unknown) and `g` (group code, absent when none). Graph builds are not reproducible (the
+engine builds with several threads), so an index is built once and saved: a run keeps the
+index its training used, and evaluation and scoring search that same graph. Its folder is
+named by a digest of everything it holds, so an index never serves another memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import qdrant_edge as qe
+
+from mvpp.memory_bank.store.base import search_ef
+
+log = logging.getLogger(__name__)
+
+INDEX_META = "index.json"
+INDEX_FORMAT = 1
+VECTOR = "v"
+TIME = "t"
+GROUP = "g"
+# Points per upsert call while building.
+BUILD_BATCH = 4096
+# Queries per engine call (`EdgeShard.query_batch` plans them together).
+QUERY_BATCH = 256
+
+
+@dataclass
+class AnnConfig:
+    """The HNSW graph of a neighbour index (Qdrant's parameters, same names).
+
+    m / ef_construct: links per node and build-time candidates (the engine's defaults).
+    full_scan_threshold: in KB of vectors; a search whose filter leaves fewer keys scans
+    them exactly instead of walking the graph (the engine's default).
+    indexing_threshold: in KB of vectors; a smaller segment gets no graph (0: the
+    engine's default). Tests set both tiny to force the graph on a few hundred keys.
+    Searches keep `store.base.search_ef(limit)` candidates.
+    """
+
+    m: int = 16
+    ef_construct: int = 100
+    full_scan_threshold: int = 10_000
+    indexing_threshold: int = 0
+
+    def __post_init__(self) -> None:
+        if self.m < 2 or self.ef_construct < 4:
+            raise ValueError(f"AnnConfig: m must be >= 2 and ef_construct >= 4, got {self.m}, {self.ef_construct}")
+        if self.full_scan_threshold < 1 or self.indexing_threshold < 0:
+            raise ValueError("AnnConfig: full_scan_threshold must be >= 1 and indexing_threshold >= 0")
+
+
+def memory_digest(
+    vectors: np.ndarray, has_vector: np.ndarray, times: np.ndarray | None, groups: np.ndarray | None, cfg: AnnConfig
+) -> str:
+    """What an index over a memory depends on, hashed: its vectors (in memory order),
+    which keys have one, their times and group codes (when the search filters on them),
+    and the graph's parameters."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"format": INDEX_FORMAT, **asdict(cfg)}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(vectors, np.float32).tobytes())
+    h.update(np.ascontiguousarray(has_vector, np.bool_).tobytes())
+    for part in (times, groups):
+        h.update(b"-" if part is None else np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
+
+
+class AnnIndex:
+    """An HNSW index over the keys of a memory that have a retrieval vector.
+
+    Open one with `AnnIndex.open_or_build`; `candidates` gives, per query, the positions
+    (in the memory) of its best keys by cosine among those its filters allow.
+    """
+
+    def __init__(self, folder: Path, shard: qe.EdgeShard, meta: dict) -> None:
+        self.folder = folder
+        self._shard = shard
+        self.meta = meta
+
+    @property
+    def digest(self) -> str:
+        return str(self.meta["digest"])
+
+    @property
+    def built_seconds(self) -> float:
+        return float(self.meta.get("build_seconds", 0.0))
+
+    @classmethod
+    def open_or_build(
+        cls,
+        root: Path,
+        vectors: np.ndarray,
+        has_vector: np.ndarray,
+        times: np.ndarray | None,
+        groups: np.ndarray | None,
+        cfg: AnnConfig,
+    ) -> AnnIndex:
+        """The index of this memory under `root` (a folder named by its digest), built
+        there first when missing. vectors: (M, D) L2-normalised; has_vector: (M,);
+        times: (M,) unix seconds, NaN when unknown, or None (no time filter); groups:
+        (M,) codes, -1 for none, or None."""
+        digest = memory_digest(vectors, has_vector, times, groups, cfg)
+        folder = Path(root) / digest
+        found = cls.open(folder)
+        if found is not None:
+            return found
+        Path(root).mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
+        try:
+            cls._build(work, vectors, has_vector, times, groups, cfg, digest)
+            try:
+                work.replace(folder)
+            except OSError:  # built meanwhile by another process: theirs serves
+                shutil.rmtree(work, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        opened = cls.open(folder)
+        if opened is None:
+            raise RuntimeError(f"the neighbour index just built in {folder} cannot be opened")
+        return opened
+
+    @classmethod
+    def open(cls, folder: Path) -> AnnIndex | None:
+        """A saved index; None when `folder` holds none or a damaged one (logged)."""
+        folder = Path(folder)
+        meta_path = folder / INDEX_META
+        if not meta_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta.get("format") != INDEX_FORMAT or meta.get("digest") != folder.name:
+                raise ValueError(f"format {meta.get('format')}, digest {meta.get('digest')}")
+            shard = qe.EdgeShard.load(str(folder / "shard"))
+        except Exception as exc:  # the engine raises its own error types for damaged files
+            log.warning("the neighbour index %s is damaged (%s): building it again", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return cls(folder, shard, meta)
+
+    @staticmethod
+    def _build(
+        folder: Path,
+        vectors: np.ndarray,
+        has_vector: np.ndarray,
+        times: np.ndarray | None,
+        groups: np.ndarray | None,
+        cfg: AnnConfig,
+        digest: str,
+    ) -> None:
+        import time
+
+        start = time.perf_counter()
+        dim = int(vectors.shape[1])
+        hnsw = qe.HnswIndexConfig(m=cfg.m, ef_construct=cfg.ef_construct, full_scan_threshold=cfg.full_scan_threshold)
+        optimizers = qe.EdgeOptimizersConfig(indexing_threshold=cfg.indexing_threshold) if cfg.indexing_threshold else None
+        config = qe.EdgeConfig(
+            vectors={VECTOR: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, hnsw_config=hnsw)},
+            optimizers=optimizers,
+            # written once, then only read: no write-ahead log, whose lock would let one
+            # process at a time open the index
+            wal_enabled=False,
+        )
+        shard = qe.EdgeShard.create(str(folder / "shard"), config)
+        try:
+            if times is not None:
+                shard.update(qe.UpdateOperation.create_field_index(TIME, qe.PayloadSchemaType.Float))
+            if groups is not None:
+                shard.update(qe.UpdateOperation.create_field_index(GROUP, qe.PayloadSchemaType.Integer))
+            keys = np.flatnonzero(has_vector)
+            log.info("neighbour index: %d vectors of %d keys", len(keys), len(has_vector))
+            for lo in range(0, len(keys), BUILD_BATCH):
+                part = keys[lo : lo + BUILD_BATCH]
+                block = np.asarray(vectors[part], np.float32)
+                points = []
+                for j, pos in enumerate(part):
+                    payload: dict = {}
+                    if times is not None and np.isfinite(times[pos]):
+                        payload[TIME] = float(times[pos])
+                    if groups is not None and groups[pos] >= 0:
+                        payload[GROUP] = int(groups[pos])
+                    points.append(qe.Point(id=int(pos), vector={VECTOR: block[j].tolist()}, payload=payload))
+                shard.update(qe.UpdateOperation.upsert_points(points))
+            shard.optimize()  # builds the graph
+            shard.flush()
+        finally:
+            shard.close()
+        meta = {
+            "format": INDEX_FORMAT,
+            "digest": digest,
+            "keys": len(has_vector),
+            "vectors": int(np.count_nonzero(has_vector)),
+            "dim": dim,
+            "config": asdict(cfg),
+            "build_seconds": round(time.perf_counter() - start, 3),
+        }
+        (folder / INDEX_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        log.info("neighbour index built in %.1f s", meta["build_seconds"])
+
+    def candidates(
+        self,
+        vectors: np.ndarray,
+        limit: int,
+        own: np.ndarray,
+        times: np.ndarray | None,
+        groups: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(B, limit) memory positions of each query's best keys by cosine, -1 where fewer
+        qualify; with `groups`, (B, 2 * limit): then also the best `limit` among the keys
+        of the query's own group (-1 for a query without a group).
+
+        vectors: (B, D) queries; own: (B,) the query's own position in the memory or -1
+        (never returned); times: (B,) publish times (NaN: no time filter) or None.
+        """
+        n = len(vectors)
+        width = limit * (2 if groups is not None else 1)
+        out = np.full((n, width), -1, np.int64)
+        requests: list[tuple[int, int, qe.QueryRequest]] = []  # (query, column offset, request)
+        for i in range(n):
+            must: list = []
+            if times is not None and np.isfinite(times[i]):
+                must.append(qe.FieldCondition(key=TIME, range=qe.RangeFloat(lt=float(times[i]))))
+            must_not = [qe.HasIdCondition({int(own[i])})] if own[i] >= 0 else None
+            query = np.asarray(vectors[i], np.float32).tolist()
+            requests.append((i, 0, self._request(query, limit, must, must_not)))
+            if groups is not None and groups[i] >= 0:
+                same = qe.FieldCondition(key=GROUP, match=qe.MatchValue(int(groups[i])))
+                requests.append((i, limit, self._request(query, limit, [*must, same], must_not)))
+        for lo in range(0, len(requests), QUERY_BATCH):
+            part = requests[lo : lo + QUERY_BATCH]
+            found = self._shard.query_batch(qe.QueryBatchRequest([r for _, _, r in part]))
+            for (i, offset, _), hits in zip(part, found, strict=True):
+                ids = [int(p.id) for p in hits][:limit]
+                out[i, offset : offset + len(ids)] = ids
+        return out
+
+    @staticmethod
+    def _request(query: list[float], limit: int, must: list, must_not: list | None) -> qe.QueryRequest:
+        return qe.QueryRequest(
+            limit=limit,
+            query=qe.Query.Nearest(query, using=VECTOR),
+            filter=qe.Filter(must=must or None, must_not=must_not) if must or must_not else None,
+            with_payload=False,
+            with_vector=False,
+            params=qe.SearchParams(hnsw_ef=search_ef(limit)),
+        )
+
+    def close(self) -> None:
+        self._shard.close()

@@ -1,0 +1,109 @@
+"""Approximate neighbours: the HNSW path gives what the exact search gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mvpp.retriever.ann import AnnConfig, AnnIndex
+from mvpp.retriever.bulk import bulk_topk, candidate_topk
+from mvpp.retriever.search import ApproximateSearch, GroupBoost, NeighbourSearch, QueryBatch
+from mvpp.retriever.snapshot import BankSnapshot
+
+# Thresholds of 1 KB: the engine builds and walks the graph even for a few hundred keys.
+GRAPH_ALWAYS = AnnConfig(full_scan_threshold=1, indexing_threshold=1)
+
+
+def _items(n: int, dim: int = 16, seed: int = 0):
+    """Clustered unit vectors (near-duplicates, as in real banks), some without a vector,
+    some undated, creators shared by several items."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n // 10, dim))
+    vecs = centres[rng.integers(0, len(centres), n)] + 0.3 * rng.normal(size=(n, dim))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    has = rng.random(n) > 0.05
+    vecs[~has] = 0.0
+    times = rng.uniform(0, 1e6, n)
+    times[rng.random(n) < 0.05] = np.nan
+    groups = rng.integers(-1, n // 8, n)
+    return vecs.astype(np.float32), has, times, groups
+
+
+def _snapshot(vecs, has, times, groups) -> BankSnapshot:
+    n = len(vecs)
+    return BankSnapshot(
+        item_ids=[f"v{i:05d}" for i in range(n)],
+        retrieval=vecs,
+        has_retrieval=has,
+        targets=np.zeros((n, 1), np.float32),
+        label_names=["y"],
+        published_ts=times,
+        frames=np.zeros((n, 0, 1), np.float16),
+        frame_len=np.zeros(n, np.int32),
+        tokens=np.zeros((n, 0, 1), np.float16),
+        token_len=np.zeros(n, np.int32),
+        titles=[""] * n,
+        metadata=[{"creator": f"c{g}"} if g >= 0 else {} for g in groups],
+    )
+
+
+def test_candidates_holding_every_key_rank_as_the_exact_search():
+    vecs, has, times, groups = _items(300)
+    queries = np.arange(0, 300, 3)
+    common = dict(
+        query_has_vector=has[queries], key_has_vector=has, query_key_index=queries,
+        query_time=times[queries], key_time=times, query_group=groups[queries], key_group=groups,
+        group_weight=0.2,
+    )
+    exact = bulk_topk(vecs[queries], vecs, 25, **common)
+    every = np.tile(np.arange(300), (len(queries), 1))
+    every = np.concatenate([every, every[:, :40]], axis=1)  # repeats count once
+    cand = candidate_topk(vecs[queries], vecs, every, 25, **common)
+    np.testing.assert_array_equal(cand.indices, exact.indices)
+    np.testing.assert_array_equal(cand.scores, exact.scores)
+
+
+@pytest.mark.parametrize("with_groups", [False, True])
+def test_index_search_equals_exact_search(tmp_path, with_groups):
+    vecs, has, times, groups = _items(600)
+    snap = _snapshot(vecs, has, times, groups)
+    boost = GroupBoost.fit(snap.metadata, "creator", 0.2) if with_groups else None
+    memory = np.arange(0, 600)[np.arange(600) % 5 != 0]  # a training split
+    exact = NeighbourSearch(snap, memory, 10, True, groups=boost, wide=40)
+    approx = NeighbourSearch(
+        snap, memory, 10, True, groups=boost, wide=40, approximate=ApproximateSearch(tmp_path, GRAPH_ALWAYS)
+    )
+    assert approx.index is not None and approx.index.meta["vectors"] == int(has[memory].sum())
+    queries = QueryBatch.from_snapshot(snap, np.arange(600), groups=boost)
+    a, b = exact.search(queries), approx.search(queries)
+    np.testing.assert_array_equal(b.indices, a.indices)
+    np.testing.assert_array_equal(b.scores, a.scores)
+    np.testing.assert_array_equal(b.wide_indices, a.wide_indices)
+    assert approx.recall(queries, 10) == 1.0
+    # searched in any grouping of queries, an item gets the same neighbours
+    part = approx.search(queries.subset(slice(7, 9)))
+    np.testing.assert_array_equal(part.indices, b.indices[7:9])
+
+
+def test_an_index_is_built_once_per_memory(tmp_path):
+    vecs, has, times, groups = _items(200)
+    cfg = GRAPH_ALWAYS
+    first = AnnIndex.open_or_build(tmp_path, vecs, has, times, None, cfg)
+    again = AnnIndex.open_or_build(tmp_path, vecs, has, times, None, cfg)
+    assert again.folder == first.folder and again.meta == first.meta
+    moved = times.copy()
+    moved[0] += 1.0
+    other = AnnIndex.open_or_build(tmp_path, vecs, has, moved, None, cfg)
+    assert other.folder != first.folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.digest, other.digest])
+
+
+def test_a_damaged_index_is_built_again(tmp_path, caplog):
+    vecs, has, times, _ = _items(100)
+    first = AnnIndex.open_or_build(tmp_path, vecs, has, times, None, GRAPH_ALWAYS)
+    first.close()
+    (first.folder / "index.json").write_text("{not json", encoding="utf-8")
+    again = AnnIndex.open_or_build(tmp_path, vecs, has, times, None, GRAPH_ALWAYS)
+    assert "damaged" in caplog.text and again.digest == first.digest
+    found = again.candidates(vecs[:3], 5, np.array([0, 1, 2]), times[:3])
+    assert found.shape == (3, 5) and not np.isin(np.array([0, 1, 2]), found[np.arange(3), :1]).any()
