@@ -35,6 +35,7 @@ cost ~ size^b).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -66,23 +67,42 @@ ROWS_PER_GROUP = 50_000
 BULK_BLOCK_VALUES = 200_000_000
 
 
+def _process_tree(pid: int) -> list[int]:
+    """pid and its descendants, from /proc (gone ones are skipped)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(c) for c in task.read_text().split())
+    return out
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_of(cmd: list[str]) -> tuple[float, float, int]:
     """Runs `cmd`; returns its wall seconds, its peak resident memory (GB, sampled every
-    0.1 s from /proc) and its exit code."""
+    0.1 s from /proc, summed over the process and its children: pages they share count
+    once per process, so it is an upper bound) and its exit code."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
-        status = Path(f"/proc/{proc.pid}/status")
         while not stop.is_set():
-            try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        peak = max(peak, int(line.split()[1]))
-            except OSError:
+            if proc.poll() is not None:
                 return
+            peak = max(peak, sum(_rss_kb(pid) for pid in _process_tree(proc.pid)))
             stop.wait(0.1)
 
     watcher = threading.Thread(target=sample, daemon=True)
@@ -249,18 +269,9 @@ def measure(n: int, work: Path, args: argparse.Namespace) -> dict[str, float]:
     t0 = time.perf_counter()
     vectors = synthetic_table(table, n)
     console.print(f"{n:,} items: table written in {time.perf_counter() - t0:.0f} s")
-    wall, rss, code = peak_rss_of([
-        sys.executable, "-m", "mvpp.cli.bank", "import", str(table),
-        "--bank", str(bank), "--profile", "lite", "--label-col", "comments", "--time-col", "published",
-        "--meta-col", "creator",
-    ])
-    row = {"items": n, "import_s": wall, "import_items_per_s": n / wall, "import_peak_gb": rss}
-    # blocks in use: the engine preallocates files larger than what they hold
-    row["disk_gb"] = sum(f.stat().st_blocks * 512 for f in bank.rglob("*") if f.is_file()) / 1024**3
-    console.print(f"{n:,} items: imported in {wall:.0f} s (exit {code}), {row['disk_gb']:.2f} GB on disk")
-    row.update(query_latency(bank, vectors, args.queries))
-    wall, rss, _ = peak_rss_of([sys.executable, "-c", SNAPSHOT_SCRIPT, str(bank)])
-    row.update({"snapshot_s": wall, "snapshot_peak_gb": rss})
+    row: dict[str, float] = {"items": n}
+    if not args.bulk_only:
+        row.update(bank_costs(n, table, bank, vectors, args))
     row["bulk_exact_s"] = bulk_seconds(vectors, args.bulk_sample)
     np.save(work / "vectors.npy", vectors)
     del vectors  # the index's process holds its own copy
@@ -280,6 +291,23 @@ def measure(n: int, work: Path, args: argparse.Namespace) -> dict[str, float]:
     if not args.keep:
         shutil.rmtree(bank, ignore_errors=True)
         table.unlink(missing_ok=True)
+    return row
+
+
+def bank_costs(n: int, table: Path, bank: Path, vectors: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    """Import, disk, filtered queries and reading the arrays of an n-item bank."""
+    wall, rss, code = peak_rss_of([
+        sys.executable, "-m", "mvpp.cli.bank", "import", str(table),
+        "--bank", str(bank), "--profile", "lite", "--label-col", "comments", "--time-col", "published",
+        "--meta-col", "creator",
+    ])
+    row = {"import_s": wall, "import_items_per_s": n / wall, "import_peak_gb": rss}
+    # blocks in use: the engine preallocates files larger than what they hold
+    row["disk_gb"] = sum(f.stat().st_blocks * 512 for f in bank.rglob("*") if f.is_file()) / 1024**3
+    console.print(f"{n:,} items: imported in {wall:.0f} s (exit {code}), {row['disk_gb']:.2f} GB on disk")
+    row.update(query_latency(bank, vectors, args.queries))
+    wall, rss, _ = peak_rss_of([sys.executable, "-c", SNAPSHOT_SCRIPT, str(bank)])
+    row.update({"snapshot_s": wall, "snapshot_peak_gb": rss})
     return row
 
 
@@ -327,6 +355,7 @@ def main() -> None:
     parser.add_argument("--bulk-sample", type=int, default=2048, help="items whose exact neighbours are timed")
     parser.add_argument("--ann-sample", type=int, default=5000, help="items whose index neighbours are timed")
     parser.add_argument("--recall-sample", type=int, default=500, help="of those, items compared with exact search")
+    parser.add_argument("--bulk-only", action="store_true", help="only the bulk searches (no bank is built)")
     parser.add_argument("--work", type=Path, default=None, help="folder for tables and banks (default: temporary)")
     parser.add_argument("--keep", action="store_true", help="keep the tables and banks")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")

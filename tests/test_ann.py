@@ -107,3 +107,16 @@ def test_a_damaged_index_is_built_again(tmp_path, caplog):
     assert "damaged" in caplog.text and again.digest == first.digest
     found = again.candidates(vecs[:3], 5, np.array([0, 1, 2]), times[:3])
     assert found.shape == (3, 5) and not np.isin(np.array([0, 1, 2]), found[np.arange(3), :1]).any()
+
+
+def test_worker_processes_answer_as_one_process(tmp_path, monkeypatch):
+    import mvpp.retriever.ann as ann
+
+    vecs, has, times, groups = _items(400)
+    index = AnnIndex.open_or_build(tmp_path, vecs, has, times, groups, GRAPH_ALWAYS)
+    own = np.arange(400)
+    alone = index.candidates(vecs, 20, own, times, groups)
+    monkeypatch.setattr(ann, "PARALLEL_FROM", 10)
+    monkeypatch.setattr(ann, "PARALLEL_CHUNK", 64)
+    shared = index.candidates(vecs, 20, own, times, groups, workers=2)
+    np.testing.assert_array_equal(shared, alone)

@@ -163,7 +163,7 @@ class RunPredictor:
         self.splits = run.splits_in(snapshot)
         rows = self.splits["train"] if memory == "train" else np.flatnonzero(self.bank.labelled)
         self.wide_widths = run.model_config.wide_widths
-        approximate = ApproximateSearch(index_root(run), cfg.ann) if uses_index(cfg, len(rows)) else None
+        approximate = ApproximateSearch(index_root(run), cfg.ann, cfg.threads) if uses_index(cfg, len(rows)) else None
         self.search = NeighbourSearch(
             self.bank, rows, cfg.k, run.time_safe, rerank, self.groups, max(self.wide_widths, default=0), approximate
         )

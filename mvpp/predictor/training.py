@@ -324,7 +324,7 @@ def prepare(
         if index_root is None:
             holder = tempfile.TemporaryDirectory(prefix="mvpp-neighbour-index-")
             index_root = Path(holder.name)
-        approximate = ApproximateSearch(index_root, cfg.ann)
+        approximate = ApproximateSearch(index_root, cfg.ann, cfg.threads)
     neighbours, search = split_neighbours(
         view, splits, cfg.k, time_safe, rerank, groups, max(wide_widths, default=0), approximate
     )

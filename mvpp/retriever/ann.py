@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +42,10 @@ GROUP = "g"
 BUILD_BATCH = 4096
 # Queries per engine call (`EdgeShard.query_batch` plans them together).
 QUERY_BATCH = 256
+# Queries from which `candidates` spreads them over worker processes (starting one costs
+# about a second), and queries per task given to a worker.
+PARALLEL_FROM = 8192
+PARALLEL_CHUNK = 4096
 
 
 @dataclass
@@ -220,6 +226,7 @@ class AnnIndex:
         own: np.ndarray,
         times: np.ndarray | None,
         groups: np.ndarray | None = None,
+        workers: int = 1,
     ) -> np.ndarray:
         """(B, limit) memory positions of each query's best keys by cosine, -1 where fewer
         qualify; with `groups`, (B, 2 * limit): then also the best `limit` among the keys
@@ -227,7 +234,34 @@ class AnnIndex:
 
         vectors: (B, D) queries; own: (B,) the query's own position in the memory or -1
         (never returned); times: (B,) publish times (NaN: no time filter) or None.
+        workers: processes that share a long list of queries (the engine's binding
+        answers one query at a time per process); each query's answer is the same
+        whichever process searches it.
         """
+        n = len(vectors)
+        if workers <= 1 or n < PARALLEL_FROM:
+            return self._search(vectors, limit, own, times, groups)
+        parts = np.array_split(np.arange(n), max(workers, -(-n // PARALLEL_CHUNK)))
+        context = multiprocessing.get_context("spawn")  # forking a process that runs torch threads is unsafe
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_open_in_worker, initargs=(str(self.folder),)) as pool:
+            found = pool.map(
+                _search_in_worker,
+                [
+                    (vectors[p], limit, own[p], None if times is None else times[p], None if groups is None else groups[p])
+                    for p in parts
+                ],
+            )
+            return np.concatenate(list(found), axis=0)
+
+    def _search(
+        self,
+        vectors: np.ndarray,
+        limit: int,
+        own: np.ndarray,
+        times: np.ndarray | None,
+        groups: np.ndarray | None,
+    ) -> np.ndarray:
+        """`candidates`, in this process."""
         n = len(vectors)
         width = limit * (2 if groups is not None else 1)
         out = np.full((n, width), -1, np.int64)
@@ -263,3 +297,19 @@ class AnnIndex:
 
     def close(self) -> None:
         self._shard.close()
+
+
+# The index a worker process opened (see `AnnIndex.candidates`).
+_WORKER_INDEX: AnnIndex | None = None
+
+
+def _open_in_worker(folder: str) -> None:
+    global _WORKER_INDEX
+    _WORKER_INDEX = AnnIndex.open(Path(folder))
+    if _WORKER_INDEX is None:
+        raise RuntimeError(f"a worker cannot open the neighbour index {folder}")
+
+
+def _search_in_worker(task: tuple) -> np.ndarray:
+    assert _WORKER_INDEX is not None
+    return _WORKER_INDEX._search(*task)

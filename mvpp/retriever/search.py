@@ -18,6 +18,7 @@ training) and from freshly encoded items (scoring), so both retrieve alike.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,14 @@ class ApproximateSearch:
 
     root: Path
     config: AnnConfig = field(default_factory=AnnConfig)
+    # processes that share a long search (each opens the index); None: one per core
+    workers: int | None = None
+
+    @property
+    def processes(self) -> int:
+        if self.workers:
+            return self.workers
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class NeighbourSearch:
@@ -273,6 +282,7 @@ class NeighbourSearch:
                 queries.vectors[rows], limit + TIE_MARGIN, own[rows],
                 queries.time[rows] if self.time_safe else None,
                 queries.groups[rows] if groups is not None and queries.groups is not None else None,
+                workers=self.approximate.processes if self.approximate is not None else 1,
             )
             cand = np.full((len(queries), found.shape[1]), -1, np.int64)
             cand[rows] = found
