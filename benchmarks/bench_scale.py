@@ -353,7 +353,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=300, help="filtered queries timed per size")
     parser.add_argument("--bulk-sample", type=int, default=2048, help="items whose exact neighbours are timed")
-    parser.add_argument("--ann-sample", type=int, default=5000, help="items whose index neighbours are timed")
+    parser.add_argument("--ann-sample", type=int, default=20_000,
+                        help="items whose index neighbours are timed (enough to share them among processes)")
     parser.add_argument("--recall-sample", type=int, default=500, help="of those, items compared with exact search")
     parser.add_argument("--bulk-only", action="store_true", help="only the bulk searches (no bank is built)")
     parser.add_argument("--work", type=Path, default=None, help="folder for tables and banks (default: temporary)")

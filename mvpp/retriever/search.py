@@ -205,9 +205,12 @@ class NeighbourSearch:
         # the query's own row as a position in the memory, for self-exclusion
         self._pos_in_memory = np.full(len(snapshot), -1, np.int64)
         self._pos_in_memory[self.memory] = np.arange(len(self.memory))
-        # the memory's side of every search, gathered once (a service searches per request)
+        # the memory's side of every search, gathered once (a service searches per request);
+        # in float64 for the exact search, which scores in it, and as stored when an index
+        # proposes candidates, whose few vectors per query are converted when scored
         keys = self.memory
-        self._vectors = np.ascontiguousarray(snapshot.retrieval[keys], dtype=np.float64)
+        dtype = np.float64 if approximate is None else np.float32
+        self._vectors = np.ascontiguousarray(snapshot.retrieval[keys], dtype=dtype)
         self._has_vector = snapshot.has_retrieval[keys]
         self._time = snapshot.published_ts[keys]
         self._group = self.groups.key_group[keys] if self.groups is not None else None
