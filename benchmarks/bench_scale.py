@@ -15,6 +15,8 @@ For each size it measures, each in its own process where memory matters:
   own id excluded) on the HNSW index: p50 / p99 latency and recall@10 against the same
   search done exactly;
 - reading the bank into the arrays training uses (`read_snapshot`): seconds and peak RSS;
+- with `--train`, `mvpp train --epochs 1` on the bank with the defaults: wall time,
+  seconds of the epoch, and peak RSS of the command and the processes it starts;
 - exact bulk neighbours (`bulk_topk`, time-filtered, k = 10) for `--bulk-sample` items,
   timed and extrapolated linearly to every item of the bank (the search is exact and
   quadratic in the bank's size);
@@ -308,6 +310,17 @@ def bank_costs(n: int, table: Path, bank: Path, vectors: np.ndarray, args: argpa
     row.update(query_latency(bank, vectors, args.queries))
     wall, rss, _ = peak_rss_of([sys.executable, "-c", SNAPSHOT_SCRIPT, str(bank)])
     row.update({"snapshot_s": wall, "snapshot_peak_gb": rss})
+    if args.train:
+        run = bank.parent / f"run-{n}"
+        wall, rss, code = peak_rss_of([
+            sys.executable, "-m", "mvpp.cli.main", "train", "--bank", str(bank), "--epochs", "1",
+            "--out", str(run),
+        ])
+        metrics = json.loads((run / "metrics.json").read_text()) if code == 0 else {}
+        row.update({"train_s": wall, "train_peak_gb": rss,
+                    "epoch_s": metrics.get("seconds_per_epoch", float("nan"))})
+        console.print(f"{n:,} items: `mvpp train --epochs 1` took {wall:.0f} s (exit {code}), peak {rss:.2f} GB")
+        shutil.rmtree(run, ignore_errors=True)
     return row
 
 
@@ -320,6 +333,9 @@ COLUMNS = [
     ("recall_at_10", "recall@10", "{:.3f}"),
     ("snapshot_s", "read arrays s", "{:.1f}"),
     ("snapshot_peak_gb", "read arrays peak GB", "{:.2f}"),
+    ("train_s", "train, 1 epoch s", "{:,.0f}"),
+    ("epoch_s", "epoch s", "{:,.0f}"),
+    ("train_peak_gb", "train peak GB", "{:.2f}"),
     ("bulk_exact_s", "bulk exact, all items s", "{:,.0f}"),
     ("ann_build_s", "index build s", "{:,.0f}"),
     ("ann_query_ms", "index ms/query", "{:.2f}"),
@@ -356,6 +372,8 @@ def main() -> None:
     parser.add_argument("--ann-sample", type=int, default=20_000,
                         help="items whose index neighbours are timed (enough to share them among processes)")
     parser.add_argument("--recall-sample", type=int, default=500, help="of those, items compared with exact search")
+    parser.add_argument("--train", action="store_true",
+                        help="also time `mvpp train --epochs 1` on the bank, with its peak RSS (children included)")
     parser.add_argument("--bulk-only", action="store_true", help="only the bulk searches (no bank is built)")
     parser.add_argument("--work", type=Path, default=None, help="folder for tables and banks (default: temporary)")
     parser.add_argument("--keep", action="store_true", help="keep the tables and banks")

@@ -120,3 +120,31 @@ def test_worker_processes_answer_as_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(ann, "PARALLEL_CHUNK", 64)
     shared = index.candidates(vecs, 20, own, times, groups, workers=2)
     np.testing.assert_array_equal(shared, alone)
+
+
+def test_which_search_a_run_uses():
+    from mvpp.predictor.training import ANN_THRESHOLD, TrainConfig, uses_index
+
+    assert uses_index(TrainConfig(), ANN_THRESHOLD) and not uses_index(TrainConfig(), ANN_THRESHOLD - 1)
+    assert uses_index(TrainConfig(neighbour_index="ann"), 10) and not uses_index(TrainConfig(neighbour_index="exact"), 10**7)
+    old = TrainConfig().to_dict()
+    for name in ("neighbour_index", "ann_threshold", "ann"):
+        old.pop(name)
+    assert TrainConfig.from_dict(old).neighbour_index == "exact"  # saved before the index: as trained
+    cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), "ann": {"m": 8, "ef_construct": 50}})
+    assert cfg.ann == AnnConfig(m=8, ef_construct=50)
+    with pytest.raises(ValueError, match="neighbour_index"):
+        TrainConfig(neighbour_index="hnsw")
+    with pytest.raises(ValueError, match="ann"):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), "ann": {"links": 8}})
+
+
+def test_train_refuses_an_unknown_search(tmp_path):
+    from typer.testing import CliRunner
+
+    from mvpp.cli.main import app
+
+    result = CliRunner().invoke(app, ["train", "--bank", str(tmp_path / "bank"), "--neighbour-index", "hnsw",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "neighbour_index must be one of" in result.output
+    assert not (tmp_path / "run").exists()
