@@ -40,6 +40,10 @@ TIME = "t"
 GROUP = "g"
 # Points per upsert call while building.
 BUILD_BATCH = 4096
+QUANTIZATIONS = ("int8", "none")
+# The 8-bit copy's range: the vectors' components between these quantiles of all of them.
+INT8_QUANTILE = 0.99
+
 # Queries per engine call (`EdgeShard.query_batch` plans them together).
 QUERY_BATCH = 256
 # Queries from which `candidates` spreads them over worker processes (starting one costs
@@ -57,6 +61,11 @@ class AnnConfig:
     them exactly instead of walking the graph (the engine's default).
     indexing_threshold: in KB of vectors; a smaller segment gets no graph (0: the
     engine's default). Tests set both tiny to force the graph on a few hundred keys.
+    quantization: "int8" keeps an 8-bit copy of the vectors in RAM, which the graph is
+    built and walked with, and rescores each search's best with the originals; "none"
+    walks the float32 vectors. On 100,000 synthetic items int8 built the graph in 18 s
+    instead of 54 and searched in 1.1 ms instead of 2.6, with the same recall@10
+    (0.9991; benchmarks/README.md).
     Searches keep `store.base.search_ef(limit)` candidates.
     """
 
@@ -64,10 +73,13 @@ class AnnConfig:
     ef_construct: int = 100
     full_scan_threshold: int = 10_000
     indexing_threshold: int = 0
+    quantization: str = "int8"
 
     def __post_init__(self) -> None:
         if self.m < 2 or self.ef_construct < 4:
             raise ValueError(f"AnnConfig: m must be >= 2 and ef_construct >= 4, got {self.m}, {self.ef_construct}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"AnnConfig.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.full_scan_threshold < 1 or self.indexing_threshold < 0:
             raise ValueError("AnnConfig: full_scan_threshold must be >= 1 and indexing_threshold >= 0")
 
@@ -176,8 +188,15 @@ class AnnIndex:
         dim = int(vectors.shape[1])
         hnsw = qe.HnswIndexConfig(m=cfg.m, ef_construct=cfg.ef_construct, full_scan_threshold=cfg.full_scan_threshold)
         optimizers = qe.EdgeOptimizersConfig(indexing_threshold=cfg.indexing_threshold) if cfg.indexing_threshold else None
+        quantization = None
+        if cfg.quantization == "int8":
+            quantization = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=INT8_QUANTILE, always_ram=True)
         config = qe.EdgeConfig(
-            vectors={VECTOR: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, hnsw_config=hnsw)},
+            vectors={
+                VECTOR: qe.EdgeVectorParams(
+                    size=dim, distance=qe.Distance.Cosine, hnsw_config=hnsw, quantization_config=quantization
+                )
+            },
             optimizers=optimizers,
             # written once, then only read: no write-ahead log, whose lock would let one
             # process at a time open the index
@@ -266,16 +285,21 @@ class AnnIndex:
         width = limit * (2 if groups is not None else 1)
         out = np.full((n, width), -1, np.int64)
         requests: list[tuple[int, int, qe.QueryRequest]] = []  # (query, column offset, request)
+        params = qe.SearchParams(
+            hnsw_ef=search_ef(limit),
+            # the 8-bit copy ranks, the originals rescore the best (no-op without a copy)
+            quantization=qe.QuantizationSearchParams(rescore=True),
+        )
         for i in range(n):
             must: list = []
             if times is not None and np.isfinite(times[i]):
                 must.append(qe.FieldCondition(key=TIME, range=qe.RangeFloat(lt=float(times[i]))))
             must_not = [qe.HasIdCondition({int(own[i])})] if own[i] >= 0 else None
             query = np.asarray(vectors[i], np.float32).tolist()
-            requests.append((i, 0, self._request(query, limit, must, must_not)))
+            requests.append((i, 0, self._request(query, limit, must, must_not, params)))
             if groups is not None and groups[i] >= 0:
                 same = qe.FieldCondition(key=GROUP, match=qe.MatchValue(int(groups[i])))
-                requests.append((i, limit, self._request(query, limit, [*must, same], must_not)))
+                requests.append((i, limit, self._request(query, limit, [*must, same], must_not, params)))
         for lo in range(0, len(requests), QUERY_BATCH):
             part = requests[lo : lo + QUERY_BATCH]
             found = self._shard.query_batch(qe.QueryBatchRequest([r for _, _, r in part]))
@@ -285,14 +309,16 @@ class AnnIndex:
         return out
 
     @staticmethod
-    def _request(query: list[float], limit: int, must: list, must_not: list | None) -> qe.QueryRequest:
+    def _request(
+        query: list[float], limit: int, must: list, must_not: list | None, params: qe.SearchParams
+    ) -> qe.QueryRequest:
         return qe.QueryRequest(
             limit=limit,
             query=qe.Query.Nearest(query, using=VECTOR),
             filter=qe.Filter(must=must or None, must_not=must_not) if must or must_not else None,
             with_payload=False,
             with_vector=False,
-            params=qe.SearchParams(hnsw_ef=search_ef(limit)),
+            params=params,
         )
 
     def close(self) -> None:
