@@ -92,6 +92,9 @@ def test_a_collection_is_created_with_the_cluster_settings(server):
     body = created[0]
     assert (body["shard_number"], body["replication_factor"], body["write_consistency_factor"]) == (6, 2, 2)
     assert body["vectors"]["retrieval"]["size"] == 8 and "mvpp_manifest" in body["metadata"]
+    # the graph is built and walked on an 8-bit copy of the retrieval vectors, kept in RAM
+    scalar = body["vectors"]["retrieval"]["quantization_config"]["scalar"]
+    assert (scalar["type"], scalar["always_ram"]) == ("int8", True)
     indexed = [path for method, path, _ in Recorder.requests if "/index" in path]
     assert len(indexed) >= 4  # the payload indexes the filters use
 

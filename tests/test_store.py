@@ -595,3 +595,25 @@ def test_graph_searches_keep_at_least_k_candidates():
 
     assert search_ef(10) == SEARCH_EF  # filtered searches need more candidates than k
     assert search_ef(SEARCH_EF + 500) == SEARCH_EF + 500  # and never fewer than k
+
+
+def test_an_embedded_bank_searches_an_8_bit_copy_and_rescores(tmp_path):
+    """The retrieval vectors get an int8 copy for the graph; searches through it return
+    the originals' cosines, as exact searches do."""
+    rng = np.random.default_rng(3)
+    manifest = Manifest(profile="lite", text_model="t", captioner_model=None, frame_model="f", retrieval_dim=16,
+                        token_dim=8, frame_dim=4, n_frames=4, max_tokens=8)
+    vecs = rng.normal(size=(300, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    with open_store(bank=tmp_path / "bank") as store:
+        store.init(manifest)
+        store.upsert([BankPoint(item_id=f"i{j:03d}", retrieval=vecs[j]) for j in range(300)])
+        store.optimize()
+        config = json.loads((tmp_path / "bank" / "shard" / "edge_config.json").read_text())
+        assert config["vectors"]["retrieval"]["quantization_config"]["scalar"]["type"] == "int8"
+        for q in vecs[:20]:
+            graph = store.search(q, 10)
+            exact = store.search(q, 10, exact=True)
+            assert [h.item_id for h in graph] == [h.item_id for h in exact]
+            np.testing.assert_allclose([h.score for h in graph], [h.score for h in exact], atol=1e-6)
+            np.testing.assert_allclose([h.score for h in exact], np.sort(vecs @ q)[::-1][:10], atol=1e-5)

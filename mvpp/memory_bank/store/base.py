@@ -59,6 +59,14 @@ UPSERT_BATCH = 256
 SEARCH_EF = 256
 
 
+# The retrieval vectors also get an 8-bit copy in RAM (scalar quantisation between these
+# quantiles of their components), which the HNSW graph is built and walked with; each
+# search's best are rescored with the float32 originals and exact searches ignore the
+# copy. The graph builds about 3x faster and searches 2x faster at the same recall@10
+# (100,000 synthetic items: 18 s against 54 s, 1.1 ms against 2.6 ms; benchmarks/README.md).
+RETRIEVAL_INT8_QUANTILE = 0.99
+
+
 def search_ef(k: int) -> int:
     """Graph candidates for a search of the best k: never fewer than k."""
     return max(SEARCH_EF, int(k))

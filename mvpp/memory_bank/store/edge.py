@@ -36,6 +36,7 @@ from ..schema import (
 )
 from .base import (
     MULTIVECTOR_NAMES,
+    RETRIEVAL_INT8_QUANTILE,
     UPSERT_BATCH,
     BankBusyError,
     BankDamagedError,
@@ -107,9 +108,17 @@ def edge_config(manifest: Manifest) -> qe.EdgeConfig:
         )
         for name in bank_vectors(MULTIVECTOR_NAMES, manifest)
     }
-    return qe.EdgeConfig(
-        vectors={RETRIEVAL: qe.EdgeVectorParams(size=dims[RETRIEVAL], distance=qe.Distance.Cosine), **multivectors}
-    )
+    int8 = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=RETRIEVAL_INT8_QUANTILE, always_ram=True)
+    retrieval = qe.EdgeVectorParams(size=dims[RETRIEVAL], distance=qe.Distance.Cosine, quantization_config=int8)
+    return qe.EdgeConfig(vectors={RETRIEVAL: retrieval, **multivectors})
+
+
+def search_params(exact: bool, k: int) -> qe.SearchParams:
+    """Exact scans of the originals, or the graph walked on the 8-bit copy (where the
+    vector has one) with the best rescored on the originals."""
+    if exact:
+        return qe.SearchParams(exact=True, quantization=qe.QuantizationSearchParams(ignore=True))
+    return qe.SearchParams(hnsw_ef=search_ef(k), quantization=qe.QuantizationSearchParams(rescore=True))
 
 
 def _match_bool(value: bool) -> qe.MatchValue:
@@ -483,7 +492,7 @@ class EdgeBankStore(BankStore):
             query=qe.Query.Nearest(q, using=using),
             filter=edge_filter(flt),
             with_payload=True,
-            params=qe.SearchParams(exact=True) if exact else qe.SearchParams(hnsw_ef=search_ef(k)),
+            params=search_params(exact, k),
         )
         return request, rows
 

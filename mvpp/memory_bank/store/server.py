@@ -31,6 +31,7 @@ from ..schema import (
 )
 from .base import (
     MULTIVECTOR_NAMES,
+    RETRIEVAL_INT8_QUANTILE,
     UPSERT_BATCH,
     BankBusyError,
     BankNotInitialisedError,
@@ -71,8 +72,13 @@ def vectors_config(manifest: Manifest) -> dict[str, models.VectorParams]:
     # m=0: no HNSW graph over frame / token rows; multivector searches are exact scans
     no_graph = models.HnswConfigDiff(m=0)
     dims = vector_dims(manifest)
+    int8 = models.ScalarQuantization(
+        scalar=models.ScalarQuantizationConfig(
+            type=models.ScalarType.INT8, quantile=RETRIEVAL_INT8_QUANTILE, always_ram=True
+        )
+    )
     return {
-        RETRIEVAL: models.VectorParams(size=dims[RETRIEVAL], distance=models.Distance.COSINE),
+        RETRIEVAL: models.VectorParams(size=dims[RETRIEVAL], distance=models.Distance.COSINE, quantization_config=int8),
         **{
             name: models.VectorParams(
                 size=dims[name],
@@ -337,7 +343,9 @@ class ServerBankStore(BankStore):
         # local mode is always exact and warns on any search params
         if self._local:
             return None
-        return models.SearchParams(exact=True) if exact else models.SearchParams(hnsw_ef=search_ef(k))
+        if exact:  # the originals, not the 8-bit copy of the retrieval vectors
+            return models.SearchParams(exact=True, quantization=models.QuantizationSearchParams(ignore=True))
+        return models.SearchParams(hnsw_ef=search_ef(k), quantization=models.QuantizationSearchParams(rescore=True))
 
     @staticmethod
     def _hits(points: list[models.ScoredPoint], rows: int) -> list[Hit]:
