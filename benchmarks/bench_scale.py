@@ -274,7 +274,18 @@ def measure(n: int, work: Path, args: argparse.Namespace) -> dict[str, float]:
     row: dict[str, float] = {"items": n}
     if not args.bulk_only:
         row.update(bank_costs(n, table, bank, vectors, args))
-    row["bulk_exact_s"] = bulk_seconds(vectors, args.bulk_sample)
+    if not args.skip_bulk:
+        row.update(bulk_costs(n, work, vectors, args))
+    console.print(row)
+    if not args.keep:
+        shutil.rmtree(bank, ignore_errors=True)
+        table.unlink(missing_ok=True)
+    return row
+
+
+def bulk_costs(n: int, work: Path, vectors: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    """Neighbours of every item: exact (extrapolated) and through the index."""
+    row = {"bulk_exact_s": bulk_seconds(vectors, args.bulk_sample)}
     np.save(work / "vectors.npy", vectors)
     del vectors  # the index's process holds its own copy
     result = work / "ann.json"
@@ -289,10 +300,6 @@ def measure(n: int, work: Path, args: argparse.Namespace) -> dict[str, float]:
         console.print(f"the approximate bulk search failed (exit {code})")
     shutil.rmtree(work / f"index-{n}", ignore_errors=True)
     (work / "vectors.npy").unlink(missing_ok=True)
-    console.print(row)
-    if not args.keep:
-        shutil.rmtree(bank, ignore_errors=True)
-        table.unlink(missing_ok=True)
     return row
 
 
@@ -374,6 +381,7 @@ def main() -> None:
     parser.add_argument("--recall-sample", type=int, default=500, help="of those, items compared with exact search")
     parser.add_argument("--train", action="store_true",
                         help="also time `mvpp train --epochs 1` on the bank, with its peak RSS (children included)")
+    parser.add_argument("--skip-bulk", action="store_true", help="leave out the bulk searches")
     parser.add_argument("--bulk-only", action="store_true", help="only the bulk searches (no bank is built)")
     parser.add_argument("--work", type=Path, default=None, help="folder for tables and banks (default: temporary)")
     parser.add_argument("--keep", action="store_true", help="keep the tables and banks")

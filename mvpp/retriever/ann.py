@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import qdrant_edge as qe
 
-from mvpp.memory_bank.store.base import search_ef
+from mvpp.memory_bank.store.base import rescore_oversampling, search_ef
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class AnnIndex:
         params = qe.SearchParams(
             hnsw_ef=search_ef(limit),
             # the 8-bit copy ranks, the originals rescore the best (no-op without a copy)
-            quantization=qe.QuantizationSearchParams(rescore=True),
+            quantization=qe.QuantizationSearchParams(rescore=True, oversampling=rescore_oversampling(limit)),
         )
         for i in range(n):
             must: list = []

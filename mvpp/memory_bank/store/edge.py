@@ -50,6 +50,7 @@ from .base import (
     point_vectors,
     prepare_query,
     record_to_point,
+    rescore_oversampling,
     search_ef,
     vector_dims,
 )
@@ -118,7 +119,8 @@ def search_params(exact: bool, k: int) -> qe.SearchParams:
     vector has one) with the best rescored on the originals."""
     if exact:
         return qe.SearchParams(exact=True, quantization=qe.QuantizationSearchParams(ignore=True))
-    return qe.SearchParams(hnsw_ef=search_ef(k), quantization=qe.QuantizationSearchParams(rescore=True))
+    rescore = qe.QuantizationSearchParams(rescore=True, oversampling=rescore_oversampling(k))
+    return qe.SearchParams(hnsw_ef=search_ef(k), quantization=rescore)
 
 
 def _match_bool(value: bool) -> qe.MatchValue:

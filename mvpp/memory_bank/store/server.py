@@ -44,6 +44,7 @@ from .base import (
     point_vectors,
     prepare_query,
     record_to_point,
+    rescore_oversampling,
     search_ef,
     vector_dims,
 )
@@ -345,7 +346,8 @@ class ServerBankStore(BankStore):
             return None
         if exact:  # the originals, not the 8-bit copy of the retrieval vectors
             return models.SearchParams(exact=True, quantization=models.QuantizationSearchParams(ignore=True))
-        return models.SearchParams(hnsw_ef=search_ef(k), quantization=models.QuantizationSearchParams(rescore=True))
+        rescore = models.QuantizationSearchParams(rescore=True, oversampling=rescore_oversampling(k))
+        return models.SearchParams(hnsw_ef=search_ef(k), quantization=rescore)
 
     @staticmethod
     def _hits(points: list[models.ScoredPoint], rows: int) -> list[Hit]:
