@@ -127,10 +127,9 @@ def test_which_search_a_run_uses():
 
     assert uses_index(TrainConfig(), ANN_THRESHOLD) and not uses_index(TrainConfig(), ANN_THRESHOLD - 1)
     assert uses_index(TrainConfig(neighbour_index="ann"), 10) and not uses_index(TrainConfig(neighbour_index="exact"), 10**7)
-    old = TrainConfig().to_dict()
-    for name in ("neighbour_index", "ann_threshold", "ann"):
-        old.pop(name)
-    assert TrainConfig.from_dict(old).neighbour_index == "exact"  # saved before the index: as trained
+    from mvpp.predictor.config_file import build_configs
+
+    assert build_configs(None, [])[0].neighbour_index == "auto"
     cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), "ann": {"m": 8, "ef_construct": 50}})
     assert cfg.ann == AnnConfig(m=8, ef_construct=50)
     with pytest.raises(ValueError, match="neighbour_index"):

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from mvpp.cli.bank import app as bank_app
 from mvpp.cli.main import app
 from mvpp.memory_bank.store import open_store
+from mvpp.predictor.run import Run
 from mvpp.retriever.snapshot import read_snapshot
 
 runner = CliRunner()
@@ -136,3 +137,15 @@ def test_a_damaged_run_is_named(trained, tmp_path, damage):
                     ["score", "--meta", str(bank.parent / "t.jsonl"), "--run", str(copy), "--out", str(tmp_path / "s.csv")]):
         line = _one_error_line(runner.invoke(app, command))
         assert str(named) in line, line
+
+
+def test_a_run_saved_before_neighbour_indexes_keeps_exact_neighbours(trained, tmp_path):
+    _, _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    data = json.loads((copy / "config.json").read_text())
+    assert Run.load(copy).train_config.neighbour_index == "auto"
+    for name in ("neighbour_index", "ann_threshold", "ann"):
+        del data["train"][name]
+    (copy / "config.json").write_text(json.dumps(data))
+    assert Run.load(copy).train_config.neighbour_index == "exact"

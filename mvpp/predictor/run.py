@@ -246,7 +246,10 @@ class Run:
                 path=path,
                 model=PopularityModel(model_config),
                 model_config=model_config,
-                train_config=TrainConfig.from_dict(cfg["train"]),
+                train_config=TrainConfig.from_dict(
+                    # saved before neighbour indexes existed: trained on exact neighbours
+                    cfg["train"] if "neighbour_index" in cfg["train"] else {"neighbour_index": "exact", **cfg["train"]}
+                ),
                 targets=list(cfg["targets"]),
                 norm=TargetNorm.from_dict(cfg["target_norm"]),
                 interval_scale=np.asarray(cfg["interval_scale"], np.float32),

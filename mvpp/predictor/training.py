@@ -187,8 +187,6 @@ class TrainConfig:
             )
         if legacy:  # runs saved before hybrid neighbours existed were trained on dense ones
             d = {"lexical_retrieval": 0.0, **d}
-        if "neighbour_index" not in d:  # saved before the index existed: exact neighbours
-            d = {"neighbour_index": "exact", **d}
         check_keys("train", d, cls)
         return cls(**d)
 
