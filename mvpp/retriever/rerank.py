@@ -71,8 +71,15 @@ def rerank_lexical(
     idx, score = candidates.indices, candidates.scores
     valid = idx >= 0
     if weight != 0.0 and idx.size:
-        safe = np.maximum(idx, 0)
-        lexical = bag_similarity(query_ids, query_weights, key_ids[safe], key_weights[safe], vocab_size)
+        lexical = np.zeros(idx.shape, np.float32)
+        # the candidates' bags are gathered a block of queries at a time: (B, C, W) for
+        # the whole set would grow with it (80,000 queries x 200 candidates: gigabytes)
+        for lo in range(0, len(idx), RERANK_BLOCK):
+            safe = np.maximum(idx[lo : lo + RERANK_BLOCK], 0)
+            lexical[lo : lo + RERANK_BLOCK] = bag_similarity(
+                query_ids[lo : lo + RERANK_BLOCK], query_weights[lo : lo + RERANK_BLOCK],
+                key_ids[safe], key_weights[safe], vocab_size,
+            )
         score = np.where(valid, score + weight * lexical, -np.inf).astype(np.float32)
     # stable: among equal scores the dense order (nearest first, then lowest index) is kept
     order = np.argsort(-ranking_scores(score), axis=1, kind="stable")[:, :k]
