@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mvpp.retriever.ann import AnnConfig, AnnIndex
+from mvpp.retriever.ann import AnnConfig, AnnIndex, MemoryKeys
 from mvpp.retriever.bulk import bulk_topk, candidate_topk
 from mvpp.retriever.search import ApproximateSearch, GroupBoost, NeighbourSearch, QueryBatch
 from mvpp.retriever.snapshot import BankSnapshot
@@ -88,22 +88,22 @@ def test_index_search_equals_exact_search(tmp_path, with_groups):
 def test_an_index_is_built_once_per_memory(tmp_path):
     vecs, has, times, groups = _items(200)
     cfg = GRAPH_ALWAYS
-    first = AnnIndex.open_or_build(tmp_path, vecs, has, times, None, cfg)
-    again = AnnIndex.open_or_build(tmp_path, vecs, has, times, None, cfg)
+    first = AnnIndex.open_or_build(tmp_path, MemoryKeys(vecs, has, times), cfg)
+    again = AnnIndex.open_or_build(tmp_path, MemoryKeys(vecs, has, times), cfg)
     assert again.folder == first.folder and again.meta == first.meta
     moved = times.copy()
     moved[0] += 1.0
-    other = AnnIndex.open_or_build(tmp_path, vecs, has, moved, None, cfg)
+    other = AnnIndex.open_or_build(tmp_path, MemoryKeys(vecs, has, moved), cfg)
     assert other.folder != first.folder
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.digest, other.digest])
 
 
 def test_a_damaged_index_is_built_again(tmp_path, caplog):
     vecs, has, times, _ = _items(100)
-    first = AnnIndex.open_or_build(tmp_path, vecs, has, times, None, GRAPH_ALWAYS)
+    first = AnnIndex.open_or_build(tmp_path, MemoryKeys(vecs, has, times), GRAPH_ALWAYS)
     first.close()
     (first.folder / "index.json").write_text("{not json", encoding="utf-8")
-    again = AnnIndex.open_or_build(tmp_path, vecs, has, times, None, GRAPH_ALWAYS)
+    again = AnnIndex.open_or_build(tmp_path, MemoryKeys(vecs, has, times), GRAPH_ALWAYS)
     assert "damaged" in caplog.text and again.digest == first.digest
     found = again.candidates(vecs[:3], 5, np.array([0, 1, 2]), times[:3])
     assert found.shape == (3, 5) and not np.isin(np.array([0, 1, 2]), found[np.arange(3), :1]).any()
@@ -113,7 +113,7 @@ def test_worker_processes_answer_as_one_process(tmp_path, monkeypatch):
     import mvpp.retriever.ann as ann
 
     vecs, has, times, groups = _items(400)
-    index = AnnIndex.open_or_build(tmp_path, vecs, has, times, groups, GRAPH_ALWAYS)
+    index = AnnIndex.open_or_build(tmp_path, MemoryKeys(vecs, has, times, groups), GRAPH_ALWAYS)
     own = np.arange(400)
     alone = index.candidates(vecs, 20, own, times, groups)
     monkeypatch.setattr(ann, "PARALLEL_FROM", 10)

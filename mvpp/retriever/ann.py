@@ -84,19 +84,30 @@ class AnnConfig:
             raise ValueError("AnnConfig: full_scan_threshold must be >= 1 and indexing_threshold >= 0")
 
 
-def memory_digest(
-    vectors: np.ndarray, has_vector: np.ndarray, times: np.ndarray | None, groups: np.ndarray | None, cfg: AnnConfig
-) -> str:
-    """What an index over a memory depends on, hashed: its vectors (in memory order),
-    which keys have one, their times and group codes (when the search filters on them),
-    and the graph's parameters."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"format": INDEX_FORMAT, **asdict(cfg)}, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(vectors, np.float32).tobytes())
-    h.update(np.ascontiguousarray(has_vector, np.bool_).tobytes())
-    for part in (times, groups):
-        h.update(b"-" if part is None else np.ascontiguousarray(part).tobytes())
-    return h.hexdigest()
+@dataclass
+class MemoryKeys:
+    """The keys of a memory as an index sees them, in memory order.
+
+    vectors: (M, D) L2-normalised; has_vector: (M,) False for a key without one (never
+    in the index); times: (M,) unix seconds, NaN when unknown, or None (no time
+    filter); groups: (M,) codes, -1 for none, or None (no groups).
+    """
+
+    vectors: np.ndarray
+    has_vector: np.ndarray
+    times: np.ndarray | None = None
+    groups: np.ndarray | None = None
+
+    def digest(self, cfg: AnnConfig) -> str:
+        """Everything an index over these keys depends on, hashed, with the graph's
+        parameters."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps({"format": INDEX_FORMAT, **asdict(cfg)}, sort_keys=True).encode())
+        h.update(np.ascontiguousarray(self.vectors, np.float32).tobytes())
+        h.update(np.ascontiguousarray(self.has_vector, np.bool_).tobytes())
+        for part in (self.times, self.groups):
+            h.update(b"-" if part is None else np.ascontiguousarray(part).tobytes())
+        return h.hexdigest()
 
 
 class AnnIndex:
@@ -120,20 +131,10 @@ class AnnIndex:
         return float(self.meta.get("build_seconds", 0.0))
 
     @classmethod
-    def open_or_build(
-        cls,
-        root: Path,
-        vectors: np.ndarray,
-        has_vector: np.ndarray,
-        times: np.ndarray | None,
-        groups: np.ndarray | None,
-        cfg: AnnConfig,
-    ) -> AnnIndex:
-        """The index of this memory under `root` (a folder named by its digest), built
-        there first when missing. vectors: (M, D) L2-normalised; has_vector: (M,);
-        times: (M,) unix seconds, NaN when unknown, or None (no time filter); groups:
-        (M,) codes, -1 for none, or None."""
-        digest = memory_digest(vectors, has_vector, times, groups, cfg)
+    def open_or_build(cls, root: Path, keys: MemoryKeys, cfg: AnnConfig) -> AnnIndex:
+        """The index of these keys under `root` (a folder named by their digest), built
+        there first when missing."""
+        digest = keys.digest(cfg)
         folder = Path(root) / digest
         found = cls.open(folder)
         if found is not None:
@@ -141,7 +142,7 @@ class AnnIndex:
         Path(root).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
         try:
-            cls._build(work, vectors, has_vector, times, groups, cfg, digest)
+            cls._build(work, keys, cfg, digest)
             try:
                 work.replace(folder)
             except OSError:  # built meanwhile by another process: theirs serves
@@ -173,16 +174,10 @@ class AnnIndex:
         return cls(folder, shard, meta)
 
     @staticmethod
-    def _build(
-        folder: Path,
-        vectors: np.ndarray,
-        has_vector: np.ndarray,
-        times: np.ndarray | None,
-        groups: np.ndarray | None,
-        cfg: AnnConfig,
-        digest: str,
-    ) -> None:
+    def _build(folder: Path, keys: MemoryKeys, cfg: AnnConfig, digest: str) -> None:
         import time
+
+        vectors, has_vector, times, groups = keys.vectors, keys.has_vector, keys.times, keys.groups
 
         start = time.perf_counter()
         dim = int(vectors.shape[1])

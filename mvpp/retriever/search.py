@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mvpp.memory_bank.metadata import category_key
-from mvpp.retriever.ann import AnnConfig, AnnIndex
+from mvpp.retriever.ann import AnnConfig, AnnIndex, MemoryKeys
 from mvpp.retriever.bulk import Neighbours, bulk_topk, candidate_topk
 from mvpp.retriever.rerank import rerank_lexical
 from mvpp.retriever.snapshot import BankSnapshot
@@ -218,10 +218,8 @@ class NeighbourSearch:
         self.index: AnnIndex | None = None
         self._members: dict[int, np.ndarray] = {}
         if approximate is not None:
-            self.index = AnnIndex.open_or_build(
-                approximate.root, self._vectors, self._has_vector,
-                self._time if time_safe else None, self._group, approximate.config,
-            )
+            keys = MemoryKeys(self._vectors, self._has_vector, self._time if time_safe else None, self._group)
+            self.index = AnnIndex.open_or_build(approximate.root, keys, approximate.config)
             if self._group is not None:
                 order = np.argsort(self._group, kind="stable")
                 codes, starts = np.unique(self._group[order], return_index=True)
