@@ -30,6 +30,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from mvpp.memory_bank.store.base import rescore_oversampling, search_ef
+from mvpp.memory_bank.store.heap import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,23 @@ class AnnIndex:
     (in the memory) of its best keys by cosine among those its filters allow.
     """
 
-    def __init__(self, folder: Path, shard: qe.EdgeShard, meta: dict) -> None:
+    def __init__(self, folder: Path, meta: dict) -> None:
         self.folder = folder
-        self._shard = shard
         self.meta = meta
+        # loaded on the first search in this process: a process whose long searches
+        # all go to workers never holds the graph itself (2.3 GB for 10^6 keys)
+        self._loaded: qe.EdgeShard | None = None
+
+    @property
+    def _shard(self) -> qe.EdgeShard:
+        if self._loaded is None:
+            try:
+                self._loaded = qe.EdgeShard.load(str(self.folder / "shard"))
+            except Exception as exc:  # the engine raises its own error types for damaged files
+                raise RuntimeError(
+                    f"the neighbour index {self.folder} is damaged ({exc}): delete the folder to build it again"
+                ) from exc
+        return self._loaded
 
     @property
     def digest(self) -> str:
@@ -166,12 +180,13 @@ class AnnIndex:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             if meta.get("format") != INDEX_FORMAT or meta.get("digest") != folder.name:
                 raise ValueError(f"format {meta.get('format')}, digest {meta.get('digest')}")
-            shard = qe.EdgeShard.load(str(folder / "shard"))
-        except Exception as exc:  # the engine raises its own error types for damaged files
+            if not (folder / "shard" / "edge_config.json").exists():
+                raise ValueError("its shard is missing")
+        except (OSError, ValueError, AttributeError) as exc:
             log.warning("the neighbour index %s is damaged (%s): building it again", folder, exc)
             shutil.rmtree(folder, ignore_errors=True)
             return None
-        return cls(folder, shard, meta)
+        return cls(folder, meta)
 
     @staticmethod
     def _build(folder: Path, keys: MemoryKeys, cfg: AnnConfig, digest: str) -> None:
@@ -221,6 +236,7 @@ class AnnIndex:
             shard.flush()
         finally:
             shard.close()
+            release_freed_memory()  # the build's buffers (8 GB for 10^6 keys)
         meta = {
             "format": INDEX_FORMAT,
             "digest": digest,
@@ -317,7 +333,10 @@ class AnnIndex:
         )
 
     def close(self) -> None:
-        self._shard.close()
+        if self._loaded is not None:
+            self._loaded.close()
+            self._loaded = None
+            release_freed_memory()
 
 
 # The index a worker process opened (see `AnnIndex.candidates`).

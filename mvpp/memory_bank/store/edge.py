@@ -54,6 +54,7 @@ from .base import (
     search_ef,
     vector_dims,
 )
+from .heap import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -570,4 +571,5 @@ class EdgeBankStore(BankStore):
                 _OPEN.pop(self.path, None)
                 opened.shard.flush()
                 opened.shard.close()
+                release_freed_memory()
                 log.debug("closed bank %s", self.path)
