@@ -104,10 +104,11 @@ class MemoryKeys:
         parameters."""
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps({"format": INDEX_FORMAT, **asdict(cfg)}, sort_keys=True).encode())
-        h.update(np.ascontiguousarray(self.vectors, np.float32).tobytes())
-        h.update(np.ascontiguousarray(self.has_vector, np.bool_).tobytes())
+        # hashed through the buffer protocol: no copy of the vectors (1.2 GB for 10^6)
+        h.update(np.ascontiguousarray(self.vectors, np.float32).data)
+        h.update(np.ascontiguousarray(self.has_vector, np.bool_).data)
         for part in (self.times, self.groups):
-            h.update(b"-" if part is None else np.ascontiguousarray(part).tobytes())
+            h.update(b"-" if part is None else np.ascontiguousarray(part).data)
         return h.hexdigest()
 
 
