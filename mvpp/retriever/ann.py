@@ -158,6 +158,7 @@ class AnnIndex:
         work = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
         try:
             cls._build(work, keys, cfg, digest)
+            release_freed_memory()  # the build's buffers (several GB for 10^6 keys), its shard gone
             try:
                 work.replace(folder)
             except OSError:  # built meanwhile by another process: theirs serves
@@ -237,7 +238,6 @@ class AnnIndex:
             shard.flush()
         finally:
             shard.close()
-            release_freed_memory()  # the build's buffers (8 GB for 10^6 keys)
         meta = {
             "format": INDEX_FORMAT,
             "digest": digest,

@@ -571,5 +571,6 @@ class EdgeBankStore(BankStore):
                 _OPEN.pop(self.path, None)
                 opened.shard.flush()
                 opened.shard.close()
+                del opened  # the engine frees the shard with its last reference
                 release_freed_memory()
                 log.debug("closed bank %s", self.path)
