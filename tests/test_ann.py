@@ -147,3 +147,20 @@ def test_train_refuses_an_unknown_search(tmp_path):
                                       "--out", str(tmp_path / "run")])
     assert result.exit_code != 0 and "neighbour_index must be one of" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_split_searched_in_chunks_gets_the_same_neighbours(tmp_path, monkeypatch, indexed):
+    import mvpp.predictor.dataset as dataset
+
+    vecs, has, times, groups = _items(300)
+    snap = _snapshot(vecs, has, times, groups)
+    splits = {"train": np.arange(0, 240), "val": np.arange(240, 270), "test": np.arange(270, 300)}
+    approximate = ApproximateSearch(tmp_path, GRAPH_ALWAYS) if indexed else None
+    whole, _ = dataset.split_neighbours(snap, splits, 5, True, wide=20, approximate=approximate)
+    monkeypatch.setattr(dataset, "SEARCH_CHUNK", 7)
+    chunked, _ = dataset.split_neighbours(snap, splits, 5, True, wide=20, approximate=approximate)
+    for name in splits:
+        np.testing.assert_array_equal(chunked[name].indices, whole[name].indices)
+        np.testing.assert_array_equal(chunked[name].scores, whole[name].scores)
+        np.testing.assert_array_equal(chunked[name].wide_indices, whole[name].wide_indices)

@@ -28,6 +28,8 @@ from mvpp.retriever.search import (
 from mvpp.retriever.snapshot import BankSnapshot
 
 SPLITS = ("train", "val", "test")
+# Queries searched together when a split's neighbours are found.
+SEARCH_CHUNK = 65_536
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
@@ -108,10 +110,15 @@ def split_neighbours(
     with the best `wide` by the dense ranking as their wider neighbourhood; and the
     search that found them."""
     search = NeighbourSearch(snapshot, splits["train"], k, time_safe, rerank, groups, wide, approximate)
-    found = {
-        name: search.search(QueryBatch.from_snapshot(snapshot, idx, rerank, groups))
-        for name, idx in splits.items()
-    }
+    found = {}
+    for name, idx in splits.items():
+        # a chunk of queries at a time: their vectors and candidates, not the split's,
+        # are what a search holds (an item's neighbours do not depend on its chunk)
+        parts = [
+            search.search(QueryBatch.from_snapshot(snapshot, idx[lo : lo + SEARCH_CHUNK], rerank, groups))
+            for lo in range(0, len(idx), SEARCH_CHUNK)
+        ] or [search.search(QueryBatch.from_snapshot(snapshot, idx, rerank, groups))]
+        found[name] = Neighbours.concat(parts)
     return found, search
 
 

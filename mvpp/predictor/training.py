@@ -332,6 +332,7 @@ def prepare(
         sample = np.random.default_rng(cfg.seed).choice(every, min(RECALL_SAMPLE, len(every)), replace=False)
         recall = search.recall(QueryBatch.from_snapshot(view, np.sort(sample), rerank, groups), RECALL_AT)
         logger.info("neighbour index: recall@%d %.4f against exact search (%d queries)", RECALL_AT, recall, len(sample))
+        search.index.close()  # its workers and graph are not needed while training
     ridge = None
     if word_prior and table.words is not None and table.word_weights is not None:
         ridge = _fit_word_prior(table, splits["train"], lexicon.size, cfg)

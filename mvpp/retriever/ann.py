@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import shutil
 import tempfile
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -125,6 +126,9 @@ class AnnIndex:
         # loaded on the first search in this process: a process whose long searches
         # all go to workers never holds the graph itself (2.3 GB for 10^6 keys)
         self._loaded: qe.EdgeShard | None = None
+        # worker processes, kept between searches until `close` (each loads the graph)
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_size = 0
 
     @property
     def _shard(self) -> qe.EdgeShard:
@@ -273,16 +277,26 @@ class AnnIndex:
         if workers <= 1 or n < PARALLEL_FROM:
             return self._search(vectors, limit, own, times, groups)
         parts = np.array_split(np.arange(n), max(workers, -(-n // PARALLEL_CHUNK)))
-        context = multiprocessing.get_context("spawn")  # forking a process that runs torch threads is unsafe
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_open_in_worker, initargs=(str(self.folder),)) as pool:
-            found = pool.map(
-                _search_in_worker,
-                [
-                    (vectors[p], limit, own[p], None if times is None else times[p], None if groups is None else groups[p])
-                    for p in parts
-                ],
+        found = self._workers(workers).map(
+            _search_in_worker,
+            [
+                (vectors[p], limit, own[p], None if times is None else times[p], None if groups is None else groups[p])
+                for p in parts
+            ],
+        )
+        return np.concatenate(list(found), axis=0)
+
+    def _workers(self, n: int) -> ProcessPoolExecutor:
+        if self._pool is None or self._pool_size != n:
+            if self._pool is not None:
+                self._pool.shutdown()
+            context = multiprocessing.get_context("spawn")  # forking a process that runs torch threads is unsafe
+            self._pool = ProcessPoolExecutor(
+                n, mp_context=context, initializer=_open_in_worker, initargs=(str(self.folder),)
             )
-            return np.concatenate(list(found), axis=0)
+            self._pool_size = n
+            weakref.finalize(self, self._pool.shutdown)
+        return self._pool
 
     def _search(
         self,
@@ -334,6 +348,10 @@ class AnnIndex:
         )
 
     def close(self) -> None:
+        """Stop the worker processes and unload the graph (a later search loads it again)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._loaded is not None:
             self._loaded.close()
             self._loaded = None

@@ -49,6 +49,17 @@ class Neighbours:
     def valid(self) -> np.ndarray:
         return self.indices >= 0
 
+    @staticmethod
+    def concat(parts: list[Neighbours]) -> Neighbours:
+        """The neighbours of several groups of queries, one after the other."""
+        wide = all(p.wide_indices is not None for p in parts)
+        return Neighbours(
+            np.concatenate([p.indices for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            np.concatenate([p.wide_indices for p in parts]) if wide else None,  # type: ignore[misc]
+            np.concatenate([p.wide_scores for p in parts]) if wide else None,  # type: ignore[misc]
+        )
+
 
 def bulk_topk(
     queries: np.ndarray,

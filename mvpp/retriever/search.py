@@ -278,7 +278,8 @@ class NeighbourSearch:
         with_vector = queries.has_vector
         cand = np.full((len(queries), 0), -1, np.int64)
         if with_vector.any():
-            rows = np.flatnonzero(with_vector)
+            # all queries, or those with a vector (a copy: only when some lack one)
+            rows = slice(None) if with_vector.all() else np.flatnonzero(with_vector)
             found = self.index.candidates(
                 queries.vectors[rows], limit + TIE_MARGIN, own[rows],
                 queries.time[rows] if self.time_safe else None,
