@@ -239,7 +239,8 @@ class NeighbourSearch:
         hybrid = self.rerank is not None and queries.bags is not None
         candidates = self.rerank.candidates if hybrid and self.rerank is not None else 0
         nb = self.dense(queries, own, max(self.k, candidates, self.wide), exact=self.index is None)
-        wide = nb.indices[:, : self.wide], nb.scores[:, : self.wide]
+        # copies: views would keep the whole (B, limit) search result alive with them
+        wide = nb.indices[:, : self.wide].copy(), nb.scores[:, : self.wide].copy()
         # ranked best first, ties to the lower index: the first n of a deeper search are
         # the n a search for n returns
         top = max(self.k, candidates)
@@ -254,9 +255,10 @@ class NeighbourSearch:
         def rows(idx: np.ndarray) -> np.ndarray:  # memory positions -> snapshot rows
             return np.where(idx >= 0, keys[np.maximum(idx, 0)], -1)
 
+        scores = np.ascontiguousarray(nb.scores)  # not a view of the deeper search
         if not self.wide:
-            return Neighbours(rows(nb.indices), nb.scores)
-        return Neighbours(rows(nb.indices), nb.scores, rows(wide[0]), wide[1])
+            return Neighbours(rows(nb.indices), scores)
+        return Neighbours(rows(nb.indices), scores, rows(wide[0]), wide[1])
 
     def dense(self, queries: QueryBatch, own: np.ndarray, limit: int, exact: bool) -> Neighbours:
         """(B, limit) memory positions of the best keys by the dense ranking (cosine plus
