@@ -328,6 +328,7 @@ def prepare(
     )
     recall = None
     if search.index is not None:
+        search.index.close()  # the workers' graphs go before this process loads its own
         every = np.concatenate(list(splits.values()))
         sample = np.random.default_rng(cfg.seed).choice(every, min(RECALL_SAMPLE, len(every)), replace=False)
         recall = search.recall(QueryBatch.from_snapshot(view, np.sort(sample), rerank, groups), RECALL_AT)
