@@ -164,3 +164,18 @@ def test_a_split_searched_in_chunks_gets_the_same_neighbours(tmp_path, monkeypat
         np.testing.assert_array_equal(chunked[name].indices, whole[name].indices)
         np.testing.assert_array_equal(chunked[name].scores, whole[name].scores)
         np.testing.assert_array_equal(chunked[name].wide_indices, whole[name].wide_indices)
+
+
+def test_a_search_for_another_k_shares_the_memory_and_answers_as_a_new_one(tmp_path):
+    vecs, has, times, groups = _items(300)
+    snap = _snapshot(vecs, has, times, groups)
+    memory = np.arange(0, 300, 2)
+    search = NeighbourSearch(snap, memory, 10, True, wide=40, approximate=ApproximateSearch(tmp_path, GRAPH_ALWAYS))
+    fewer = search.with_k(3)
+    assert fewer.index is search.index and fewer._vectors is search._vectors and search.k == 10
+    queries = QueryBatch.from_snapshot(snap, np.arange(300))
+    fresh = NeighbourSearch(snap, memory, 3, True, approximate=ApproximateSearch(tmp_path, GRAPH_ALWAYS))
+    a, b = fewer.search(queries), fresh.search(queries)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert a.wide_indices is None

@@ -114,11 +114,10 @@ def split_neighbours(
     for name, idx in splits.items():
         # a chunk of queries at a time: their vectors and candidates, not the split's,
         # are what a search holds (an item's neighbours do not depend on its chunk)
-        parts = [
+        found[name] = Neighbours.concat([
             search.search(QueryBatch.from_snapshot(snapshot, idx[lo : lo + SEARCH_CHUNK], rerank, groups))
-            for lo in range(0, len(idx), SEARCH_CHUNK)
-        ] or [search.search(QueryBatch.from_snapshot(snapshot, idx, rerank, groups))]
-        found[name] = Neighbours.concat(parts)
+            for lo in range(0, max(len(idx), 1), SEARCH_CHUNK)  # an empty split: one empty chunk
+        ])
     return found, search
 
 

@@ -221,10 +221,7 @@ class RunPredictor:
         fresh, table, own = self._fresh(points)
         search = self.search
         if k is not None and k != search.k:
-            search = NeighbourSearch(  # no wider neighbourhood: only the k are shown
-                self.bank, search.memory, k, search.time_safe, search.rerank, search.groups,
-                approximate=search.approximate,
-            )
+            search = search.with_k(k)  # no wider neighbourhood: only the k are shown
         nb = search.search(self._queries(fresh, table, np.arange(len(points)), own))
         return [
             [(self.bank.item_ids[n], float(sc)) for n, sc in zip(idx, score, strict=True) if n >= 0]

@@ -18,6 +18,7 @@ training) and from freshly encoded items (scoring), so both retrieve alike.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,13 @@ class NeighbourSearch:
     def __len__(self) -> int:
         """Items in the memory."""
         return len(self.memory)
+
+    def with_k(self, k: int) -> NeighbourSearch:
+        """The same search for k neighbours and no wider neighbourhood, sharing this one's
+        gathered memory and index (nothing is gathered, hashed or opened again)."""
+        other = copy.copy(self)
+        other.k, other.wide = k, 0
+        return other
 
     def search(self, queries: QueryBatch) -> Neighbours:
         """(B, k) snapshot rows of the neighbours (-1: none) and their scores: cosine, plus
