@@ -15,7 +15,8 @@ the network alone and the trees alone; and fits LightGBM on the text embeddings 
 run's metadata features (benchmarks.baselines). Prints mean ± std over the seeds.
 
     python benchmarks/bench_sets.py [--sets microlens tiktok tiktok4k] [--seeds 0 1 2]
-                                    [--label NAME] [--json out.json] [-- extra train flags]
+                                    [--label NAME] [--text-precision bfloat16]
+                                    [--json out.json] [-- extra train flags]
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def main() -> None:
     parser.add_argument("--label", default="defaults", help="name of this variant (runs go under it)")
     parser.add_argument("--text-model", default=None,
                         help="build the banks with this text encoder (hub id or folder; its banks are kept apart)")
+    parser.add_argument("--text-precision", default=None, choices=["float32", "bfloat16"],
+                        help="build the banks with this text precision (its banks are kept apart)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--report", type=Path, nargs="*", default=None, help="only print saved results")
     parser.add_argument("--markdown", action="store_true", help="with --report: one Markdown table")
@@ -183,11 +186,15 @@ def main() -> None:
     for name in args.sets:
         spec = specs[name]
         suffix = f"-{Path(args.text_model).name}" if args.text_model else ""
+        if args.text_precision and args.text_precision != "float32":
+            suffix += f"-{args.text_precision}"
         bank = CACHE / "sets" / f"{name}-bank{suffix}"
         try:
             if not (bank / "manifest.json").exists():
                 bank.parent.mkdir(parents=True, exist_ok=True)
                 text_model = ["--text-model", args.text_model] if args.text_model else []
+                if args.text_precision:
+                    text_model += ["--text-precision", args.text_precision]
                 build_s = cli([*spec["build"](bank), *text_model], ok_codes=(0, 1))
                 console.print(f"{name}: bank built in {build_s:.0f} s")
         except DataMissing as exc:

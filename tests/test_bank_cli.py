@@ -399,3 +399,29 @@ def test_server_backend_in_local_mode(small_library: Path, tmp_path: Path) -> No
     build_default = [a for a in build if a not in ("--failures", tmp_path / "f.jsonl")]
     assert run(*build_default).exit_code == 0
     assert (tmp_path / "qdrant.failures.jsonl").exists()
+
+
+def test_text_precision_is_the_banks(tmp_path: Path) -> None:
+    """`--text-precision bfloat16` is recorded; later builds and queries encode with it
+    without being told, and asking for another precision on that bank is refused."""
+    titles = ["funny cat compilation", "how to cook rice", "football skills tutorial", "sunset at the beach"]
+    meta = write_meta(tmp_path / "meta.csv", [{"id": f"t{i}", "title": t, "views": 10 * (i + 1)}
+                                              for i, t in enumerate(titles)])
+    bank = tmp_path / "bank"
+    args = ("build", "--meta", meta, "--label-col", "views", "--profile", "lite", "--bank", bank)
+    result = run(*args, "--text-precision", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert run_json("info", "--bank", bank)["text_precision"] == "bfloat16"
+    again = run(*args)  # the bank's precision, not the profile's float32: nothing changed
+    assert again.exit_code == 0 and summary_row(again.stderr) == (0, 4, 0), again.output
+    assert "text_precision: the bank has 'bfloat16', requested 'float32'" in one_error_line(
+        run(*args, "--text-precision", "float32")
+    )
+    hits = run_json("query", "--title", titles[2], "--bank", bank, "-k", "1")
+    assert hits[0]["item_id"] == "t2" and hits[0]["score"] > 0.999
+    bad = run(*args, "--text-precision", "half")
+    assert bad.exit_code == 2 and "--text-precision" in bad.output and "must be one of" in bad.output
+
+    exact = tmp_path / "exact"
+    assert run("build", "--meta", meta, "--label-col", "views", "--profile", "lite", "--bank", exact).exit_code == 0
+    assert run_json("info", "--bank", exact)["text_precision"] == "float32"

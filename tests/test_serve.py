@@ -132,6 +132,7 @@ def test_info_neighbours_and_docs(trained, service):
         info = _ready(client).get("/v1/info").json()
         assert info["targets"] == ["likes", "views"] and info["memory"] == "all"
         assert info["columns"]["id"] == "vid" and info["columns"]["text"] == ["caption"]
+        assert info["encoders"]["text_precision"] == "float32"
         got = client.get("/v1/neighbours", params={"text": "cat clip fun day 3", "k": 4}).json()["neighbours"]
         assert client.get("/docs").status_code == 200
         schema = client.get("/openapi.json").json()

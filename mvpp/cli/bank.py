@@ -25,6 +25,7 @@ from mvpp.cli.common import (
     ReplicasOpt,
     ShardsOpt,
     TextModelOpt,
+    TextPrecisionOpt,
     UrlOpt,
     VerboseOpt,
     WriteConsistencyOpt,
@@ -44,7 +45,7 @@ from mvpp.cli.common import (
 from mvpp.config import BuildSettings, decode_ahead_default, default_failures_file, video_batch_size
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.encoders.base import resolve_device
-from mvpp.memory_bank.encoders.profiles import load_encoders
+from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
 from mvpp.memory_bank.metadata import LABEL_TRANSFORMS, ColumnMap, parse_rows, read_table
 from mvpp.retriever.retriever import MATCHES, Query, Retriever
 
@@ -144,6 +145,7 @@ def build(
     frame_model: FrameModelOpt = None,
     frame_pretrained: FramePretrainedOpt = None,
     audio_model: AudioModelOpt = None,
+    text_precision: TextPrecisionOpt = None,
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -194,7 +196,8 @@ def build(
             fail(f"no videos in {videos_dir}: nothing to index")
         with store_for(loc) as store:
             spec = encoder_spec(
-                profile, store.manifest, text_model, captioner_model, frame_model, frame_pretrained, audio_model
+                profile, store.manifest, text_model, captioner_model, frame_model, frame_pretrained, audio_model,
+                text_precision,
             )
             if frames is None and store.manifest is not None:
                 settings.n_frames = store.manifest.n_frames
@@ -317,6 +320,7 @@ def import_(
     frame_model: FrameModelOpt = None,
     frame_pretrained: FramePretrainedOpt = None,
     audio_model: AudioModelOpt = None,
+    text_precision: TextPrecisionOpt = None,
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -342,7 +346,7 @@ def import_(
         if exported and flags:
             fail(f"{table} was written by `mvpp-bank export` and names its own columns: drop the column flags")
         if exported and any(v for v in (profile, text_model, captioner_model, frame_model, frame_pretrained,
-                                         audio_model)):
+                                         audio_model, text_precision)):
             fail(f"{table} holds vectors of the encoders it was exported with: drop the encoder flags")
         transform = label_transform or (header.manifest.label_transform if header.manifest else "log2p1")
         if transform not in LABEL_TRANSFORMS:
@@ -360,7 +364,8 @@ def import_(
                     require_text=bool(text_col),
                 )
                 spec = encoder_spec(
-                    profile, store.manifest, text_model, captioner_model, frame_model, frame_pretrained, audio_model
+                    profile, store.manifest, text_model, captioner_model, frame_model, frame_pretrained, audio_model,
+                    text_precision,
                 )
                 quiet_model_loading()
                 # the encoders' names and widths: the bank encodes new items with them
@@ -521,6 +526,7 @@ def info(
             "with_audio": store.count(SearchFilter(has_audio=True)) if manifest.audio_dim else 0,
             "size_bytes": store.size_bytes(),
             **manifest.to_dict(),
+            "text_precision": EncoderSpec.for_bank(manifest).text_precision,
         }
     data["unlabelled"] = data["items"] - data["labelled"]
     if as_json:
@@ -531,7 +537,7 @@ def info(
     table.add_column("value")
     for key in (
         "backend", "items", "labelled", "unlabelled", "with_video", "with_audio", "profile", "text_model",
-        "captioner_model", "frame_model", "audio_model", "retrieval_dim", "token_dim", "frame_dim", "audio_dim",
+        "text_precision", "captioner_model", "frame_model", "audio_model", "retrieval_dim", "token_dim", "frame_dim", "audio_dim",
         "n_frames", "max_tokens", "label_names", "label_transform", "schema_version",
     ):
         value = data[key]

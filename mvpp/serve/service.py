@@ -149,7 +149,10 @@ class ScoringService:
             "memory_items": self.scorer.predictor.memory_size,
             "bank": self.location.describe(),
             "bank_items": self.store.count(),
-            "encoders": {k: getattr(self.manifest, k) for k in ("profile", "text_model", "captioner_model", "frame_model")},
+            "encoders": {
+                **{k: getattr(self.manifest, k) for k in ("profile", "text_model", "captioner_model", "frame_model")},
+                "text_precision": EncoderSpec.for_bank(self.manifest).text_precision,
+            },
             "columns": self.upload_fields(),
         }
 

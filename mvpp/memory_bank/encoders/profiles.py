@@ -72,6 +72,8 @@ class EncoderSpec:
         max_tokens: token features kept per text.
         audio_model: "logmel-v1" for the model-free sound descriptor, a transformers audio
             model's hub id or local folder, or None for no sound features.
+        text_precision: the text model's arithmetic on the CPU, "float32" or "bfloat16"
+            (`encoders.text.TEXT_PRECISIONS`).
     """
 
     profile: str
@@ -81,6 +83,8 @@ class EncoderSpec:
     frame_pretrained: str | None
     max_tokens: int = 32
     audio_model: str | None = None
+    # float32 also for banks recorded before the setting existed: they were encoded so
+    text_precision: str = "float32"
 
     OVERRIDABLE: ClassVar[tuple[str, ...]] = (
         "text_model",
@@ -89,6 +93,7 @@ class EncoderSpec:
         "frame_pretrained",
         "max_tokens",
         "audio_model",
+        "text_precision",
     )
 
     @classmethod
@@ -157,6 +162,14 @@ class EncoderSpec:
             changes["max_tokens"] = int(changes["max_tokens"])
             if changes["max_tokens"] < 1:
                 raise ValueError(f"max_tokens must be >= 1, got {changes['max_tokens']}")
+        if "text_precision" in changes:
+            from .text import TEXT_PRECISIONS
+
+            changes["text_precision"] = str(changes["text_precision"]).strip().lower()
+            if changes["text_precision"] not in TEXT_PRECISIONS:
+                raise ValueError(
+                    f"text precision must be one of {', '.join(TEXT_PRECISIONS)}, got {changes['text_precision']!r}"
+                )
         return replace(base, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,7 +246,9 @@ class Encoders:
             from .text import SentenceTextEncoder
 
             source, model_id = resolve_text_model(self.spec.text_model)
-            self._text = SentenceTextEncoder(source, device=self.device, model_id=model_id)
+            self._text = SentenceTextEncoder(
+                source, device=self.device, model_id=model_id, precision=self.spec.text_precision
+            )
         return self._text
 
     @property

@@ -8,8 +8,9 @@ the text (the predictor's token features).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from .base import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SentenceTextEncoder"]
+__all__ = ["TEXT_PRECISIONS", "SentenceTextEncoder", "native_bfloat16"]
 
 # Titles and frame captions are short; a cap keeps the cost of the odd very long
 # description bounded (UAE-Large-V1 would otherwise accept 512 tokens).
@@ -40,6 +41,16 @@ DEFAULT_MAX_SEQ_LENGTH = 256
 CPU_BATCH_SIZE = 16
 CUDA_BATCH_SIZE = 128
 
+# Arithmetic of the transformer on the CPU. "float32" is exact to float noise: a text
+# encodes to the same vectors (within 1e-6) whatever else shares its batch, so an item
+# scored as a new upload gets the prediction evaluation gave it. "bfloat16" runs the
+# matrix products in bfloat16 (autocast; weights, layer norms and softmax stay float32):
+# 1.7x the titles per second on a CPU with bfloat16 instructions, vectors within a
+# cosine of 0.9999 of float32's, but a text's vectors then depend on its batch (padding
+# changes the kernels' blocking): about 1e-3 on the pooled vector, 1e-2 on a token. On
+# CUDA the model runs in float16 whichever is chosen.
+TEXT_PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
+
 
 class SentenceTextEncoder:
     """A sentence-transformers model as a `TextEncoder`.
@@ -52,6 +63,8 @@ class SentenceTextEncoder:
             Give a stable name when the path differs between machines.
         max_seq_length: cap on the transformer's input length (tokens).
         batch_size: texts per transformer call; default 128 on CUDA, 16 on the CPU.
+        precision: "float32" or "bfloat16", the arithmetic on the CPU (see
+            `TEXT_PRECISIONS`); a bank records it so that every path encodes alike.
     """
 
     def __init__(
@@ -62,7 +75,11 @@ class SentenceTextEncoder:
         model_id: str | None = None,
         max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
         batch_size: int | None = None,
+        precision: str = "float32",
     ) -> None:
+        if precision not in TEXT_PRECISIONS:
+            raise ValueError(f"text precision must be one of {', '.join(TEXT_PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         source = str(model_id_or_path)
         self.model_id: str = model_id or source
         self.device: str = resolve_device(device)
@@ -72,6 +89,12 @@ class SentenceTextEncoder:
         self._model = _load_sentence_transformer(source, self.device)
 
         import torch
+
+        if precision == "bfloat16" and self.device == "cpu" and not native_bfloat16():
+            logger.warning(
+                "this CPU has no bfloat16 instructions: the bank's bfloat16 text encoder is "
+                "emulated and may run slower than float32 would"
+            )
 
         if self.device.startswith("cuda"):
             self._model.half()
@@ -104,20 +127,34 @@ class SentenceTextEncoder:
         )
 
     def __repr__(self) -> str:
-        return f"SentenceTextEncoder(model_id={self.model_id!r}, dim={self.dim}, device={self.device!r})"
+        return (
+            f"SentenceTextEncoder(model_id={self.model_id!r}, dim={self.dim}, device={self.device!r}, "
+            f"precision={self.precision!r})"
+        )
+
+    @contextlib.contextmanager
+    def _arithmetic(self) -> Iterator[None]:
+        import torch
+
+        if self.precision == "bfloat16" and self.device == "cpu":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                yield
+        else:
+            yield
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """Pooled sentence vectors, (B, dim) float32, L2-normalised."""
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self._model.encode(
-            texts,
-            batch_size=batch_size or self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        with self._arithmetic():
+            vectors = self._model.encode(
+                texts,
+                batch_size=batch_size or self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         # Renormalise in float32: on CUDA the model (and its normalisation) runs in fp16.
         return l2_normalize(vectors)
 
@@ -149,9 +186,10 @@ class SentenceTextEncoder:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         # output_value=None returns every output of the pipeline per text (token
         # embeddings, input ids, attention mask and the pooled vector) from one pass.
-        outputs: list[dict[str, Any]] = self._model.encode(
-            texts, batch_size=batch_size, output_value=None, show_progress_bar=False
-        )
+        with self._arithmetic():
+            outputs: list[dict[str, Any]] = self._model.encode(
+                texts, batch_size=batch_size, output_value=None, show_progress_bar=False
+            )
         pooled = torch.stack([out["sentence_embedding"] for out in outputs]).float()
         pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1).cpu().numpy()
 
@@ -162,6 +200,21 @@ class SentenceTextEncoder:
             emb = out["token_embeddings"].float().cpu()[keep][:max_tokens]
             tokens.append(np.ascontiguousarray(emb.numpy(), dtype=np.float32))
         return pooled.astype(np.float32, copy=False), tokens
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16);
+    read from /proc/cpuinfo, so False where that is absent."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in {"flags", "features"}:
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
