@@ -274,3 +274,33 @@ def test_the_page_in_a_real_browser(trained, service, tmp_path):
     assert 'data-target="views"' in dom and 'class="interval"' in dom
     assert dom.count("<tr>") >= 4  # the header and neighbours
     assert shot.exists() and shot.stat().st_size > 5000
+
+
+def test_requests_queued_during_a_call_are_the_next_batch_without_waiting():
+    """The window is for company that may still come; requests that queued while the last
+    call ran are scored together as soon as it ends."""
+    from mvpp.serve.batching import MicroBatcher
+
+    window = 2.0
+    calls: list[list[int]] = []
+
+    def score(requests: list[int]) -> list[int]:
+        calls.append(list(requests))
+        time.sleep(0.3)
+        return [r * 10 for r in requests]
+
+    async def scenario() -> tuple[list[int], float]:
+        batcher = MicroBatcher(score, size=lambda r: 1, window_s=window)
+        t0 = time.perf_counter()
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(window + 0.1)  # the first call is running now
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 6)]
+        results = await asyncio.gather(first, *rest)
+        elapsed = time.perf_counter() - t0
+        await batcher.close()
+        return results, elapsed
+
+    results, elapsed = asyncio.run(scenario())
+    assert results == [0, 10, 20, 30, 40, 50]
+    assert calls == [[0], [1, 2, 3, 4, 5]]
+    assert elapsed < 2 * window  # the second batch did not wait a window of its own

@@ -2,9 +2,9 @@
 
 Scoring one item costs little more than scoring a few dozen at once (one encoder pass,
 one neighbour search, one model call), so under load the service waits a few
-milliseconds after the first pending request, takes every request queued by then (up to
-`max_items` rows), and scores them in one call, in a worker thread: the event loop keeps
-accepting requests meanwhile.
+milliseconds after the first pending request (not at all when others are already
+queued), takes every request queued by then (up to `max_items` rows), and scores them
+in one call, in a worker thread: the event loop keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
@@ -63,7 +63,10 @@ class MicroBatcher:
             first = await self._queue.get()
             batch = [first]
             size = first.size
-            await asyncio.sleep(self.window_s)
+            if self._queue.empty():
+                # wait for company only when none is queued: under load the requests that
+                # came in during the last call are the batch, and waiting adds nothing
+                await asyncio.sleep(self.window_s)
             while size < self.max_items and not self._queue.empty():
                 nxt = self._queue.get_nowait()
                 batch.append(nxt)
