@@ -14,7 +14,9 @@ target by the out-of-fold error, so nothing is tuned on validation data.
 
 Bags of words are the lexicon's padded form: ids (N, W) with 0 as padding and weights
 (N, W). The solver is conjugate gradients on the normal equations, which only needs
-products with that sparse matrix.
+products with that sparse matrix; it holds it as compressed sparse rows (and their
+transpose), 20x faster per product than gathering coefficient rows for every slot, which
+matters at 10^6 titles (5 folds x 5 penalties x tens of iterations).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sparse
 import torch
 
 logger = logging.getLogger(__name__)
@@ -76,13 +79,20 @@ def _matvec(ids: np.ndarray, weights: np.ndarray, coef: np.ndarray) -> np.ndarra
     return ridge_estimate(ids, weights, coef, 0.0)
 
 
-def _rmatvec(ids: np.ndarray, weights: np.ndarray, r: np.ndarray, n_rows: int) -> np.ndarray:
-    """X^T @ r: (N, T) -> (V + 1, T)."""
-    flat = ids.ravel()
-    return np.stack(
-        [np.bincount(flat, (weights * r[:, [t]]).ravel(), minlength=n_rows) for t in range(r.shape[1])],
-        axis=1,
-    )
+class _BagMatrix:
+    """The bags (N, W) as a sparse (N, V + 1) matrix X, padding left out: X @ w and X^T @ r."""
+
+    def __init__(self, ids: np.ndarray, weights: np.ndarray, n_rows: int) -> None:
+        keep = ids > 0
+        starts = np.concatenate([[0], np.cumsum(keep.sum(1))])
+        self.x = sparse.csr_matrix((weights[keep], ids[keep], starts), shape=(len(ids), n_rows))
+        self.xt = self.x.T.tocsr()
+
+    def matvec(self, w: np.ndarray) -> np.ndarray:  # (V + 1, T) -> (N, T)
+        return np.asarray(self.x @ w)
+
+    def rmatvec(self, r: np.ndarray) -> np.ndarray:  # (N, T) -> (V + 1, T)
+        return np.asarray(self.xt @ r)
 
 
 def _solve(
@@ -101,19 +111,20 @@ def _solve(
     The bias is eliminated by centring: minimising over it leaves a ridge on X - mean(X)
     and y - mean(y), with (X - 1 m^T) w computed as X w - m.w.
     """
+    x = _BagMatrix(ids, weights, n_rows)
     m = mask.astype(np.float64)
     count = np.maximum(m.sum(0), 1.0)  # (T,)
     y0 = np.where(mask, y, 0.0)
     y_mean = y0.sum(0) / count  # (T,)
-    x_mean = _rmatvec(ids, weights, m, n_rows) / count  # (V + 1, T) column means per target
+    x_mean = x.rmatvec(m) / count  # (V + 1, T) column means per target
 
     def apply(w: np.ndarray) -> np.ndarray:  # (X_c^T D X_c + l2 I) w
-        xw = (_matvec(ids, weights, w) - (x_mean * w).sum(0)) * m  # (N, T)
-        xtxw = _rmatvec(ids, weights, xw, n_rows) - x_mean * xw.sum(0)
+        xw = (x.matvec(w) - (x_mean * w).sum(0)) * m  # (N, T)
+        xtxw = x.rmatvec(xw) - x_mean * xw.sum(0)
         return xtxw + l2 * w
 
     resid_y = (y0 - y_mean) * m
-    b = _rmatvec(ids, weights, resid_y, n_rows) - x_mean * resid_y.sum(0)  # (V + 1, T)
+    b = x.rmatvec(resid_y) - x_mean * resid_y.sum(0)  # (V + 1, T)
     b[0] = 0.0  # the padding row stays zero
     w = start[0].astype(np.float64) if start is not None else np.zeros_like(b)
     r = b - apply(w)
