@@ -134,7 +134,9 @@ class GbdtMember:
             if not ok_tr.any():
                 boosters.append(None)
                 continue
-            train_set = lgb.Dataset(x_train[ok_tr], y_train[ok_tr, t], categorical_feature=categorical or "auto",
+            # a labelled-everywhere target needs no masked copy of the features
+            x_fit = x_train if ok_tr.all() else x_train[ok_tr]
+            train_set = lgb.Dataset(x_fit, y_train[ok_tr, t], categorical_feature=categorical or "auto",
                                     free_raw_data=True)
             callbacks = []
             valid = []
