@@ -45,7 +45,7 @@ CUDA_BATCH_SIZE = 128
 # encodes to the same vectors (within 1e-6) whatever else shares its batch, so an item
 # scored as a new upload gets the prediction evaluation gave it. "bfloat16" runs the
 # matrix products in bfloat16 (autocast; weights, layer norms and softmax stay float32):
-# 1.7x the titles per second on a CPU with bfloat16 instructions, vectors within a
+# 1.5-1.7x the titles per second on a CPU with bfloat16 instructions, vectors within a
 # cosine of 0.9999 of float32's, but a text's vectors then depend on its batch (padding
 # changes the kernels' blocking): about 1e-3 on the pooled vector, 1e-2 on a token. On
 # CUDA the model runs in float16 whichever is chosen.
@@ -90,7 +90,8 @@ class SentenceTextEncoder:
 
         import torch
 
-        if precision == "bfloat16" and self.device == "cpu" and not native_bfloat16():
+        self._on_cpu = self.device.split(":")[0] == "cpu"
+        if precision == "bfloat16" and self._on_cpu and not native_bfloat16():
             logger.warning(
                 "this CPU has no bfloat16 instructions: the bank's bfloat16 text encoder is "
                 "emulated and may run slower than float32 would"
@@ -136,7 +137,7 @@ class SentenceTextEncoder:
     def _arithmetic(self) -> Iterator[None]:
         import torch
 
-        if self.precision == "bfloat16" and self.device == "cpu":
+        if self.precision == "bfloat16" and self._on_cpu:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 yield
         else:
