@@ -8,7 +8,7 @@ import torch
 
 from mvpp.predictor.config import InputSizes, ModelConfig
 from mvpp.predictor.model import PopularityModel, WordPrior
-from mvpp.predictor.word_prior import WordPriorConfig, _solve, fit_word_ridge
+from mvpp.predictor.word_prior import WordPriorConfig, _BagMatrix, _solve, fit_word_ridge
 
 
 def _bags(n: int, vocab: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,7 +37,7 @@ def test_solver_matches_the_closed_form_ridge_per_target_with_missing_labels() -
     mask = np.ones_like(y, dtype=bool)
     mask[:50, 1] = False  # the second target is missing on some rows
     cfg = WordPriorConfig(tol=1e-12, max_iter=2000)
-    coef, bias = _solve(ids, weights, y, mask, np.array([2.0, 5.0]), 31, cfg)
+    coef, bias = _solve(_BagMatrix(ids, weights, 31), y, mask, np.array([2.0, 5.0]), cfg)
     assert np.all(coef[0] == 0)  # padding row
     for t, l2 in enumerate((2.0, 5.0)):
         ref_coef, ref_bias = _closed_form(dense[mask[:, t]], y[mask[:, t], t], l2)

@@ -74,11 +74,6 @@ def ridge_estimate(ids: Any, weights: Any, coef: Any, bias: Any) -> Any:
     return np.einsum("nw,nwt->nt", np.where(ids > 0, weights, 0.0), coef[ids]) + bias
 
 
-def _matvec(ids: np.ndarray, weights: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    """X @ coef: (N, W) ids and weights, (V + 1, T) -> (N, T)."""
-    return ridge_estimate(ids, weights, coef, 0.0)
-
-
 class _BagMatrix:
     """The bags (N, W) as a sparse (N, V + 1) matrix X, padding left out: X @ w and X^T @ r."""
 
@@ -96,22 +91,19 @@ class _BagMatrix:
 
 
 def _solve(
-    ids: np.ndarray,
-    weights: np.ndarray,
+    x: _BagMatrix,
     y: np.ndarray,
     mask: np.ndarray,
     l2: np.ndarray,
-    n_rows: int,
     cfg: WordPriorConfig,
     start: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge with an unpenalised bias on the rows where mask (N, T) is true, each target
-    separately (all at once): returns coef (V + 1, T), bias (T,).
+    """Ridge of y (N, T) on the bags x with an unpenalised bias on the rows where mask
+    (N, T) is true, each target separately (all at once): returns coef (V + 1, T), bias (T,).
 
     The bias is eliminated by centring: minimising over it leaves a ridge on X - mean(X)
     and y - mean(y), with (X - 1 m^T) w computed as X w - m.w.
     """
-    x = _BagMatrix(ids, weights, n_rows)
     m = mask.astype(np.float64)
     count = np.maximum(m.sum(0), 1.0)  # (T,)
     y0 = np.where(mask, y, 0.0)
@@ -168,18 +160,16 @@ def fit_word_ridge(
     oof = {lam: np.zeros((n, t)) for lam in grid}
     for f in range(cfg.folds):
         inside, held = fold != f, fold == f
+        bags = _BagMatrix(ids[inside], weights[inside], n_rows)  # one matrix for the fold's penalties
         start = None
         for lam in grid:
-            start = _solve(
-                ids[inside], weights[inside], y[inside], mask[inside],
-                np.full(t, lam), n_rows, cfg, start,
-            )
-            oof[lam][held] = _matvec(ids[held], weights[held], start[0]) + start[1]
+            start = _solve(bags, y[inside], mask[inside], np.full(t, lam), cfg, start)
+            oof[lam][held] = ridge_estimate(ids[held], weights[held], start[0], start[1])
     err = np.stack([(np.where(mask, oof[lam] - y, 0.0) ** 2).sum(0) for lam in grid])  # (G, T)
     best = err.argmin(0)  # (T,)
     l2 = np.array([grid[i] for i in best])
     out_of_fold = np.stack([oof[grid[best[j]]][:, j] for j in range(t)], axis=1)
-    coef, bias = _solve(ids, weights, y, mask, l2, n_rows, cfg)
+    coef, bias = _solve(_BagMatrix(ids, weights, n_rows), y, mask, l2, cfg)
     logger.info("word prior: L2 %s by %d-fold error", l2.tolist(), cfg.folds)
     ridge = WordRidge(coef.astype(np.float32), bias.astype(np.float32), l2)
     return ridge, out_of_fold.astype(np.float32)
