@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_clip
 from typer.testing import CliRunner, Result
@@ -419,6 +420,19 @@ def test_text_precision_is_the_banks(tmp_path: Path) -> None:
     )
     hits = run_json("query", "--title", titles[2], "--bank", bank, "-k", "1")
     assert hits[0]["item_id"] == "t2" and hits[0]["score"] > 0.999
+    # what `mvpp score` and `mvpp serve` load for the bank re-encodes its titles as the
+    # build did (the same batch), and the float32 encoder would not
+    from mvpp.memory_bank.schema import RETRIEVAL
+    from mvpp.memory_bank.store import open_store
+
+    with open_store(bank=bank) as store:
+        manifest = store.manifest
+        stored = np.stack([p.retrieval for p in store.get([f"t{i}" for i in range(4)], vectors=(RETRIEVAL,))])
+    assert common.encoder_spec(None, manifest) == EncoderSpec.for_bank(manifest)
+    fresh = _encoders_once(EncoderSpec.for_bank(manifest)).text.encode(titles)
+    np.testing.assert_allclose(fresh, stored, atol=1e-6)
+    exact = _encoders_once(EncoderSpec.from_profile("lite")).text.encode(titles)
+    assert np.abs(exact - stored).max() > 1e-5
     bad = run(*args, "--text-precision", "half")
     assert bad.exit_code == 2 and "--text-precision" in bad.output and "must be one of" in bad.output
 

@@ -107,9 +107,10 @@ TextPrecisionOpt = Annotated[
     typer.Option(
         "--text-precision",
         help="The text model's arithmetic on the CPU: 'float32' (a text encodes alike in any "
-        "batch, so scoring repeats evaluation to 1e-6) or 'bfloat16' (1.7x faster on CPUs with "
-        "bfloat16 instructions, vectors within 1e-3 of float32's and of each other across "
-        "batches). Recorded in the bank: every later encoding for it uses the same "
+        "batch, so scoring a new upload repeats evaluation) or 'bfloat16' (1.5-1.7x faster on "
+        "CPUs with bfloat16 instructions; vectors within a cosine of 0.9999 of float32's but "
+        "dependent on their batch, so predictions of new uploads move by about 0.003). "
+        "Recorded in the bank: every later encoding for it uses the same "
         "\\[default: the bank's, else float32].",
     ),
 ]

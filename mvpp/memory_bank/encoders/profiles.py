@@ -163,13 +163,9 @@ class EncoderSpec:
             if changes["max_tokens"] < 1:
                 raise ValueError(f"max_tokens must be >= 1, got {changes['max_tokens']}")
         if "text_precision" in changes:
-            from .text import TEXT_PRECISIONS
+            from .text import check_text_precision
 
-            changes["text_precision"] = str(changes["text_precision"]).strip().lower()
-            if changes["text_precision"] not in TEXT_PRECISIONS:
-                raise ValueError(
-                    f"text precision must be one of {', '.join(TEXT_PRECISIONS)}, got {changes['text_precision']!r}"
-                )
+            changes["text_precision"] = check_text_precision(changes["text_precision"])
         return replace(base, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from .base import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEXT_PRECISIONS", "SentenceTextEncoder", "native_bfloat16"]
+__all__ = ["TEXT_PRECISIONS", "SentenceTextEncoder", "check_text_precision", "native_bfloat16"]
 
 # Titles and frame captions are short; a cap keeps the cost of the odd very long
 # description bounded (UAE-Large-V1 would otherwise accept 512 tokens).
@@ -77,9 +77,7 @@ class SentenceTextEncoder:
         batch_size: int | None = None,
         precision: str = "float32",
     ) -> None:
-        if precision not in TEXT_PRECISIONS:
-            raise ValueError(f"text precision must be one of {', '.join(TEXT_PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        self.precision = precision = check_text_precision(precision)
         source = str(model_id_or_path)
         self.model_id: str = model_id or source
         self.device: str = resolve_device(device)
@@ -201,6 +199,14 @@ class SentenceTextEncoder:
             emb = out["token_embeddings"].float().cpu()[keep][:max_tokens]
             tokens.append(np.ascontiguousarray(emb.numpy(), dtype=np.float32))
         return pooled.astype(np.float32, copy=False), tokens
+
+
+def check_text_precision(value: str) -> str:
+    """`value` as one of `TEXT_PRECISIONS` (case and spaces ignored), else ValueError."""
+    name = str(value).strip().lower()
+    if name not in TEXT_PRECISIONS:
+        raise ValueError(f"text precision must be one of {', '.join(TEXT_PRECISIONS)}, got {value!r}")
+    return name
 
 
 def native_bfloat16() -> bool:
