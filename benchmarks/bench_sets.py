@@ -167,6 +167,8 @@ def main() -> None:
                         help="build the banks with this text encoder (hub id or folder; its banks are kept apart)")
     parser.add_argument("--text-precision", default=None, choices=["float32", "bfloat16"],
                         help="build the banks with this text precision (its banks are kept apart)")
+    parser.add_argument("--token-storage", default=None, choices=["int8", "float16"],
+                        help="build the banks with this token storage (float16 banks are kept apart)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--report", type=Path, nargs="*", default=None, help="only print saved results")
     parser.add_argument("--markdown", action="store_true", help="with --report: one Markdown table")
@@ -188,6 +190,8 @@ def main() -> None:
         suffix = f"-{Path(args.text_model).name}" if args.text_model else ""
         if args.text_precision and args.text_precision != "float32":
             suffix += f"-{args.text_precision}"
+        if args.token_storage == "float16":
+            suffix += "-float16"
         bank = CACHE / "sets" / f"{name}-bank{suffix}"
         try:
             if not (bank / "manifest.json").exists():
@@ -195,6 +199,8 @@ def main() -> None:
                 text_model = ["--text-model", args.text_model] if args.text_model else []
                 if args.text_precision:
                     text_model += ["--text-precision", args.text_precision]
+                if args.token_storage:
+                    text_model += ["--token-storage", args.token_storage]
                 build_s = cli([*spec["build"](bank), *text_model], ok_codes=(0, 1))
                 console.print(f"{name}: bank built in {build_s:.0f} s")
         except DataMissing as exc:

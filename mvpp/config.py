@@ -112,6 +112,9 @@ class BuildSettings:
     # slower than with no overlap; benchmarks/README.md).
     decode_niceness: int = 10
     label_transform: str = "log2p1"
+    # How a new bank stores token features (memory_bank.token_storage); None: 8-bit
+    # codes. An existing bank keeps what it was created with.
+    token_storage: str | None = None
     failures_file: Path | None = None  # default: <bank>.failures.jsonl beside the bank
     extra: dict[str, str] = field(default_factory=dict)
 

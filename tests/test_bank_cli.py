@@ -439,3 +439,25 @@ def test_text_precision_is_the_banks(tmp_path: Path) -> None:
     exact = tmp_path / "exact"
     assert run("build", "--meta", meta, "--label-col", "views", "--profile", "lite", "--bank", exact).exit_code == 0
     assert run_json("info", "--bank", exact)["text_precision"] == "float32"
+
+
+def test_token_storage_is_fixed_with_the_bank(tmp_path: Path) -> None:
+    """New banks keep 8-bit token codes unless told; `--token-storage` is recorded, later
+    builds use the bank's, and asking another storage of an existing bank is refused."""
+    meta = write_meta(tmp_path / "meta.csv", [{"id": f"t{i}", "title": t, "views": 10 * (i + 1)}
+                                              for i, t in enumerate(["a red fox", "rice for dinner"])])
+    default = tmp_path / "default"
+    assert run("build", "--meta", meta, "--label-col", "views", "--profile", "lite", "--bank", default).exit_code == 0
+    assert run_json("info", "--bank", default)["token_storage"] == "int8"
+
+    bank = tmp_path / "bank"
+    args = ("build", "--meta", meta, "--label-col", "views", "--profile", "lite", "--bank", bank)
+    assert run(*args, "--token-storage", "float16").exit_code == 0
+    assert run_json("info", "--bank", bank)["token_storage"] == "float16"
+    again = run(*args)
+    assert again.exit_code == 0 and summary_row(again.stderr) == (0, 2, 0), again.output
+    refused = run(*args, "--token-storage", "int8")
+    assert refused.exit_code == 2
+    assert "stores its token features as 'float16', requested 'int8'" in one_error_line(refused)
+    bad = run(*args, "--token-storage", "int4")
+    assert bad.exit_code == 2 and "token storage must be one of int8, float16" in one_error_line(bad)

@@ -26,6 +26,7 @@ from mvpp.cli.common import (
     ShardsOpt,
     TextModelOpt,
     TextPrecisionOpt,
+    TokenStorageOpt,
     UrlOpt,
     VerboseOpt,
     WriteConsistencyOpt,
@@ -41,6 +42,7 @@ from mvpp.cli.common import (
     quiet_model_loading,
     setup_logging,
     store_for,
+    token_storage_for,
 )
 from mvpp.config import BuildSettings, decode_ahead_default, default_failures_file, video_batch_size
 from mvpp.memory_bank.builder import BankBuilder, plan_items
@@ -146,6 +148,7 @@ def build(
     frame_pretrained: FramePretrainedOpt = None,
     audio_model: AudioModelOpt = None,
     text_precision: TextPrecisionOpt = None,
+    token_storage: TokenStorageOpt = None,
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -203,6 +206,7 @@ def build(
                 settings.n_frames = store.manifest.n_frames
             if store.manifest is not None:
                 check_spec(store.manifest, spec, settings.n_frames)
+            settings.token_storage = token_storage_for(store.manifest, token_storage)
             quiet_model_loading()
             encoders = load_encoders(spec, device=device)
             builder = BankBuilder(store, encoders, settings)
@@ -321,6 +325,7 @@ def import_(
     frame_pretrained: FramePretrainedOpt = None,
     audio_model: AudioModelOpt = None,
     text_precision: TextPrecisionOpt = None,
+    token_storage: TokenStorageOpt = None,
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -373,8 +378,11 @@ def import_(
                 manifest = BankBuilder(store, encoders, BuildSettings(label_transform=transform)).manifest(
                     columns.label_cols, columns
                 )
+            storage = token_storage_for(store.manifest, token_storage)
+            if storage is not None:
+                manifest.token_storage = storage
             settings = BuildSettings(label_transform=manifest.label_transform, n_frames=manifest.n_frames,
-                                     max_tokens=manifest.max_tokens)
+                                     max_tokens=manifest.max_tokens, token_storage=manifest.token_storage)
             with progress_bar() as bar:
                 on_progress = _indexing_progress(bar, header.rows)
                 report = import_table(table, store, manifest, columns, failures_file, on_progress, settings,
@@ -538,7 +546,7 @@ def info(
     for key in (
         "backend", "items", "labelled", "unlabelled", "with_video", "with_audio", "profile", "text_model",
         "text_precision", "captioner_model", "frame_model", "audio_model", "retrieval_dim", "token_dim", "frame_dim", "audio_dim",
-        "n_frames", "max_tokens", "label_names", "label_transform", "schema_version",
+        "n_frames", "max_tokens", "token_storage", "label_names", "label_transform", "schema_version",
     ):
         value = data[key]
         table.add_row(key, Text(", ".join(value) if isinstance(value, list) else str(value)))

@@ -39,6 +39,7 @@ from mvpp.memory_bank.store import (
     NotABankError,
     open_store,
 )
+from mvpp.memory_bank.token_storage import check_token_storage
 
 console = Console(stderr=True)
 out = Console()
@@ -112,6 +113,15 @@ TextPrecisionOpt = Annotated[
         "dependent on their batch, so predictions of new uploads move by about 0.003). "
         "Recorded in the bank: every later encoding for it uses the same "
         "\\[default: the bank's, else float32].",
+    ),
+]
+TokenStorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token-storage",
+        help="How a new bank stores its token features: 'int8' (one byte per value, "
+        "each row's direction kept within a cosine of 0.9996; half float16's size) or "
+        "'float16'. Fixed when the bank is created \\[default: the bank's, else int8].",
     ),
 ]
 FrameModelOpt = Annotated[
@@ -246,6 +256,20 @@ def check_spec(manifest: Manifest, spec: EncoderSpec, n_frames: int) -> None:
             f"encoders or dimensions differ ({'; '.join(diffs)}). Leave out --profile and the "
             f"model flags to use the bank's own (profile {manifest.profile!r}), or build a new bank."
         )
+
+
+def token_storage_for(manifest: Manifest | None, requested: str | None) -> str | None:
+    """The --token-storage a build into a bank uses: the request (checked), which must
+    be the bank's own when the bank exists; None leaves it to the bank or the default."""
+    if requested is None:
+        return None
+    name = check_token_storage(requested)
+    if manifest is not None and manifest.token_storage != name:
+        raise BankMismatchError(
+            f"the bank stores its token features as {manifest.token_storage!r}, requested {name!r}: "
+            "the storage is fixed when a bank is created; leave out --token-storage, or build a new bank"
+        )
+    return name
 
 
 def check_text_columns(raw: list[dict[str, Any]], columns: ColumnMap, has_videos: bool, source: str) -> None:

@@ -27,6 +27,7 @@ from mvpp.memory_bank.encoders.profiles import Encoders
 from mvpp.memory_bank.metadata import ColumnMap, MetaRow, transform_label
 from mvpp.memory_bank.schema import BankPoint, Manifest, content_hash
 from mvpp.memory_bank.store.base import BankStore
+from mvpp.memory_bank.token_storage import DEFAULT_TOKEN_STORAGE, stored_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +109,21 @@ def content_problem(item: BuildItem, clip: Clip | None) -> str | None:
     return NO_CONTENT
 
 
-def stored_form(point: BankPoint) -> BankPoint:
+def stored_form(point: BankPoint, token_storage: str) -> BankPoint:
     """The point as the bank gives it back: retrieval vector and every multivector row
-    L2-normalised (the bank's vectors are cosine vectors), multivectors rounded to
-    float16 (their storage type). Every point is made through this, so an item encoded
-    by `build`, `query` or `score` has the same features as its stored copy."""
+    L2-normalised (the bank's vectors are cosine vectors), frames and sound rounded to
+    float16 (their storage type), tokens as the bank's `token_storage` keeps them. Every
+    point is made through this, so an item encoded by `build`, `query` or `score` has
+    the same features as its stored copy."""
     if point.retrieval is not None:
         point.retrieval = l2_normalize(point.retrieval)
-    for name in ("frames", "tokens", "audio"):
+    for name in ("frames", "audio"):
         value = getattr(point, name)
         if value is not None:
             stored = l2_normalize(np.asarray(value, np.float32)).astype(np.float16).astype(np.float32)
             setattr(point, name, stored)
+    if point.tokens is not None:
+        point.tokens = stored_tokens(l2_normalize(point.tokens), token_storage)
     return point
 
 
@@ -296,7 +300,16 @@ class BankBuilder:
             audio_model=desc["audio_model"],
             audio_dim=int(desc["audio_dim"]),
             encoder_spec=desc["spec"],
+            token_storage=self.settings.token_storage or DEFAULT_TOKEN_STORAGE,
         )
+
+    def token_storage(self) -> str:
+        """How the bank keeps token features: an existing bank's setting, else the
+        settings' for the bank this build creates."""
+        stored = self.store.manifest
+        if stored is not None:
+            return stored.token_storage
+        return self.settings.token_storage or DEFAULT_TOKEN_STORAGE
 
     # -- hashing --------------------------------------------------------------------
 
@@ -450,6 +463,7 @@ class BankBuilder:
             prompts.append(enc.build_prompt(caps, title))
         vectors, tokens = self._text_features(prompts, titles)
         sounds = self._sound_features([clip for _, clip in items])
+        storage = self.token_storage()
         return [
             stored_form(make_point(
                 item,
@@ -459,7 +473,7 @@ class BankBuilder:
                 audio=sounds[i],
                 captions=captions_out[i],
                 duration_s=clip.duration_s if clip is not None else None,
-            ))
+            ), storage)
             for i, (item, clip) in enumerate(items)
         ]
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .token_storage import LEGACY_TOKEN_STORAGE
+
 SCHEMA_VERSION = 1
 
 # Named vectors of a bank point.
@@ -71,6 +73,9 @@ class Manifest:
     # The encoder spec the bank was built with (model paths included), so that scoring
     # and querying load the same encoders; empty for banks built before it was recorded.
     encoder_spec: dict[str, Any] = field(default_factory=dict)
+    # How the token features are stored (`token_storage.TOKEN_STORAGES`); banks recorded
+    # before the setting hold float16. Fixed when the bank is created.
+    token_storage: str = LEGACY_TOKEN_STORAGE
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

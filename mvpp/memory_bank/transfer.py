@@ -393,10 +393,11 @@ class TableImporter(BankBuilder):
 
     def encode(self, items) -> list[BankPoint]:
         points = []
+        storage = self.token_storage()
         for item, _ in items:
             vec = self.vectors[item.item_id]
             point = stored_form(make_point(item, vec.retrieval, vec.frames, vec.tokens, vec.captions, vec.duration_s,
-                                       vec.audio))
+                                       vec.audio), storage)
             point.video = vec.video
             points.append(point)
         return points

@@ -20,10 +20,11 @@ import numpy as np
 
 from mvpp.memory_bank.schema import AUDIO, FRAMES, RETRIEVAL, TEXT, BankPoint, Manifest
 from mvpp.memory_bank.store.base import BankStore
+from mvpp.memory_bank.token_storage import LEGACY_TOKEN_STORAGE, decode_rows, encode_rows
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 # Padded sequences and their lengths: the cache keeps only their valid rows.
 _SEQUENCES = (("frames", "frame_len"), ("tokens", "token_len"), ("audio", "audio_len"))
 
@@ -59,6 +60,9 @@ class BankSnapshot:
     observed_ts: np.ndarray | None = None
     audio: np.ndarray | None = None
     audio_len: np.ndarray | None = None
+    # The bank's token storage: the cache keeps 8-bit codes of an int8 bank's tokens
+    # (they decode to the same float16 values) instead of twice their bytes.
+    token_storage: str = LEGACY_TOKEN_STORAGE
 
     def __post_init__(self) -> None:
         # Optional per-item times and durations are NaN arrays rather than None.
@@ -111,11 +115,14 @@ class BankSnapshot:
             shapes[seq] = list(padded.shape)
             valid = np.arange(padded.shape[1])[None, :] < lengths[:, None]  # (N, P)
             arrays[seq] = padded[valid]  # (sum of lengths, d)
+        if self.token_storage == "int8":
+            arrays["tokens"] = encode_rows(arrays["tokens"])
         np.savez(tmp_arrays, **arrays)
         tmp_arrays.replace(folder / "arrays.npz")
         meta = {
             "version": CACHE_VERSION,
             "shapes": shapes,
+            "token_storage": self.token_storage,
             "fingerprint": self.fingerprint,
             "item_ids": self.item_ids,
             "label_names": self.label_names,
@@ -139,6 +146,9 @@ class BankSnapshot:
                 return None
             with np.load(folder / "arrays.npz", allow_pickle=False) as data:
                 arrays = {n: data[n] for n in cls._ARRAYS}
+            storage = meta.get("token_storage", LEGACY_TOKEN_STORAGE)
+            if storage == "int8":
+                arrays["tokens"] = decode_rows(arrays["tokens"], np.float16)
             for seq, length in _SEQUENCES:
                 rows, lengths = arrays[seq], arrays[length]
                 padded = np.zeros(meta["shapes"][seq], rows.dtype)
@@ -154,6 +164,7 @@ class BankSnapshot:
             metadata=meta["metadata"],
             raw_labels=meta["raw_labels"],
             fingerprint=meta["fingerprint"],
+            token_storage=storage,
             **arrays,
         )
 
@@ -191,6 +202,7 @@ def read_snapshot(
             progress(1)
     snap = snapshot_from_points(points, manifest)
     snap.fingerprint = fingerprint
+    snap.token_storage = manifest.token_storage
     if cache_dir is not None:
         snap.save(cache_dir / fingerprint)
         _drop_stale_caches(cache_dir, keep=fingerprint)
@@ -204,7 +216,7 @@ def _f16(rows: np.ndarray | None) -> np.ndarray | None:
 def _slim(point: BankPoint, max_tokens: int) -> BankPoint:
     """What a snapshot needs of a scrolled point, and no more: the whole bank is held until
     it is packed into arrays. Multivectors go to float16 at once (the bank stores them at
-    float16, so nothing is lost: the arrays are float16 too), tokens past `max_tokens`
+    float16 or coarser, so nothing is lost: the arrays are float16 too), tokens past `max_tokens`
     are dropped, and so are the fields the arrays do not use (hashes, captions, paths)."""
     return BankPoint(
         item_id=point.item_id,

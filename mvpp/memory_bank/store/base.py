@@ -41,6 +41,7 @@ from ..schema import (
     Manifest,
     SearchFilter,
 )
+from ..token_storage import LEGACY_TOKEN_STORAGE, decode_rows, encode_rows
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +158,15 @@ def bank_vectors(names: tuple[str, ...], manifest: Manifest | None) -> tuple[str
     return tuple(n for n in names if n != AUDIO)
 
 
-def point_vectors(point: BankPoint, dims: dict[str, int]) -> dict[str, list[Any]]:
+def point_vectors(
+    point: BankPoint, dims: dict[str, int], token_storage: str = LEGACY_TOKEN_STORAGE
+) -> dict[str, list[Any]]:
     """The named vectors a point has, as the nested lists the engines take.
 
     Lists rather than numpy arrays: both engines walk their input element by element, and
     walking a numpy array creates one numpy scalar per element, which made building a
-    point with a 32 x 384 multivector about twice as slow as `tolist()` first.
+    point with a 32 x 384 multivector about twice as slow as `tolist()` first. Tokens go
+    in as 8-bit codes when the bank stores them so (`token_storage`).
     """
     vectors: dict[str, list[Any]] = {}
     if point.retrieval is not None:
@@ -184,6 +188,8 @@ def point_vectors(point: BankPoint, dims: dict[str, int]) -> dict[str, list[Any]
             )
         if arr.shape[0] == 0:
             continue  # an empty multivector is stored as no vector at all
+        if name == TEXT and token_storage == "int8":
+            arr = encode_rows(arr)
         vectors[name] = arr.tolist()
     return vectors
 
@@ -217,13 +223,18 @@ def as_array(value: Any, multivector: bool) -> np.ndarray | None:
     return arr
 
 
-def record_to_point(payload: dict[str, Any] | None, vectors: Any) -> BankPoint:
+def record_to_point(
+    payload: dict[str, Any] | None, vectors: Any, token_storage: str = LEGACY_TOKEN_STORAGE
+) -> BankPoint:
     vecs = vectors if isinstance(vectors, dict) else {}
+    tokens = as_array(vecs.get(TEXT), multivector=True)
+    if tokens is not None and token_storage == "int8":
+        tokens = decode_rows(tokens)
     return BankPoint.from_payload(
         payload or {},
         retrieval=as_array(vecs.get(RETRIEVAL), multivector=False),
         frames=as_array(vecs.get(FRAMES), multivector=True),
-        tokens=as_array(vecs.get(TEXT), multivector=True),
+        tokens=tokens,
         audio=as_array(vecs.get(AUDIO), multivector=True),
     )
 
@@ -256,6 +267,11 @@ class BankStore(ABC):
     @abstractmethod
     def manifest(self) -> Manifest | None:
         """The stored manifest, or None for a new empty bank."""
+
+    def _token_storage(self) -> str:
+        """How this bank's token features are stored (what reads decode)."""
+        manifest = self.manifest
+        return manifest.token_storage if manifest is not None else LEGACY_TOKEN_STORAGE
 
     @abstractmethod
     def init(self, manifest: Manifest) -> None:

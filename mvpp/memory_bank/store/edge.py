@@ -28,6 +28,7 @@ import qdrant_edge as qe
 from ..schema import (
     INDEXED_FIELDS,
     RETRIEVAL,
+    TEXT,
     BankPoint,
     Hit,
     Manifest,
@@ -110,6 +111,16 @@ def edge_config(manifest: Manifest) -> qe.EdgeConfig:
         )
         for name in bank_vectors(MULTIVECTOR_NAMES, manifest)
     }
+    if manifest.token_storage == "int8":
+        # 8-bit codes (memory_bank.token_storage), never searched: Dot leaves them as
+        # they are where Cosine would normalise them
+        multivectors[TEXT] = qe.EdgeVectorParams(
+            size=dims[TEXT],
+            distance=qe.Distance.Dot,
+            multivector_config=multi,
+            datatype=qe.VectorStorageDatatype.Uint8,
+            hnsw_config=no_graph,
+        )
     int8 = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=RETRIEVAL_INT8_QUANTILE, always_ram=True)
     retrieval = qe.EdgeVectorParams(size=dims[RETRIEVAL], distance=qe.Distance.Cosine, quantization_config=int8)
     return qe.EdgeConfig(vectors={RETRIEVAL: retrieval, **multivectors})
@@ -388,7 +399,7 @@ class EdgeBankStore(BankStore):
             edge_points = []
             n_floats = 0
             for p in batch:
-                vectors = point_vectors(p, dims)
+                vectors = point_vectors(p, dims, opened.manifest.token_storage)
                 n_floats += dims[RETRIEVAL] if RETRIEVAL in vectors else 0
                 for name in MULTIVECTOR_NAMES:
                     if name in vectors:
@@ -444,6 +455,7 @@ class EdgeBankStore(BankStore):
             return
         offset: Any = None
         qfilter = edge_filter(flt)
+        storage = self._token_storage()
         while True:
             records, offset = shard.scroll(
                 qe.ScrollRequest(
@@ -455,7 +467,7 @@ class EdgeBankStore(BankStore):
                 )
             )
             for rec in records:
-                yield record_to_point(rec.payload, rec.vector)
+                yield record_to_point(rec.payload, rec.vector, storage)
             if offset is None:
                 return
 
@@ -467,6 +479,7 @@ class EdgeBankStore(BankStore):
         if shard is None or not item_ids:
             return [None] * len(item_ids)
         ids = [point_id(i) for i in item_ids]
+        storage = self._token_storage()
         by_id: dict[str, BankPoint] = {}
         for batch in chunks(ids, RETRIEVE_BATCH):
             records = shard.retrieve(
@@ -475,7 +488,7 @@ class EdgeBankStore(BankStore):
                 with_vector=list(names) if names else False,
             )
             for rec in records:
-                by_id[str(rec.id)] = record_to_point(rec.payload, rec.vector)
+                by_id[str(rec.id)] = record_to_point(rec.payload, rec.vector, storage)
         return [by_id.get(pid) for pid in ids]
 
     def _request(

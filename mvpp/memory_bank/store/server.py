@@ -23,6 +23,7 @@ from mvpp.config import ClusterSettings
 from ..schema import (
     INDEXED_FIELDS,
     RETRIEVAL,
+    TEXT,
     BankPoint,
     Hit,
     Manifest,
@@ -78,7 +79,7 @@ def vectors_config(manifest: Manifest) -> dict[str, models.VectorParams]:
             type=models.ScalarType.INT8, quantile=RETRIEVAL_INT8_QUANTILE, always_ram=True
         )
     )
-    return {
+    vectors: dict[str, models.VectorParams] = {
         RETRIEVAL: models.VectorParams(size=dims[RETRIEVAL], distance=models.Distance.COSINE, quantization_config=int8),
         **{
             name: models.VectorParams(
@@ -91,6 +92,17 @@ def vectors_config(manifest: Manifest) -> dict[str, models.VectorParams]:
             for name in bank_vectors(MULTIVECTOR_NAMES, manifest)
         },
     }
+    if manifest.token_storage == "int8":
+        # 8-bit codes (memory_bank.token_storage), never searched: Dot leaves them as
+        # they are where Cosine would normalise them
+        vectors[TEXT] = models.VectorParams(
+            size=dims[TEXT],
+            distance=models.Distance.DOT,
+            multivector_config=multi,
+            datatype=models.Datatype.UINT8,
+            hnsw_config=no_graph,
+        )
+    return vectors
 
 
 def server_filter(flt: SearchFilter | None) -> models.Filter | None:
@@ -263,7 +275,8 @@ class ServerBankStore(BankStore):
         for batch in chunks(points, UPSERT_BATCH):
             structs = [
                 models.PointStruct(
-                    id=point_id(p.item_id), vector=point_vectors(p, dims), payload=p.payload()
+                    id=point_id(p.item_id), vector=point_vectors(p, dims, self._manifest.token_storage),
+                    payload=p.payload(),
                 )
                 for p in batch
             ]
@@ -314,6 +327,7 @@ class ServerBankStore(BankStore):
         if not self._ready():
             return
         qfilter = server_filter(flt)
+        storage = self._token_storage()
         offset: Any = None
         while True:
             records, offset = self._client.scroll(
@@ -325,7 +339,7 @@ class ServerBankStore(BankStore):
                 with_vectors=list(names) if names else False,
             )
             for rec in records:
-                yield record_to_point(rec.payload, rec.vector)
+                yield record_to_point(rec.payload, rec.vector, storage)
             if offset is None:
                 return
 
@@ -337,7 +351,8 @@ class ServerBankStore(BankStore):
             return [None] * len(item_ids)
         ids = [point_id(i) for i in item_ids]
         records = self._retrieve(ids, True, list(names) if names else False)
-        by_id = {str(rec.id): record_to_point(rec.payload, rec.vector) for rec in records}
+        storage = self._token_storage()
+        by_id = {str(rec.id): record_to_point(rec.payload, rec.vector, storage) for rec in records}
         return [by_id.get(pid) for pid in ids]
 
     def _params(self, exact: bool, k: int) -> models.SearchParams | None:
