@@ -158,3 +158,19 @@ def test_the_cache_keeps_codes_and_gives_the_banks_tokens(tmp_path: Path) -> Non
     with np.load(folder / "arrays.npz") as data:
         assert data["tokens"].dtype == np.uint8
     assert BankSnapshot.load(folder) is not None
+
+
+def test_an_older_banks_fingerprint_is_unchanged(tmp_path: Path) -> None:
+    """The setting is not part of a float16 bank's fingerprint, so the runs and caches of
+    banks built before it still match them."""
+    from mvpp.retriever.snapshot import bank_fingerprint
+
+    with EdgeBankStore(tmp_path / "bank") as store:
+        store.init(manifest("float16"))
+        store.upsert([stored_form(p, "float16") for p in points(5)])
+        before = bank_fingerprint(store)
+    recorded = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    del recorded["token_storage"]
+    (tmp_path / "bank" / "manifest.json").write_text(json.dumps(recorded))
+    with EdgeBankStore(tmp_path / "bank") as store:
+        assert bank_fingerprint(store) == before

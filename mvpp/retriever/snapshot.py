@@ -24,7 +24,7 @@ from mvpp.memory_bank.token_storage import LEGACY_TOKEN_STORAGE, decode_rows, en
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 5
+CACHE_VERSION = 4
 # Padded sequences and their lengths: the cache keeps only their valid rows.
 _SEQUENCES = (("frames", "frame_len"), ("tokens", "token_len"), ("audio", "audio_len"))
 
@@ -177,7 +177,12 @@ def bank_fingerprint(store: BankStore) -> str:
         digest.update(h.encode())
     manifest = store.manifest
     if manifest is not None:
-        digest.update(json.dumps(manifest.to_dict(), sort_keys=True).encode())
+        recorded = manifest.to_dict()
+        if recorded["token_storage"] == LEGACY_TOKEN_STORAGE:
+            # as before the setting existed: a bank's fingerprint (its runs', its cache's)
+            # does not change with the version that reads it
+            del recorded["token_storage"]
+        digest.update(json.dumps(recorded, sort_keys=True).encode())
     return digest.hexdigest()[:24]
 
 
