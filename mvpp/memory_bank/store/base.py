@@ -150,6 +150,15 @@ def vector_dims(manifest: Manifest) -> dict[str, int]:
     }
 
 
+def multivector_storage(name: str, manifest: Manifest) -> tuple[str, str]:
+    """(distance, datatype) of a multivector in this bank: float16 cosine rows, or, for
+    tokens kept as 8-bit codes (`token_storage`), uint8 under the dot product, which
+    stores them as they are where cosine would normalise them (they are never searched)."""
+    if name == TEXT and manifest.token_storage == "int8":
+        return "dot", "uint8"
+    return "cosine", "float16"
+
+
 def bank_vectors(names: tuple[str, ...], manifest: Manifest | None) -> tuple[str, ...]:
     """The requested vector names the bank has: a bank without sound features has no
     `audio` vector to ask for."""

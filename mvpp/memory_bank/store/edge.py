@@ -28,7 +28,6 @@ import qdrant_edge as qe
 from ..schema import (
     INDEXED_FIELDS,
     RETRIEVAL,
-    TEXT,
     BankPoint,
     Hit,
     Manifest,
@@ -48,6 +47,7 @@ from .base import (
     check_vector_names,
     chunks,
     merge_manifest,
+    multivector_storage,
     point_vectors,
     prepare_query,
     record_to_point,
@@ -81,6 +81,10 @@ _SCHEMA_TYPES = {
 }
 
 
+_DISTANCES = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot}
+_DATATYPES = {"float16": qe.VectorStorageDatatype.Float16, "uint8": qe.VectorStorageDatatype.Uint8}
+
+
 @dataclass
 class _OpenShard:
     """A shard and its manifest, shared by every store open on the same folder."""
@@ -101,24 +105,14 @@ def edge_config(manifest: Manifest) -> qe.EdgeConfig:
     # optimisation dominate build time); their searches are exact scans.
     no_graph = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
     dims = vector_dims(manifest)
-    multivectors = {
-        name: qe.EdgeVectorParams(
+    multivectors: dict[str, qe.EdgeVectorParams] = {}
+    for name in bank_vectors(MULTIVECTOR_NAMES, manifest):
+        distance, datatype = multivector_storage(name, manifest)
+        multivectors[name] = qe.EdgeVectorParams(
             size=dims[name],
-            distance=qe.Distance.Cosine,
+            distance=_DISTANCES[distance],
             multivector_config=multi,
-            datatype=qe.VectorStorageDatatype.Float16,
-            hnsw_config=no_graph,
-        )
-        for name in bank_vectors(MULTIVECTOR_NAMES, manifest)
-    }
-    if manifest.token_storage == "int8":
-        # 8-bit codes (memory_bank.token_storage), never searched: Dot leaves them as
-        # they are where Cosine would normalise them
-        multivectors[TEXT] = qe.EdgeVectorParams(
-            size=dims[TEXT],
-            distance=qe.Distance.Dot,
-            multivector_config=multi,
-            datatype=qe.VectorStorageDatatype.Uint8,
+            datatype=_DATATYPES[datatype],
             hnsw_config=no_graph,
         )
     int8 = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=RETRIEVAL_INT8_QUANTILE, always_ram=True)

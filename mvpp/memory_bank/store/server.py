@@ -23,7 +23,6 @@ from mvpp.config import ClusterSettings
 from ..schema import (
     INDEXED_FIELDS,
     RETRIEVAL,
-    TEXT,
     BankPoint,
     Hit,
     Manifest,
@@ -42,6 +41,7 @@ from .base import (
     check_vector_names,
     chunks,
     merge_manifest,
+    multivector_storage,
     point_vectors,
     prepare_query,
     record_to_point,
@@ -69,6 +69,10 @@ _SCHEMA_TYPES = {
 }
 
 
+_DISTANCES = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT}
+_DATATYPES = {"float16": models.Datatype.FLOAT16, "uint8": models.Datatype.UINT8}
+
+
 def vectors_config(manifest: Manifest) -> dict[str, models.VectorParams]:
     multi = models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
     # m=0: no HNSW graph over frame / token rows; multivector searches are exact scans
@@ -79,27 +83,16 @@ def vectors_config(manifest: Manifest) -> dict[str, models.VectorParams]:
             type=models.ScalarType.INT8, quantile=RETRIEVAL_INT8_QUANTILE, always_ram=True
         )
     )
-    vectors: dict[str, models.VectorParams] = {
+    vectors = {
         RETRIEVAL: models.VectorParams(size=dims[RETRIEVAL], distance=models.Distance.COSINE, quantization_config=int8),
-        **{
-            name: models.VectorParams(
-                size=dims[name],
-                distance=models.Distance.COSINE,
-                multivector_config=multi,
-                datatype=models.Datatype.FLOAT16,
-                hnsw_config=no_graph,
-            )
-            for name in bank_vectors(MULTIVECTOR_NAMES, manifest)
-        },
     }
-    if manifest.token_storage == "int8":
-        # 8-bit codes (memory_bank.token_storage), never searched: Dot leaves them as
-        # they are where Cosine would normalise them
-        vectors[TEXT] = models.VectorParams(
-            size=dims[TEXT],
-            distance=models.Distance.DOT,
+    for name in bank_vectors(MULTIVECTOR_NAMES, manifest):
+        distance, datatype = multivector_storage(name, manifest)
+        vectors[name] = models.VectorParams(
+            size=dims[name],
+            distance=_DISTANCES[distance],
             multivector_config=multi,
-            datatype=models.Datatype.UINT8,
+            datatype=_DATATYPES[datatype],
             hnsw_config=no_graph,
         )
     return vectors
