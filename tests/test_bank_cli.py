@@ -128,6 +128,8 @@ def test_real_clips_build_query_failures_and_rerun(real_videos: Path, tmp_path: 
     assert info["captioner_model"] is None and info["size_bytes"] > 0
     table = run("info", "--bank", bank)
     assert table.exit_code == 0 and "size on disk" in table.stdout and "MB" in table.stdout
+    per_item = f"{info['size_bytes'] / 7 / 1e3:.1f} KB per item"
+    assert per_item in " ".join(table.stdout.split()), table.stdout
 
     for clip in clips:  # a bare clip finds itself by its frames
         hits = run_json("query", clip, "--bank", bank, "-k", "3")

@@ -555,7 +555,11 @@ def info(
         shown = {k: v for k, v in columns.items() if v}
         table.add_row("columns", Text("; ".join(f"{k}={', '.join(v) if isinstance(v, list) else v}" for k, v in shown.items())))
     size = data["size_bytes"]
-    table.add_row("size on disk", "n/a (server)" if size is None else f"{size / 1e6:.1f} MB")
+    if size is None:
+        table.add_row("size on disk", "n/a (server)")
+    else:
+        per_item = f" ({size / data['items'] / 1e3:.1f} KB per item)" if data["items"] else ""
+        table.add_row("size on disk", f"{size / 1e6:.1f} MB{per_item}")
     out.print(table)
 
 
