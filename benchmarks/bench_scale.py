@@ -5,7 +5,9 @@ titles (encoded once, cached in .bench-data/), replicated with small Gaussian no
 (renormalised) under fresh ids, each copy keeping its original's title and label, with a
 made-up publish time (uniform over a year) and creator (one per 50 items). Text-only
 rows with the retrieval vector alone: the table a user who has embeddings already
-brings to `mvpp-bank import`.
+brings to `mvpp-bank import`; with `--tokens`, each copy also carries its original
+title's token features (the lite profile's MiniLM token rows, encoded once), what the
+predictor's text expert reads.
 
 For each size it measures, each in its own process where memory matters:
 - `mvpp-bank import` of the table: items/s and peak RSS (the HNSW index is built as
@@ -135,12 +137,45 @@ def source_vectors() -> tuple[np.ndarray, list[str], np.ndarray]:
     return vectors.astype(np.float32), [r["title"] for r in rows], np.array([r["comments"] for r in rows], float)
 
 
-def synthetic_table(path: Path, n: int, seed: int = 0) -> np.ndarray:
-    """Writes the n-item table; returns its vectors (for the exact searches)."""
+def source_tokens(titles: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The lite profile's token features of `titles` (what a build stores, at most 32 rows
+    per title): float16 rows back to back and each title's count."""
+    cache = CACHE / "microlens-minilm-tokens.npz"
+    if cache.exists():
+        with np.load(cache) as data:
+            if len(data["lengths"]) == len(titles):
+                return data["rows"], data["lengths"]
+    from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
+
+    console.print(f"encoding the token features of {len(titles):,} MicroLens titles (once)")
+    per_title = load_encoders(EncoderSpec.from_profile("lite")).text.encode_tokens(titles, max_tokens=32)
+    rows = np.concatenate(per_title).astype(np.float16)
+    lengths = np.array([len(t) for t in per_title], np.int64)
+    np.savez(cache, rows=rows, lengths=lengths)
+    return rows, lengths
+
+
+def _token_column(rows: np.ndarray, lengths: np.ndarray, src: np.ndarray):
+    """A `vector.text` column: the token rows of titles `src`, one list of rows per item."""
+    import pyarrow as pa
+
+    from mvpp.retriever.packed import PackedSequences
+
+    packed = PackedSequences(rows, lengths, int(lengths.max()))
+    picked = packed.rows[packed.row_index(src)]
+    offsets = np.concatenate([[0], np.cumsum(lengths[src])]).astype(np.int32)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(picked.ravel()), rows.shape[1])
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def synthetic_table(path: Path, n: int, seed: int = 0, tokens: bool = False) -> np.ndarray:
+    """Writes the n-item table; returns its vectors (for the exact searches). With
+    `tokens`, each copy also carries its original title's token features."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     base, titles, comments = source_vectors()
+    token_rows, token_lengths = source_tokens(titles) if tokens else (None, None)
     rng = np.random.default_rng(seed)
     out = np.empty((n, base.shape[1]), np.float32)
     writer = None
@@ -160,6 +195,8 @@ def synthetic_table(path: Path, n: int, seed: int = 0) -> np.ndarray:
                 "creator": [f"c{i // ITEMS_PER_CREATOR}" for i in ids],
                 "vector.retrieval": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), base.shape[1]),
             })
+            if token_rows is not None and token_lengths is not None:
+                batch = batch.append_column("vector.text", _token_column(token_rows, token_lengths, src))
             writer = writer or pq.ParquetWriter(path, batch.schema)
             writer.write_table(batch)
     finally:
@@ -239,6 +276,7 @@ def ann_bulk(vectors: np.ndarray, root: Path, sample: int, recall_sample: int, s
     candidates for every item (extrapolated from `sample` queries, as many as the
     default run asks: its re-rank's 200), and recall@10 against the exact search."""
     from mvpp.predictor.training import TrainConfig
+    from mvpp.retriever.packed import PackedSequences
     from mvpp.retriever.search import ApproximateSearch, NeighbourSearch, QueryBatch
     from mvpp.retriever.snapshot import BankSnapshot
 
@@ -248,8 +286,7 @@ def ann_bulk(vectors: np.ndarray, root: Path, sample: int, recall_sample: int, s
     snap = BankSnapshot(
         item_ids=[f"s{i}" for i in range(n)], retrieval=vectors, has_retrieval=np.ones(n, bool),
         targets=np.zeros((n, 1), np.float32), label_names=["comments"], published_ts=times,
-        frames=np.zeros((n, 0, 1), np.float16), frame_len=np.zeros(n, np.int32),
-        tokens=np.zeros((n, 0, 1), np.float16), token_len=np.zeros(n, np.int32),
+        frames=PackedSequences.empty(n), tokens=PackedSequences.empty(n),
     )
     cfg = TrainConfig()
     limit = max(cfg.k, cfg.rerank_candidates)
@@ -269,7 +306,7 @@ def ann_bulk(vectors: np.ndarray, root: Path, sample: int, recall_sample: int, s
 def measure(n: int, work: Path, args: argparse.Namespace) -> dict[str, float]:
     table, bank = work / f"scale-{n}.parquet", work / f"bank-{n}"
     t0 = time.perf_counter()
-    vectors = synthetic_table(table, n)
+    vectors = synthetic_table(table, n, tokens=args.tokens)
     console.print(f"{n:,} items: table written in {time.perf_counter() - t0:.0f} s")
     row: dict[str, float] = {"items": n}
     if not args.bulk_only:
@@ -381,6 +418,8 @@ def main() -> None:
     parser.add_argument("--recall-sample", type=int, default=500, help="of those, items compared with exact search")
     parser.add_argument("--train", action="store_true",
                         help="also time `mvpp train --epochs 1` on the bank, with its peak RSS (children included)")
+    parser.add_argument("--tokens", action="store_true",
+                        help="rows also carry their title's token features (the lite profile's, 8-bit in the bank)")
     parser.add_argument("--skip-bulk", action="store_true", help="leave out the bulk searches")
     parser.add_argument("--bulk-only", action="store_true", help="only the bulk searches (no bank is built)")
     parser.add_argument("--work", type=Path, default=None, help="folder for tables and banks (default: temporary)")

@@ -7,6 +7,7 @@ import pytest
 
 from mvpp.retriever.ann import AnnConfig, AnnIndex, MemoryKeys
 from mvpp.retriever.bulk import bulk_topk, candidate_topk
+from mvpp.retriever.packed import PackedSequences
 from mvpp.retriever.search import ApproximateSearch, GroupBoost, NeighbourSearch, QueryBatch
 from mvpp.retriever.snapshot import BankSnapshot
 
@@ -38,10 +39,8 @@ def _snapshot(vecs, has, times, groups) -> BankSnapshot:
         targets=np.zeros((n, 1), np.float32),
         label_names=["y"],
         published_ts=times,
-        frames=np.zeros((n, 0, 1), np.float16),
-        frame_len=np.zeros(n, np.int32),
-        tokens=np.zeros((n, 0, 1), np.float16),
-        token_len=np.zeros(n, np.int32),
+        frames=PackedSequences.empty(n),
+        tokens=PackedSequences.empty(n),
         titles=[""] * n,
         metadata=[{"creator": f"c{g}"} if g >= 0 else {} for g in groups],
     )

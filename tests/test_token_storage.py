@@ -144,16 +144,19 @@ def test_the_cache_keeps_codes_and_gives_the_banks_tokens(tmp_path: Path) -> Non
         fresh = read_snapshot(store, tmp_path / "cache")
         cached = read_snapshot(store, tmp_path / "cache")
     assert fresh.token_storage == cached.token_storage == "int8"
-    assert cached.tokens.dtype == np.float16
-    assert np.array_equal(cached.tokens, fresh.tokens)
+    # codes in RAM as on disk: one byte per value
+    assert fresh.tokens.coded and cached.tokens.coded and cached.tokens.rows.dtype == np.uint8
+    assert np.array_equal(cached.tokens.rows, fresh.tokens.rows)
     assert np.array_equal(cached.token_len, fresh.token_len)
+    everything = np.arange(len(fresh))
+    assert np.array_equal(cached.tokens.padded(everything), fresh.tokens.padded(everything))
     by_id = {p.item_id: p for p in pts}
     for i, item_id in enumerate(fresh.item_ids):
         p = by_id[item_id]
         n = 0 if p.tokens is None else min(len(p.tokens), 6)
         assert fresh.token_len[i] == n
         if n:
-            assert np.array_equal(fresh.tokens[i, :n].astype(np.float32), p.tokens[:n])
+            assert np.array_equal(fresh.tokens.padded([i])[0, :n], p.tokens[:n])
     (folder,) = [f for f in (tmp_path / "cache").iterdir() if f.is_dir()]
     with np.load(folder / "arrays.npz") as data:
         assert data["tokens"].dtype == np.uint8

@@ -18,6 +18,7 @@ from mvpp.predictor.features import MetaFeaturizer
 from mvpp.predictor.lexicon import Lexicon
 from mvpp.predictor.model import ModelBatch, PopularityModel, neighbour_summary, wide_summary
 from mvpp.retriever.bulk import Neighbours
+from mvpp.retriever.packed import PackedSequences
 from mvpp.retriever.search import (
     ApproximateSearch,
     GroupBoost,
@@ -144,22 +145,32 @@ class ItemFeatures:
 
 
 @dataclass
+class ProjectedSequences:
+    """Projected rows of some items' sequences, packed: item j's rows are
+    rows[offsets[j] : offsets[j + 1]] (R, d)."""
+
+    rows: torch.Tensor
+    offsets: np.ndarray  # (items + 1,)
+
+
+@dataclass
 class ProjectedRows:
     """Projected features (`PopularityModel.project_items`) of some snapshot rows: what
     they bring as neighbours.
 
-    position: (N,) a row's position in the tensors below, -1 where it was not projected.
-    frames: (R, L, d), tokens: (R, n, d); None for a modality the model has switched off.
+    position: (N,) a row's place among the projected items, -1 where it was not projected.
+    frames, tokens, audio: their projected sequences; None for a modality the model has
+    switched off.
     """
 
     position: np.ndarray
-    frames: torch.Tensor | None
-    tokens: torch.Tensor | None
-    audio: torch.Tensor | None = None  # (R, S, d)
+    frames: ProjectedSequences | None
+    tokens: ProjectedSequences | None
+    audio: ProjectedSequences | None = None
 
 
 class FeatureTable:
-    """The snapshot's features as tensors, for fast gathering by index."""
+    """The snapshot's features, gathered by index into padded batches."""
 
     def __init__(
         self,
@@ -168,12 +179,12 @@ class FeatureTable:
         featurizer: MetaFeaturizer | None = None,
         lexicon: Lexicon | None = None,
     ) -> None:
-        self.tokens = torch.from_numpy(snapshot.tokens)  # (N, n, d_t) float16
-        self.token_len = torch.from_numpy(snapshot.token_len.astype(np.int64))
-        self.frames = torch.from_numpy(snapshot.frames)  # (N, L, d_v) float16
-        self.frame_len = torch.from_numpy(snapshot.frame_len.astype(np.int64))
-        self.audio = torch.from_numpy(snapshot.audio)  # (N, S, d_a) float16
-        self.audio_len = torch.from_numpy(snapshot.audio_len.astype(np.int64))
+        assert snapshot.audio is not None
+        # packed sequences (N, P, d): frames, tokens, the sound's segments
+        self.sequences: dict[str, PackedSequences] = {
+            "frames": snapshot.frames, "tokens": snapshot.tokens, "audio": snapshot.audio,
+        }
+        self.lengths = {name: torch.from_numpy(seq.lengths.astype(np.int64)) for name, seq in self.sequences.items()}
         self.targets = torch.from_numpy(norm.forward(snapshot.targets).astype(np.float32))  # (N, T)
         self.n_targets = snapshot.targets.shape[1]
         self._snapshot = snapshot
@@ -190,7 +201,7 @@ class FeatureTable:
         self.projection: ProjectedRows | None = None
 
     def __len__(self) -> int:
-        return int(self.tokens.shape[0])
+        return int(self.targets.shape[0])
 
     @property
     def meta(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -207,41 +218,45 @@ class FeatureTable:
 
         Neighbours then come from this table instead of being projected again in every
         batch (each item is a neighbour of about k others per epoch). Evaluation and
-        scoring project exactly the rows their neighbours need; training refreshes the
-        whole table every few steps, so there the neighbour side lags the weights slightly
-        and passes no gradient. Each row is projected on its own, so its features do not
-        depend on which other rows are projected with it.
+        scoring project exactly the rows their neighbours need, and training the rows the
+        next few steps need, with the weights of the first of them: there the neighbour
+        side lags the weights slightly and passes no gradient. Each row is projected on
+        its own, so its features do not depend on which other rows are projected with it.
         """
         n = len(self)
         rows = np.arange(n) if rows is None else np.unique(np.asarray(rows, np.int64))
         position = np.full(n, -1, np.int64)
         position[rows] = np.arange(len(rows))
-        parts: dict[str, list[torch.Tensor | None]] = {"frames": [], "tokens": [], "audio": []}
+        parts: dict[str, list[torch.Tensor | None]] = {name: [] for name in self.sequences}
         dev = next(model.parameters()).device
         # an empty chunk still gives the projected shapes (None only for a modality that is off)
         for lo in range(0, max(1, len(rows)), chunk):
-            sl = torch.from_numpy(rows[lo : lo + chunk])
-            inputs = {
-                name: (values[sl].to(dev).float(), _length_mask(lengths[sl], values.shape[1]).to(dev))
-                for name, values, lengths in (
-                    ("frames", self.frames, self.frame_len),
-                    ("tokens", self.tokens, self.token_len),
-                    ("audio", self.audio, self.audio_len),
-                )
-            }
-            projected = model.project_items(inputs)
-            for name, x in projected.items():
+            part = rows[lo : lo + chunk]
+            inputs = {}
+            for name, seq in self.sequences.items():
+                values = torch.from_numpy(seq.values(seq.row_index(part))).to(dev)  # (R, d)
+                inputs[name] = (values, torch.ones(len(values), dtype=torch.bool, device=dev))
+            for name, x in model.project_items(inputs).items():
                 parts[name].append(x.cpu() if x is not None else None)
-        joined = {name: torch.cat(xs) if xs and xs[0] is not None else None for name, xs in parts.items()}
-        self.projection = ProjectedRows(position, joined["frames"], joined["tokens"], joined["audio"])
+        projected: dict[str, ProjectedSequences | None] = {}
+        for name, xs in parts.items():
+            if not xs or xs[0] is None:
+                projected[name] = None
+                continue
+            offsets = np.zeros(len(rows) + 1, np.int64)
+            np.cumsum(self.sequences[name].lengths[rows], out=offsets[1:])
+            projected[name] = ProjectedSequences(torch.cat(xs), offsets)  # type: ignore[arg-type]
+        self.projection = ProjectedRows(position, projected["frames"], projected["tokens"], projected["audio"])
 
     def clear_projection(self) -> None:
         self.projection = None
 
     def items(self, idx: torch.Tensor) -> ItemFeatures:
+        rows = idx.numpy()
+        padded = {name: torch.from_numpy(seq.padded(rows)) for name, seq in self.sequences.items()}
         feats = ItemFeatures(
-            self.tokens[idx].float(), self.token_len[idx], self.frames[idx].float(), self.frame_len[idx],
-            self.audio[idx].float(), self.audio_len[idx],
+            padded["tokens"], self.lengths["tokens"][idx], padded["frames"], self.lengths["frames"][idx],
+            padded["audio"], self.lengths["audio"][idx],
         )
         meta = self.meta
         if meta is not None:
@@ -295,18 +310,25 @@ def make_batch(
     pos = proj.position[nb_indices.clip(min=0)]
     if (pos[nb_indices >= 0] < 0).any():
         raise ValueError("a neighbour was not projected: project the rows the batch needs first")
-    gather = torch.from_numpy(np.maximum(pos, 0))
+    places = np.maximum(pos, 0)
 
-    def sequences(projected: torch.Tensor | None, lengths: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequences(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         # (B, k, P, d) and (B, k, P); a modality that is off keeps an empty sequence
+        projected = getattr(proj, name)
         if projected is None:
             return torch.zeros(b, k, 0, 1), torch.zeros(b, k, 0, dtype=torch.bool)
-        x = projected.new_zeros(b, k, *projected.shape[1:]) if len(projected) == 0 else projected[gather]
-        return x.float(), _length_mask(torch.where(valid, lengths[safe], 0), size)
+        width = table.sequences[name].width
+        mask = _length_mask(torch.where(valid, table.lengths[name][safe], 0), width)  # (B, k, P)
+        starts = torch.from_numpy(projected.offsets[places])  # (B, k)
+        at = torch.where(mask, starts.unsqueeze(-1) + torch.arange(width), 0)  # (B, k, P)
+        if len(projected.rows) == 0:
+            return projected.rows.new_zeros(b, k, width, projected.rows.shape[-1]).float(), mask
+        x = projected.rows[at].float()  # (B, k, P, d)
+        return torch.where(mask.unsqueeze(-1), x, 0.0), mask
 
-    nb_frames, nb_frame_mask = sequences(proj.frames, table.frame_len, table.frames.shape[1])
-    nb_audio, nb_audio_mask = sequences(proj.audio, table.audio_len, table.audio.shape[1])
-    nb_tokens, nb_token_mask = sequences(proj.tokens, table.token_len, table.tokens.shape[1])
+    nb_frames, nb_frame_mask = sequences("frames")
+    nb_audio, nb_audio_mask = sequences("audio")
+    nb_tokens, nb_token_mask = sequences("tokens")
     nb_labels = table.targets[safe]  # (B, k, T)
     nb_label_mask = valid.unsqueeze(-1) & ~torch.isnan(nb_labels)
     nb_labels = torch.nan_to_num(nb_labels, nan=0.0)

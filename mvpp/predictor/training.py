@@ -673,7 +673,11 @@ def train(
         order = rng.permutation(len(data.splits["train"]))
         for step, lo in enumerate(range(0, len(order), cfg.batch_size)):
             if step % cfg.projection_refresh_steps == 0:
-                data.table.project(model)
+                # the neighbours of the next steps' items, not the whole bank: at 10^6
+                # items a refresh of every row would cost more than the steps themselves
+                window = order[lo : lo + cfg.projection_refresh_steps * cfg.batch_size]
+                needed = data.neighbours["train"].take(window).indices
+                data.table.project(model, needed[needed >= 0])
             batch, y = batch_for(data, "train", order[lo : lo + cfg.batch_size])
             out = model(batch.to(device))
             y = y.to(device)

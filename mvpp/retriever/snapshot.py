@@ -20,12 +20,13 @@ import numpy as np
 
 from mvpp.memory_bank.schema import AUDIO, FRAMES, RETRIEVAL, TEXT, BankPoint, Manifest
 from mvpp.memory_bank.store.base import BankStore
-from mvpp.memory_bank.token_storage import LEGACY_TOKEN_STORAGE, decode_rows, encode_rows
+from mvpp.memory_bank.token_storage import LEGACY_TOKEN_STORAGE, encode_rows
+from mvpp.retriever.packed import PackedSequences
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 4
-# Padded sequences and their lengths: the cache keeps only their valid rows.
+# The sequences and the names of their rows' lengths in the cache.
 _SEQUENCES = (("frames", "frame_len"), ("tokens", "token_len"), ("audio", "audio_len"))
 
 
@@ -35,9 +36,10 @@ class BankSnapshot:
 
     retrieval: (N, D) float32, zero rows where has_retrieval is False.
     targets: (N, T) float32, NaN where a target is missing; label_names: the T names.
-    frames: (N, L, d_v) float16 + frame_len (N,); tokens: (N, n, d_t) float16 + token_len;
-    audio: (N, S, d_a) float16 + audio_len (N,), the sound's segments (S = 0 and d_a = 1
-    for a bank without sound features).
+    frames (N, L, d_v), tokens (N, n, d_t), audio (N, S, d_a): each item's sequence of
+    rows, packed (see packed.PackedSequences; the shapes are the padded ones); frame_len,
+    token_len, audio_len (N,) their lengths. A bank without sound features has S = 0 and
+    d_a = 1.
     published_ts: (N,) float64, NaN when unknown; observed_ts: (N,) float64, when the labels
     were observed (NaN when unknown); duration_s: (N,) float64, the video file's duration.
     """
@@ -48,20 +50,17 @@ class BankSnapshot:
     targets: np.ndarray
     label_names: list[str]
     published_ts: np.ndarray
-    frames: np.ndarray
-    frame_len: np.ndarray
-    tokens: np.ndarray
-    token_len: np.ndarray
+    frames: PackedSequences
+    tokens: PackedSequences
     titles: list[str] = field(default_factory=list)
     metadata: list[dict] = field(default_factory=list)
     raw_labels: list[dict] = field(default_factory=list)
     duration_s: np.ndarray | None = None
     fingerprint: str = ""
     observed_ts: np.ndarray | None = None
-    audio: np.ndarray | None = None
-    audio_len: np.ndarray | None = None
-    # The bank's token storage: the cache keeps 8-bit codes of an int8 bank's tokens
-    # (they decode to the same float16 values) instead of twice their bytes.
+    audio: PackedSequences | None = None
+    # The bank's token storage: an int8 bank's tokens stay 8-bit codes here and in the
+    # cache (they decode to the same float16 values), half of float16's bytes.
     token_storage: str = LEGACY_TOKEN_STORAGE
 
     def __post_init__(self) -> None:
@@ -70,12 +69,23 @@ class BankSnapshot:
             if getattr(self, name) is None:
                 setattr(self, name, np.full(len(self.item_ids), np.nan, np.float64))
         if self.audio is None:
-            self.audio = np.zeros((len(self.item_ids), 0, 1), np.float16)
-        if self.audio_len is None:
-            self.audio_len = np.zeros(len(self.item_ids), np.int32)
+            self.audio = PackedSequences.empty(len(self.item_ids))
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def frame_len(self) -> np.ndarray:
+        return self.frames.lengths
+
+    @property
+    def token_len(self) -> np.ndarray:
+        return self.tokens.lengths
+
+    @property
+    def audio_len(self) -> np.ndarray:
+        assert self.audio is not None
+        return self.audio.lengths
 
     def index_of(self) -> dict[str, int]:
         return {item_id: i for i, item_id in enumerate(self.item_ids)}
@@ -98,25 +108,18 @@ class BankSnapshot:
 
     # -- persistence ------------------------------------------------------------------
 
-    _ARRAYS = (
-        "retrieval", "has_retrieval", "targets", "published_ts",
-        "frames", "frame_len", "tokens", "token_len", "duration_s", "observed_ts", "audio", "audio_len",
-    )
+    _ARRAYS = ("retrieval", "has_retrieval", "targets", "published_ts", "duration_s", "observed_ts")
 
     def save(self, folder: Path) -> None:
-        """Write the arrays to `folder`; padded sequences as their valid rows alone (a
-        title of 12 tokens padded to 32 would otherwise store 20 rows of zeros)."""
+        """Write the arrays to `folder`; sequences as their packed rows and lengths."""
         folder.mkdir(parents=True, exist_ok=True)
         tmp_arrays = folder / "arrays.tmp.npz"
         arrays = {n: getattr(self, n) for n in self._ARRAYS}
         shapes = {}
         for seq, length in _SEQUENCES:
-            padded, lengths = arrays[seq], arrays[length]
-            shapes[seq] = list(padded.shape)
-            valid = np.arange(padded.shape[1])[None, :] < lengths[:, None]  # (N, P)
-            arrays[seq] = padded[valid]  # (sum of lengths, d)
-        if self.token_storage == "int8":
-            arrays["tokens"] = encode_rows(arrays["tokens"])
+            packed = getattr(self, seq)
+            arrays[seq], arrays[length] = packed.rows, packed.lengths
+            shapes[seq] = list(packed.shape)
         np.savez(tmp_arrays, **arrays)
         tmp_arrays.replace(folder / "arrays.npz")
         meta = {
@@ -144,16 +147,15 @@ class BankSnapshot:
             meta = json.loads((folder / "index.json").read_text())
             if meta.get("version") != CACHE_VERSION:
                 return None
+            storage = meta.get("token_storage", LEGACY_TOKEN_STORAGE)
             with np.load(folder / "arrays.npz", allow_pickle=False) as data:
                 arrays = {n: data[n] for n in cls._ARRAYS}
-            storage = meta.get("token_storage", LEGACY_TOKEN_STORAGE)
-            if storage == "int8":
-                arrays["tokens"] = decode_rows(arrays["tokens"], np.float16)
-            for seq, length in _SEQUENCES:
-                rows, lengths = arrays[seq], arrays[length]
-                padded = np.zeros(meta["shapes"][seq], rows.dtype)
-                padded[np.arange(padded.shape[1])[None, :] < lengths[:, None]] = rows
-                arrays[seq] = padded
+                for seq, length in _SEQUENCES:
+                    rows = data[seq]
+                    coded = seq == "tokens" and storage == "int8"
+                    if rows.dtype != (np.uint8 if coded else np.float16):
+                        raise ValueError(f"{seq} rows are {rows.dtype}")
+                    arrays[seq] = PackedSequences(rows, data[length], int(meta["shapes"][seq][1]), coded)
         except Exception as exc:  # a truncated zip, a torn JSON, a missing array, ...
             logger.warning("the bank cache %s is damaged (%s): reading the bank again", folder, exc)
             return None
@@ -202,12 +204,11 @@ def read_snapshot(
     assert manifest is not None
     points = []
     for p in store.scroll(vectors=(RETRIEVAL, FRAMES, TEXT, AUDIO)):
-        points.append(_slim(p, manifest.max_tokens))
+        points.append(_slim(p, manifest))
         if progress:
             progress(1)
     snap = snapshot_from_points(points, manifest)
     snap.fingerprint = fingerprint
-    snap.token_storage = manifest.token_storage
     if cache_dir is not None:
         snap.save(cache_dir / fingerprint)
         _drop_stale_caches(cache_dir, keep=fingerprint)
@@ -218,16 +219,18 @@ def _f16(rows: np.ndarray | None) -> np.ndarray | None:
     return None if rows is None else rows.astype(np.float16)
 
 
-def _slim(point: BankPoint, max_tokens: int) -> BankPoint:
+def _slim(point: BankPoint, manifest: Manifest) -> BankPoint:
     """What a snapshot needs of a scrolled point, and no more: the whole bank is held until
     it is packed into arrays. Multivectors go to float16 at once (the bank stores them at
-    float16 or coarser, so nothing is lost: the arrays are float16 too), tokens past `max_tokens`
-    are dropped, and so are the fields the arrays do not use (hashes, captions, paths)."""
+    float16 or coarser, so nothing is lost: the arrays are float16 too), tokens past the
+    bank's `max_tokens` are dropped and an int8 bank's tokens go back to their codes, and
+    so are the fields the arrays do not use (hashes, captions, paths)."""
+    tokens = None if point.tokens is None else point.tokens[: manifest.max_tokens]
     return BankPoint(
         item_id=point.item_id,
         retrieval=point.retrieval,
         frames=_f16(point.frames),
-        tokens=_f16(None if point.tokens is None else point.tokens[:max_tokens]),
+        tokens=encode_rows(tokens) if tokens is not None and manifest.token_storage == "int8" else _f16(tokens),
         audio=_f16(point.audio),
         title=point.title,
         labels=point.labels,
@@ -249,8 +252,8 @@ def _drop_stale_caches(cache_dir: Path, keep: str) -> None:
 
 
 def snapshot_from_points(points: list[BankPoint], manifest: Manifest, fresh: bool = False) -> BankSnapshot:
-    """Arrays of `points` as the bank holds them: sorted by item id, sequences padded to
-    the longest. `fresh` (items being scored): in the order given, sequences padded to
+    """Arrays of `points` as the bank holds them: sorted by item id, sequences as wide as
+    the longest. `fresh` (items being scored): in the order given, sequences as wide as
     the bank's full lengths, so a chunk of items without frames still has their shape."""
     if not fresh:
         points = sorted(points, key=lambda p: p.item_id)
@@ -262,8 +265,6 @@ def snapshot_from_points(points: list[BankPoint], manifest: Manifest, fresh: boo
     published = np.full(n, np.nan, np.float64)
     duration = np.full(n, np.nan, np.float64)
     observed = np.full(n, np.nan, np.float64)
-    frame_len = np.zeros(n, np.int32)
-    token_len = np.zeros(n, np.int32)
     for i, p in enumerate(points):
         if p.retrieval is not None and len(p.retrieval):
             retrieval[i] = p.retrieval
@@ -277,27 +278,7 @@ def snapshot_from_points(points: list[BankPoint], manifest: Manifest, fresh: boo
             duration[i] = p.duration_s
         if p.observed_ts is not None:
             observed[i] = p.observed_ts
-        frame_len[i] = 0 if p.frames is None else len(p.frames)
-        token_len[i] = 0 if p.tokens is None else min(len(p.tokens), manifest.max_tokens)
-    audio_len = np.array([0 if p.audio is None else len(p.audio) for p in points], np.int32)
-    max_s = int(audio_len.max()) if n else 0
-    if fresh:
-        max_s = max(max_s, 1)
-    audio = np.zeros((n, max_s, max(1, manifest.audio_dim)), np.float16)
-    for i, p in enumerate(points):
-        if audio_len[i]:
-            audio[i, : audio_len[i]] = p.audio
-    max_l = int(frame_len.max()) if n else 0
-    max_n = int(token_len.max()) if n else 0
-    if fresh:
-        max_l, max_n = max(max_l, manifest.n_frames), max(max_n, manifest.max_tokens)
-    frames = np.zeros((n, max_l, manifest.frame_dim), np.float16)
-    tokens = np.zeros((n, max_n, manifest.token_dim), np.float16)
-    for i, p in enumerate(points):
-        if frame_len[i]:
-            frames[i, : frame_len[i]] = p.frames
-        if token_len[i]:
-            tokens[i, : token_len[i]] = p.tokens[: token_len[i]]
+    tokens = [None if p.tokens is None else p.tokens[: manifest.max_tokens] for p in points]
     return BankSnapshot(
         item_ids=[p.item_id for p in points],
         retrieval=retrieval,
@@ -305,15 +286,17 @@ def snapshot_from_points(points: list[BankPoint], manifest: Manifest, fresh: boo
         targets=targets,
         label_names=label_names,
         published_ts=published,
-        frames=frames,
-        frame_len=frame_len,
-        audio=audio,
-        audio_len=audio_len,
-        tokens=tokens,
-        token_len=token_len,
+        frames=PackedSequences.from_arrays(
+            [p.frames for p in points], manifest.frame_dim, manifest.n_frames if fresh else 0
+        ),
+        tokens=PackedSequences.from_arrays(
+            tokens, manifest.token_dim, manifest.max_tokens if fresh else 0, coded=manifest.token_storage == "int8"
+        ),
+        audio=PackedSequences.from_arrays([p.audio for p in points], max(1, manifest.audio_dim), 1 if fresh else 0),
         titles=[p.title for p in points],
         metadata=[p.metadata for p in points],
         raw_labels=[p.labels for p in points],
         duration_s=duration,
         observed_ts=observed,
+        token_storage=manifest.token_storage,
     )
