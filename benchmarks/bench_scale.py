@@ -308,7 +308,7 @@ def measure(n: int, work: Path, args: argparse.Namespace) -> dict[str, float]:
     t0 = time.perf_counter()
     vectors = synthetic_table(table, n, tokens=args.tokens)
     console.print(f"{n:,} items: table written in {time.perf_counter() - t0:.0f} s")
-    row: dict[str, float] = {"items": n}
+    row: dict[str, float] = {"items": n, "tokens": float(args.tokens)}
     if not args.bulk_only:
         row.update(bank_costs(n, table, bank, vectors, args))
     if not args.skip_bulk:
@@ -398,7 +398,8 @@ def report(rows: list[dict[str, float]]) -> None:
     for _, name, _ in COLUMNS:
         table.add_column(name, justify="right")
     for row in rows:
-        table.add_row(f"{int(row['items']):,}", *(fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS))
+        items = f"{int(row['items']):,}" + (" + tokens" if row.get("tokens") else "")
+        table.add_row(items, *(fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS))
     console.print(table)
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
