@@ -229,11 +229,13 @@ class FeatureTable:
         position[rows] = np.arange(len(rows))
         parts: dict[str, list[torch.Tensor | None]] = {name: [] for name in self.sequences}
         dev = next(model.parameters()).device
+        wanted = model.projected_modalities()  # a switched-off modality's rows are not read
         # an empty chunk still gives the projected shapes (None only for a modality that is off)
         for lo in range(0, max(1, len(rows)), chunk):
             part = rows[lo : lo + chunk]
             inputs = {}
-            for name, seq in self.sequences.items():
+            for name in wanted:
+                seq = self.sequences[name]
                 values = torch.from_numpy(seq.values(seq.row_index(part))).to(dev)  # (R, d)
                 inputs[name] = (values, torch.ones(len(values), dtype=torch.bool, device=dev))
             for name, x in model.project_items(inputs).items():
@@ -319,10 +321,10 @@ def make_batch(
             return torch.zeros(b, k, 0, 1), torch.zeros(b, k, 0, dtype=torch.bool)
         width = table.sequences[name].width
         mask = _length_mask(torch.where(valid, table.lengths[name][safe], 0), width)  # (B, k, P)
-        starts = torch.from_numpy(projected.offsets[places])  # (B, k)
-        at = torch.where(mask, starts.unsqueeze(-1) + torch.arange(width), 0)  # (B, k, P)
         if len(projected.rows) == 0:
             return projected.rows.new_zeros(b, k, width, projected.rows.shape[-1]).float(), mask
+        starts = torch.from_numpy(projected.offsets[places])  # (B, k)
+        at = torch.where(mask, starts.unsqueeze(-1) + torch.arange(width), 0)  # (B, k, P)
         x = projected.rows[at].float()  # (B, k, P, d)
         return torch.where(mask.unsqueeze(-1), x, 0.0), mask
 

@@ -67,14 +67,6 @@ class PackedSequences:
                 at += n
         return cls(rows, lengths, max(width, int(lengths.max()) if len(lengths) else 0), coded)
 
-    @classmethod
-    def from_padded(cls, padded: np.ndarray, lengths: np.ndarray, coded: bool = False) -> PackedSequences:
-        """Sequences from a padded (N, P, d) array and their lengths (N,)."""
-        lengths = np.asarray(lengths, np.int32)
-        valid = np.arange(padded.shape[1])[None, :] < lengths[:, None]  # (N, P)
-        rows = padded[valid]
-        return cls(encode_rows(rows) if coded else rows.astype(np.float16), lengths, padded.shape[1], coded)
-
     # -- sizes -------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -109,17 +101,11 @@ class PackedSequences:
         rows = self.rows[index]
         return decode_rows(rows, np.float32) if self.coded else rows.astype(np.float32)
 
-    def padded(self, items: np.ndarray, width: int | None = None) -> np.ndarray:
+    def padded(self, items: np.ndarray) -> np.ndarray:
         """(B, P, d) float32 sequences of `items` (B,), zeros past each one's length;
-        P = `width`, default the table's."""
+        P = the table's width."""
         items = np.asarray(items, np.int64)
-        width = self.width if width is None else width
-        out = np.zeros((len(items), width, self.dim), np.float32)
+        out = np.zeros((len(items), self.width, self.dim), np.float32)
         lengths = self.lengths[items]
-        out[np.arange(width)[None, :] < lengths[:, None]] = self.values(self.row_index(items))
+        out[np.arange(self.width)[None, :] < lengths[:, None]] = self.values(self.row_index(items))
         return out
-
-    def select(self, items: np.ndarray) -> PackedSequences:
-        """The sequences of `items`, in that order, with the same width."""
-        items = np.asarray(items, np.int64)
-        return PackedSequences(self.rows[self.row_index(items)], self.lengths[items], self.width, self.coded)

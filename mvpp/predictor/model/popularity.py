@@ -207,17 +207,26 @@ class PopularityModel(nn.Module):
         r_a, mr_a = self.aggregator.aggregate(zero_invalid(batch.nb_audio, nm), nm, a)  # (B, S, d)
         return self.pool["A_r"](self.seq_dropout(r_a), mr_a)
 
+    def _projections(self) -> dict[str, Projection | None]:
+        return {"frames": self.frame_proj, "tokens": self.token_proj, "audio": self.audio_proj}
+
+    def projected_modalities(self) -> list[str]:
+        """The sequences the model projects: of "frames", "tokens", "audio", those on."""
+        return [name for name, proj in self._projections().items() if proj is not None]
+
     @torch.no_grad()
     def project_items(self, sequences: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor | None]:
         """Projected sequences of bank items, the features they bring as neighbours:
         "frames" (N, L, d), "tokens" (N, n, d), "audio" (N, S, d) from their (values, mask);
-        None for a switched-off modality."""
-        projections = {"frames": self.frame_proj, "tokens": self.token_proj, "audio": self.audio_proj}
-        return {
-            name: (proj(x, mask.bool()) if proj is not None else None)
-            for name, proj in projections.items()
-            for x, mask in [sequences[name]]
-        }
+        None for a switched-off modality (whose values need not be given)."""
+        out: dict[str, Tensor | None] = {}
+        for name, proj in self._projections().items():
+            if proj is None:
+                out[name] = None
+            else:
+                values, mask = sequences[name]
+                out[name] = proj(values, mask.bool())
+        return out
 
     # ----------------------------------------------------------------- forward
 
