@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from mvpp.predictor.metrics import regression_metrics, spearman
+from mvpp.retriever import bulk
 from mvpp.retriever.bulk import SCORE_RESOLUTION, bulk_topk
 
 
@@ -27,6 +28,29 @@ def test_bulk_matches_brute_force_and_excludes_self():
     assert (nb.indices == expect).all()
     assert (nb.indices != np.arange(300)[:, None]).all()
     np.testing.assert_allclose(nb.scores, np.take_along_axis(sims, expect, 1), rtol=1e-5)
+
+
+def test_float32_keys_converted_in_chunks_give_the_float64_search(monkeypatch):
+    """A float32 memory is never copied whole to float64: its chunks' products are the
+    same products, so the neighbours and scores are those of the float64 keys."""
+    rng = np.random.default_rng(7)
+    keys = _unit(rng, 500, 24)
+    times = rng.uniform(0, 1, 500)
+    expect = bulk_topk(keys[:90], keys.astype(np.float64), 7, query_key_index=np.arange(90),
+                       query_time=times[:90], key_time=times)
+    monkeypatch.setattr(bulk, "KEY_CHUNK", 64)  # 8 chunks, the last one short
+    got = bulk_topk(keys[:90], keys, 7, query_key_index=np.arange(90), query_time=times[:90], key_time=times,
+                    block=16)
+    np.testing.assert_array_equal(got.indices, expect.indices)
+    np.testing.assert_array_equal(got.scores, expect.scores)
+    # the same keys as rows of a larger array, gathered chunk by chunk
+    source = np.concatenate([_unit(rng, 200, 24), keys])
+    rows = bulk.KeyRows(source, np.arange(200, 700))
+    assert rows.shape == keys.shape
+    got = bulk_topk(keys[:90], rows, 7, query_key_index=np.arange(90), query_time=times[:90], key_time=times,
+                    block=16)
+    np.testing.assert_array_equal(got.indices, expect.indices)
+    np.testing.assert_array_equal(got.scores, expect.scores)
 
 
 def test_copies_tie_by_index_whatever_the_noise_and_the_batch():

@@ -32,6 +32,7 @@ import qdrant_edge as qe
 
 from mvpp.memory_bank.store.base import rescore_oversampling, search_ef
 from mvpp.memory_bank.store.heap import release_freed_memory
+from mvpp.retriever.bulk import KeyRows
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ INDEX_FORMAT = 1
 VECTOR = "v"
 TIME = "t"
 GROUP = "g"
-# Points per upsert call while building.
+# Points per upsert call while building, and vectors per update of the digest.
 BUILD_BATCH = 4096
+HASH_CHUNK = 65_536
 QUANTIZATIONS = ("int8", "none")
 # The 8-bit copy's range: the vectors' components between these quantiles of all of them.
 INT8_QUANTILE = 0.99
@@ -90,12 +92,12 @@ class AnnConfig:
 class MemoryKeys:
     """The keys of a memory as an index sees them, in memory order.
 
-    vectors: (M, D) L2-normalised; has_vector: (M,) False for a key without one (never
+    vectors: (M, D) L2-normalised (an array or `bulk.KeyRows`); has_vector: (M,) False for a key without one (never
     in the index); times: (M,) unix seconds, NaN when unknown, or None (no time
     filter); groups: (M,) codes, -1 for none, or None (no groups).
     """
 
-    vectors: np.ndarray
+    vectors: np.ndarray | KeyRows
     has_vector: np.ndarray
     times: np.ndarray | None = None
     groups: np.ndarray | None = None
@@ -105,8 +107,10 @@ class MemoryKeys:
         parameters."""
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps({"format": INDEX_FORMAT, **asdict(cfg)}, sort_keys=True).encode())
-        # hashed through the buffer protocol: no copy of the vectors (1.2 GB for 10^6)
-        h.update(np.ascontiguousarray(self.vectors, np.float32).data)
+        # hashed a chunk at a time: never a whole copy of the vectors (1.2 GB for 10^6),
+        # and the same digest as the whole array's bytes at once
+        for lo in range(0, len(self.vectors), HASH_CHUNK):
+            h.update(np.ascontiguousarray(self.vectors[lo : lo + HASH_CHUNK], np.float32).data)
         h.update(np.ascontiguousarray(self.has_vector, np.bool_).data)
         for part in (self.times, self.groups):
             h.update(b"-" if part is None else np.ascontiguousarray(part).data)

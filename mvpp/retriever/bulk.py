@@ -7,17 +7,46 @@ keys, and keys published at or after the query's time (no peeking at the future)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 # Queries scored per block: bounds peak memory at block x n_keys floats, and the block
-# shrinks so that it never holds more than MAX_BLOCK_SCORES scores (a million keys).
+# shrinks so that it never holds more than MAX_BLOCK_SCORES scores: a block's scores and
+# masks take about 40 bytes per score (670 MB here), whatever the number of keys.
 DEFAULT_BLOCK = 2048
-MAX_BLOCK_SCORES = 1 << 26
+MAX_BLOCK_SCORES = 1 << 24
+# Keys converted to float64 at a time when they come as float32: a whole float64 copy
+# of a large memory would cost more than the search (2.5 GB for 800,000 x 384).
+KEY_CHUNK = 65_536
 # Neighbours are ranked by scores rounded to this (see `ranking_scores`).
 SCORE_RESOLUTION = 1e-4
+
+
+class KeyRows:
+    """Some rows of an array, gathered when read: the keys of a memory without a copy of
+    their vectors (a bank's training items are most of it: 1.2 GB of 800,000 x 384
+    float32 not held twice). `keys[i]` is `source[rows[i]]` for any index i."""
+
+    def __init__(self, source: np.ndarray, rows: np.ndarray) -> None:
+        self.source = source
+        self.rows = np.asarray(rows, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.source.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.source.dtype
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.source[self.rows[index]]
 
 
 @dataclass
@@ -50,15 +79,34 @@ class Neighbours:
         return self.indices >= 0
 
     @staticmethod
-    def concat(parts: list[Neighbours]) -> Neighbours:
-        """The neighbours of several groups of queries, one after the other."""
-        wide = all(p.wide_indices is not None for p in parts)
-        return Neighbours(
-            np.concatenate([p.indices for p in parts]),
-            np.concatenate([p.scores for p in parts]),
-            np.concatenate([p.wide_indices for p in parts]) if wide else None,  # type: ignore[misc]
-            np.concatenate([p.wide_scores for p in parts]) if wide else None,  # type: ignore[misc]
-        )
+    def collect(parts: Iterable[Neighbours], n: int) -> Neighbours:
+        """The neighbours of n queries from those of consecutive groups of them, each part
+        copied into the result as it comes (no part outlives its copy: a list of parts
+        and their concatenation would hold a large split's neighbours twice)."""
+        out: Neighbours | None = None
+        lo = 0
+        for part in parts:
+            if out is None:
+                wide = part.wide_indices is not None and part.wide_scores is not None
+
+                def like(a: np.ndarray) -> np.ndarray:
+                    return np.empty((n, *a.shape[1:]), a.dtype)
+
+                out = Neighbours(
+                    like(part.indices), like(part.scores),
+                    like(part.wide_indices) if wide else None,  # type: ignore[arg-type]
+                    like(part.wide_scores) if wide else None,  # type: ignore[arg-type]
+                )
+            hi = lo + len(part.indices)
+            out.indices[lo:hi], out.scores[lo:hi] = part.indices, part.scores
+            if out.wide_indices is not None and out.wide_scores is not None:
+                if part.wide_indices is None or part.wide_scores is None:
+                    raise ValueError("Neighbours.collect: parts with and without a wider neighbourhood")
+                out.wide_indices[lo:hi], out.wide_scores[lo:hi] = part.wide_indices, part.wide_scores
+            lo = hi
+        if out is None or lo != n:
+            raise ValueError(f"Neighbours.collect: parts hold {lo} queries, expected {n}")
+        return out
 
 
 def bulk_topk(
@@ -79,7 +127,8 @@ def bulk_topk(
 ) -> Neighbours:
     """Top-k keys for every query.
 
-    queries: (N, D), keys: (M, D), both L2-normalised float32.
+    queries: (N, D), keys: (M, D), both L2-normalised (keys float64, or float32 or
+    `KeyRows`, converted to float64 a chunk at a time).
     key_mask: (M,) bool, keys allowed at all (labelled, training split...).
     query_has_vector / key_has_vector: (N,), (M,) bool, False for an item without a
     retrieval vector (a post with metadata only). Its cosines mean nothing: such a pair
@@ -104,7 +153,7 @@ def bulk_topk(
     # Scores in float64, returned as float32: a float32 product's last bit depends on the
     # shape of the batch it is computed in, a float64 one's rounding to float32 does not,
     # so an item's neighbours and their scores are the same whatever it is searched with.
-    key_t = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float64))
+    key_t = torch.from_numpy(np.ascontiguousarray(keys)) if isinstance(keys, np.ndarray) and keys.dtype == np.float64 else keys
     allowed = torch.ones(m, dtype=torch.bool) if key_mask is None else torch.from_numpy(key_mask.astype(bool))
     kt = None
     grouped = group_weight != 0.0 and query_group is not None and key_group is not None
@@ -123,7 +172,7 @@ def bulk_topk(
                 else torch.from_numpy(query_has_vector[lo:hi].astype(bool))
             )
             comparable = q_vec.unsqueeze(1) & k_vec.unsqueeze(0)  # (b, M)
-            sims = torch.where(comparable, q @ key_t.T, 0.0)  # (b, M)
+            sims = torch.where(comparable, _products(q, key_t), 0.0)  # (b, M)
             mask = allowed.expand(hi - lo, m) & comparable
             if kg is not None:
                 assert query_group is not None
@@ -218,6 +267,21 @@ def candidate_topk(
         indices[lo:hi, :width] = np.where(np.isinf(top_s), -1, top_i)
         scores[lo:hi, :width] = top_s
     return Neighbours(indices, scores)
+
+
+def _products(q, keys):
+    """(b, M) float64 inner products of float64 queries (b, D) with keys (M, D): a
+    float64 tensor, or float32 rows (an array or `KeyRows`) converted a chunk at a time
+    (exactly, so the products are those of the float64 keys)."""
+    import torch
+
+    if isinstance(keys, torch.Tensor):
+        return q @ keys.T
+    out = torch.empty((len(q), len(keys)), dtype=torch.float64)
+    for lo in range(0, len(keys), KEY_CHUNK):
+        chunk = torch.from_numpy(np.asarray(keys[lo : lo + KEY_CHUNK], np.float64))
+        out[:, lo : lo + KEY_CHUNK] = q @ chunk.T
+    return out
 
 
 def ranking_scores(scores: Any) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 
 from mvpp.memory_bank.metadata import category_key
 from mvpp.retriever.ann import AnnConfig, AnnIndex, MemoryKeys
-from mvpp.retriever.bulk import Neighbours, bulk_topk, candidate_topk
+from mvpp.retriever.bulk import KeyRows, Neighbours, bulk_topk, candidate_topk
 from mvpp.retriever.rerank import rerank_lexical
 from mvpp.retriever.snapshot import BankSnapshot
 
@@ -207,11 +207,15 @@ class NeighbourSearch:
         self._pos_in_memory = np.full(len(snapshot), -1, np.int64)
         self._pos_in_memory[self.memory] = np.arange(len(self.memory))
         # the memory's side of every search, gathered once (a service searches per request);
-        # in float64 for the exact search, which scores in it, and as stored when an index
-        # proposes candidates, whose few vectors per query are converted when scored
+        # in float64 for the exact search, which scores in it; read from the snapshot
+        # when an index proposes candidates, whose few vectors per query are converted
+        # when scored (no copy of most of a large bank)
         keys = self.memory
-        dtype = np.float64 if approximate is None else np.float32
-        self._vectors = np.ascontiguousarray(snapshot.retrieval[keys], dtype=dtype)
+        self._vectors: np.ndarray | KeyRows = (
+            np.ascontiguousarray(snapshot.retrieval[keys], dtype=np.float64)
+            if approximate is None
+            else KeyRows(snapshot.retrieval, keys)
+        )
         self._has_vector = snapshot.has_retrieval[keys]
         self._time = snapshot.published_ts[keys]
         self._group = self.groups.key_group[keys] if self.groups is not None else None
