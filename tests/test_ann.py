@@ -117,8 +117,14 @@ def test_worker_processes_answer_as_one_process(tmp_path, monkeypatch):
     alone = index.candidates(vecs, 20, own, times, groups)
     monkeypatch.setattr(ann, "PARALLEL_FROM", 10)
     monkeypatch.setattr(ann, "PARALLEL_CHUNK", 64)
+    index.close()
     shared = index.candidates(vecs, 20, own, times, groups, workers=2)
     np.testing.assert_array_equal(shared, alone)
+    # a short search beside running workers goes to them: this process loads no graph
+    few = index.candidates(vecs[:5], 20, own[:5], times[:5], groups[:5], workers=2)
+    np.testing.assert_array_equal(few, alone[:5])
+    assert index._loaded is None
+    index.close()
 
 
 def test_which_search_a_run_uses():

@@ -51,7 +51,9 @@ INT8_QUANTILE = 0.99
 # Queries per engine call (`EdgeShard.query_batch` plans them together).
 QUERY_BATCH = 256
 # Queries from which `candidates` spreads them over worker processes (starting one costs
-# about a second), and queries per task given to a worker.
+# about a second; once started they take every search, however short, so that this
+# process never maps a graph of its own beside theirs), and queries per task given to a
+# worker.
 PARALLEL_FROM = 8192
 PARALLEL_CHUNK = 4096
 
@@ -278,7 +280,7 @@ class AnnIndex:
         whichever process searches it.
         """
         n = len(vectors)
-        if workers <= 1 or n < PARALLEL_FROM:
+        if workers <= 1 or (n < PARALLEL_FROM and self._pool is None):
             return self._search(vectors, limit, own, times, groups)
         parts = np.array_split(np.arange(n), max(workers, -(-n // PARALLEL_CHUNK)))
         found = self._workers(workers).map(

@@ -54,7 +54,8 @@ class Neighbours:
     """indices: (N, k) into the key set, -1 where fewer than k keys qualify.
     scores: (N, k) cosine similarities, -inf where indices is -1.
     wide_indices / wide_scores: (N, W) the wider neighbourhood a search was asked for
-    (the best W by the dense ranking, before any re-rank), or None."""
+    (the best W by the dense ranking, before any re-rank), or None; `NeighbourSearch`
+    gives them as int32 and float32, as a run keeps them for every item."""
 
     indices: np.ndarray
     scores: np.ndarray

@@ -251,8 +251,9 @@ class NeighbourSearch:
         hybrid = self.rerank is not None and queries.bags is not None
         candidates = self.rerank.candidates if hybrid and self.rerank is not None else 0
         nb = self.dense(queries, own, max(self.k, candidates, self.wide), exact=self.index is None)
-        # copies: views would keep the whole (B, limit) search result alive with them
-        wide = nb.indices[:, : self.wide].copy(), nb.scores[:, : self.wide].copy()
+        # copies: views would keep the whole (B, limit) search result alive with them; the
+        # scores in float32, the precision the wide statistics read them in
+        wide = nb.indices[:, : self.wide].copy(), nb.scores[:, : self.wide].astype(np.float32)
         # ranked best first, ties to the lower index: the first n of a deeper search are
         # the n a search for n returns
         top = max(self.k, candidates)
@@ -270,7 +271,12 @@ class NeighbourSearch:
         scores = np.ascontiguousarray(nb.scores)  # not a view of the deeper search
         if not self.wide:
             return Neighbours(rows(nb.indices), scores)
-        return Neighbours(rows(nb.indices), scores, rows(wide[0]), wide[1])
+        # a training run keeps every item's wider neighbourhood (ten times its k): its
+        # rows in 32 bits where they fit, 0.8 GB instead of 1.6 at 10^6 items and 100 wide
+        wide_rows = rows(wide[0])
+        if len(self.snapshot) <= np.iinfo(np.int32).max:
+            wide_rows = wide_rows.astype(np.int32)
+        return Neighbours(rows(nb.indices), scores, wide_rows, wide[1])
 
     def dense(self, queries: QueryBatch, own: np.ndarray, limit: int, exact: bool) -> Neighbours:
         """(B, limit) memory positions of the best keys by the dense ranking (cosine plus
