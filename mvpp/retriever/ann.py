@@ -94,9 +94,10 @@ class AnnConfig:
 class MemoryKeys:
     """The keys of a memory as an index sees them, in memory order.
 
-    vectors: (M, D) L2-normalised (an array or `bulk.KeyRows`); has_vector: (M,) False for a key without one (never
-    in the index); times: (M,) unix seconds, NaN when unknown, or None (no time
-    filter); groups: (M,) codes, -1 for none, or None (no groups).
+    vectors: (M, D) L2-normalised, an array or `bulk.KeyRows`; has_vector: (M,) False
+    for a key without one (never in the index); times: (M,) unix seconds, NaN when
+    unknown, or None (no time filter); groups: (M,) codes, -1 for none, or None (no
+    groups).
     """
 
     vectors: np.ndarray | KeyRows

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # Queries scored per block: bounds peak memory at block x n_keys floats, and the block
 # shrinks so that it never holds more than MAX_BLOCK_SCORES scores: a block's scores and
@@ -154,7 +157,9 @@ def bulk_topk(
     # Scores in float64, returned as float32: a float32 product's last bit depends on the
     # shape of the batch it is computed in, a float64 one's rounding to float32 does not,
     # so an item's neighbours and their scores are the same whatever it is searched with.
-    key_t = torch.from_numpy(np.ascontiguousarray(keys)) if isinstance(keys, np.ndarray) and keys.dtype == np.float64 else keys
+    # float64 keys are multiplied as they are; others are converted by `_products`
+    float64 = isinstance(keys, np.ndarray) and keys.dtype == np.float64
+    key_t = torch.from_numpy(np.ascontiguousarray(keys)) if float64 else keys
     allowed = torch.ones(m, dtype=torch.bool) if key_mask is None else torch.from_numpy(key_mask.astype(bool))
     kt = None
     grouped = group_weight != 0.0 and query_group is not None and key_group is not None
@@ -270,7 +275,7 @@ def candidate_topk(
     return Neighbours(indices, scores)
 
 
-def _products(q, keys):
+def _products(q: torch.Tensor, keys: torch.Tensor | np.ndarray | KeyRows) -> torch.Tensor:
     """(b, M) float64 inner products of float64 queries (b, D) with keys (M, D): a
     float64 tensor, or float32 rows (an array or `KeyRows`) converted a chunk at a time
     (exactly, so the products are those of the float64 keys)."""
