@@ -6,6 +6,7 @@ knows how Qdrant represents them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -25,12 +26,17 @@ FRAMES = "frames"
 TEXT = "text"
 AUDIO = "audio"
 
+# Item ids whose point ids are remembered: a build looks a batch's items up by point id
+# (resume) and then stores them, and the UUID is computed once for both.
+POINT_ID_CACHE = 1 << 16
+
 # UUID5 namespace of item ids: fixed so the same item id maps to the same point everywhere.
 ITEM_NAMESPACE = uuid.UUID("6f1c1c9e-4a8e-5b8e-9a55-2f1b7d0c3e11")
 
-# Payload keys that get a payload index (filters used by the retriever).
+# Payload keys that get a payload index: the retriever's filters, and nothing else (each
+# index is kept up to date on every upsert and rebuilt by the optimiser; an item is found
+# by its point id, never through an index on its item_id).
 INDEXED_FIELDS: dict[str, str] = {
-    "item_id": "keyword",
     "labelled": "bool",
     "has_video": "bool",
     "has_audio": "bool",
@@ -38,6 +44,7 @@ INDEXED_FIELDS: dict[str, str] = {
 }
 
 
+@functools.lru_cache(maxsize=POINT_ID_CACHE)
 def point_id(item_id: str) -> str:
     """Stable point id of an item: re-upserting the same item replaces it."""
     return str(uuid.uuid5(ITEM_NAMESPACE, str(item_id)))
@@ -166,25 +173,27 @@ class BankPoint:
 
     def payload(self) -> dict[str, Any]:
         """The Qdrant payload of this point (JSON-safe: a non-finite number is None)."""
-        return json_safe({
+        # only the fields that can hold a float go through json_safe: this runs once per
+        # point of every build and import
+        return {
             "item_id": self.item_id,
             "title": self.title,
             "captions": list(self.captions),
-            "labels": dict(self.labels),
-            "targets": dict(self.targets),
+            "labels": json_safe(self.labels),
+            "targets": json_safe(self.targets),
             "labelled": self.labelled,
             "has_video": self.has_video,
             "has_audio": self.has_audio,
             "published_at": self.published_at,
-            "published_ts": self.published_ts,
-            "metadata": dict(self.metadata),
+            "published_ts": json_safe(self.published_ts),
+            "metadata": json_safe(self.metadata),
             "content_hash": self.content_hash,
             "encoding_key": self.encoding_key,
-            "duration_s": self.duration_s,
+            "duration_s": json_safe(self.duration_s),
             "video": self.video,
             "observed_at": self.observed_at,
-            "observed_ts": self.observed_ts,
-        })
+            "observed_ts": json_safe(self.observed_ts),
+        }
 
     @classmethod
     def from_payload(

@@ -36,6 +36,8 @@ from ..schema import (
 )
 from .base import (
     MULTIVECTOR_NAMES,
+    RETRIEVAL_EF_CONSTRUCT,
+    RETRIEVAL_GRAPH_M,
     RETRIEVAL_INT8_QUANTILE,
     UPSERT_BATCH,
     BankBusyError,
@@ -66,6 +68,9 @@ SHARD_DIR = "shard"
 # last flush (about 50 KB per point with a 32 x 384 text multivector). Flushing after this
 # many bytes of vectors keeps it, and the replay on the next open, bounded.
 AUTO_FLUSH_BYTES = 256 * 1024 * 1024
+
+# Segments below this size (KB) are searched by a scan rather than their graph.
+FULL_SCAN_THRESHOLD_KB = 10_000
 
 # Ids per retrieve call when looking up hashes.
 RETRIEVE_BATCH = 1024
@@ -103,7 +108,7 @@ def edge_config(manifest: Manifest) -> qe.EdgeConfig:
     multi = qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim)
     # m=0: no HNSW graph for multivectors (one node per frame / token row would make
     # optimisation dominate build time); their searches are exact scans.
-    no_graph = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
+    no_graph = qe.HnswIndexConfig(m=0, ef_construct=RETRIEVAL_EF_CONSTRUCT, full_scan_threshold=FULL_SCAN_THRESHOLD_KB)
     dims = vector_dims(manifest)
     multivectors: dict[str, qe.EdgeVectorParams] = {}
     for name in bank_vectors(MULTIVECTOR_NAMES, manifest):
@@ -116,7 +121,10 @@ def edge_config(manifest: Manifest) -> qe.EdgeConfig:
             hnsw_config=no_graph,
         )
     int8 = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=RETRIEVAL_INT8_QUANTILE, always_ram=True)
-    retrieval = qe.EdgeVectorParams(size=dims[RETRIEVAL], distance=qe.Distance.Cosine, quantization_config=int8)
+    graph = qe.HnswIndexConfig(m=RETRIEVAL_GRAPH_M, ef_construct=RETRIEVAL_EF_CONSTRUCT,
+                               full_scan_threshold=FULL_SCAN_THRESHOLD_KB)
+    retrieval = qe.EdgeVectorParams(size=dims[RETRIEVAL], distance=qe.Distance.Cosine, quantization_config=int8,
+                                    hnsw_config=graph)
     return qe.EdgeConfig(vectors={RETRIEVAL: retrieval, **multivectors})
 
 

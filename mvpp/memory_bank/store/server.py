@@ -31,6 +31,8 @@ from ..schema import (
 )
 from .base import (
     MULTIVECTOR_NAMES,
+    RETRIEVAL_EF_CONSTRUCT,
+    RETRIEVAL_GRAPH_M,
     RETRIEVAL_INT8_QUANTILE,
     UPSERT_BATCH,
     BankBusyError,
@@ -84,7 +86,10 @@ def vectors_config(manifest: Manifest) -> dict[str, models.VectorParams]:
         )
     )
     vectors = {
-        RETRIEVAL: models.VectorParams(size=dims[RETRIEVAL], distance=models.Distance.COSINE, quantization_config=int8),
+        RETRIEVAL: models.VectorParams(
+            size=dims[RETRIEVAL], distance=models.Distance.COSINE, quantization_config=int8,
+            hnsw_config=models.HnswConfigDiff(m=RETRIEVAL_GRAPH_M, ef_construct=RETRIEVAL_EF_CONSTRUCT),
+        ),
     }
     for name in bank_vectors(MULTIVECTOR_NAMES, manifest):
         distance, datatype = multivector_storage(name, manifest)
