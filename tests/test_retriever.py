@@ -171,7 +171,7 @@ def test_filters(retriever: Retriever, bank: BankStore) -> None:
     # strictly before; items without a time (t9) never pass a time filter
     assert before == {
         i for i in searchable
-        if meta[i]["published_ts"] is not None and meta[i]["published_ts"] < cut
+        if meta[i].get("published_ts") is not None and meta[i]["published_ts"] < cut
     }
     assert {"c0", "t0", "c1", "t1", "c2", "t2"} == before
     both = ids(SearchFilter(labelled_only=True, has_video=True, published_before=cut))

@@ -260,6 +260,11 @@ def test_upsert_get_round_trip(bank: BankStore, points: list[BankPoint]) -> None
                 # cosine storage: rows come back unit-normalised, float16-rounded
                 np.testing.assert_allclose(stored, unit_rows(mine), atol=F16_ATOL)
     assert got[0] is not None and got[0].frames is None  # item-0 has no video
+    # a field without a value is not stored, and reads back as the record's default
+    bare = BankPoint(item_id="bare", retrieval=None, title="t")
+    assert set(bare.payload()) == {"item_id", "title", "labels", "targets", "labelled", "has_video", "has_audio",
+                                   "metadata", "content_hash", "encoding_key"}
+    assert BankPoint.from_payload(bare.payload(), None) == bare
     # only the requested vectors come back
     (only_payload,) = bank.get([points[1].item_id], vectors=())
     assert only_payload is not None and only_payload.frames is None

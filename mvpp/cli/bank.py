@@ -457,7 +457,7 @@ def query(
                 "item_id": h.item_id,
                 "score": round(float(h.score), 6),
                 "title": h.payload.get("title"),
-                "captions": h.payload.get("captions"),
+                "captions": h.payload.get("captions") or [],
                 "labels": h.payload.get("labels"),
                 "targets": h.payload.get("targets"),
                 "published_at": h.payload.get("published_at"),

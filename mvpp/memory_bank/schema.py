@@ -172,13 +172,18 @@ class BankPoint:
         return self.audio is not None and len(self.audio) > 0
 
     def payload(self) -> dict[str, Any]:
-        """The Qdrant payload of this point (JSON-safe: a non-finite number is None)."""
+        """The Qdrant payload of this point (JSON-safe: a non-finite number is None).
+
+        A field without a value (None, no captions) is left out, as `from_payload` reads
+        it: each field costs the engine time on every upsert and optimisation (a fifth
+        of the time to build a text-only point's payload went to the six empty ones).
+        """
         # only the fields that can hold a float go through json_safe: this runs once per
         # point of every build and import
-        return {
+        payload = {
             "item_id": self.item_id,
             "title": self.title,
-            "captions": list(self.captions),
+            "captions": list(self.captions) or None,
             "labels": json_safe(self.labels),
             "targets": json_safe(self.targets),
             "labelled": self.labelled,
@@ -194,6 +199,7 @@ class BankPoint:
             "observed_at": self.observed_at,
             "observed_ts": json_safe(self.observed_ts),
         }
+        return {k: v for k, v in payload.items() if v is not None}
 
     @classmethod
     def from_payload(
