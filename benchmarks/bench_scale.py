@@ -32,8 +32,9 @@ cost ~ size^b).
 
     python benchmarks/bench_scale.py [--sizes 100000 1000000] [--queries 300]
 
-10^6 items need about 12 GB of memory (the engine's graph build) and, on 2 cores, about
-25 minutes for the import alone; 10^5 items take about 5 minutes.
+10^6 items need about 14 GB of memory (the import's peak, most of it the engine's
+memory-mapped segments) and, on 2 cores, 10 to 15 minutes for the import alone; 10^5
+items take about 3 minutes.
 """
 
 from __future__ import annotations

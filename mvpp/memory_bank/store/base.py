@@ -67,11 +67,11 @@ SEARCH_EF = 256
 # (100,000 synthetic items: 18 s against 54 s, 1.1 ms against 2.6 ms; benchmarks/README.md).
 RETRIEVAL_INT8_QUANTILE = 0.99
 # The retrieval graph's links per node and build-time candidates: the engine's defaults.
-# The graph is about half of an import's time at 10^6 items, and cheaper graphs build
-# faster with the same recall on synthetic vectors (64 candidates: 30% faster, recall@10
-# 0.9997 both), but lose recall on real ones (filtered k = 10 queries on the MicroLens
-# titles: 0.983 at 16 / 100, 0.978 at 16 / 64, 0.977 at 24 / 48; TikTok-VN captions:
-# 0.935, 0.931, 0.928; benchmarks/README.md).
+# The graph is about half of an import's time at 10^6 items. Cheaper graphs build faster
+# with the same recall on synthetic vectors (64 candidates: a fifth to a third faster,
+# recall@10 0.9997 both) but lose recall on real ones (filtered k = 10 queries on the
+# MicroLens titles: 0.983 at 16 / 100, 0.978 at 16 / 64, 0.977 at 24 / 48; TikTok-VN
+# captions: 0.935, 0.931, 0.928; benchmarks/README.md).
 RETRIEVAL_GRAPH_M = 16
 RETRIEVAL_EF_CONSTRUCT = 100
 # A search through the 8-bit copy rescores at least this many of its best with the
