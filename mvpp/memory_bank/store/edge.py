@@ -107,7 +107,8 @@ _OPEN_LOCK = threading.Lock()
 def edge_config(manifest: Manifest) -> qe.EdgeConfig:
     multi = qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim)
     # m=0: no HNSW graph for multivectors (one node per frame / token row would make
-    # optimisation dominate build time); their searches are exact scans.
+    # optimisation dominate build time); their searches are exact scans, and the build
+    # candidates, a required field, are never used.
     no_graph = qe.HnswIndexConfig(m=0, ef_construct=RETRIEVAL_EF_CONSTRUCT, full_scan_threshold=FULL_SCAN_THRESHOLD_KB)
     dims = vector_dims(manifest)
     multivectors: dict[str, qe.EdgeVectorParams] = {}
