@@ -15,7 +15,8 @@ For each size it measures, each in its own process where memory matters:
 - the bank's size on disk;
 - filtered queries (k = 10, labelled items published before a random time, the query's
   own id excluded) on the HNSW index: p50 / p99 latency and recall@10 against the same
-  search done exactly;
+  search done exactly, for times that keep a quarter of the bank or more and for
+  selective ones that keep 0.5-10% of it;
 - reading the bank into the arrays training uses (`read_snapshot`): seconds and peak RSS;
 - with `--train`, `mvpp train --epochs 1` on the bank with the defaults: wall time,
   seconds of the epoch, and peak RSS of the command and the processes it starts;
@@ -70,6 +71,8 @@ YEAR_S = 365 * 24 * 3600
 START_TS = 1_700_000_000
 ROWS_PER_GROUP = 50_000
 BULK_BLOCK_VALUES = 200_000_000
+# Share of the bank a selective time filter keeps (drawn log-uniformly between these).
+SELECTIVE_KEEP = (0.005, 0.1)
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -206,30 +209,40 @@ def synthetic_table(path: Path, n: int, seed: int = 0, tokens: bool = False) -> 
     return out
 
 
-def query_latency(bank: Path, vectors: np.ndarray, n_queries: int, seed: int = 1) -> dict[str, float]:
+def query_latency(bank: Path, vectors: np.ndarray, published: np.ndarray, n_queries: int,
+                  seed: int = 1) -> dict[str, float]:
     """p50 / p99 ms of filtered HNSW queries (k = 10) and their recall@10 against the same
-    filtered search done exactly."""
+    filtered search done exactly: time filters that keep a quarter of the bank or more,
+    and selective ones that keep 0.5-10% of it (log-uniform), where a graph walk is most
+    likely to lose its way."""
     from mvpp.memory_bank.schema import SearchFilter
     from mvpp.memory_bank.store import open_store
 
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(vectors), n_queries, replace=False)
-    latencies, recalls = [], []
+    ordered = np.sort(published)
+    broad = rng.uniform(START_TS + YEAR_S / 4, START_TS + YEAR_S, n_queries)
+    kept = np.exp(rng.uniform(np.log(SELECTIVE_KEEP[0]), np.log(SELECTIVE_KEEP[1]), n_queries))
+    selective = ordered[(kept * len(ordered)).astype(int)]
+    out: dict[str, float] = {}
     with open_store(bank=bank) as store:
         for i in picks[:20]:  # warm the caches
             store.search(vectors[i], 10)
-        for i in picks:
-            flt = SearchFilter(exclude_ids=[f"s{i}"], labelled_only=True,
-                               published_before=float(rng.uniform(START_TS + YEAR_S / 4, START_TS + YEAR_S)))
-            t0 = time.perf_counter()
-            hits = store.search(vectors[i], 10, flt=flt)
-            latencies.append(time.perf_counter() - t0)
-            exact = store.search(vectors[i], 10, flt=flt, exact=True)
-            truth = {h.item_id for h in exact}
-            recalls.append(len(truth & {h.item_id for h in hits}) / max(1, len(truth)))
-    ms = np.array(latencies) * 1000
-    return {"query_p50_ms": float(np.percentile(ms, 50)), "query_p99_ms": float(np.percentile(ms, 99)),
-            "recall_at_10": float(np.mean(recalls))}
+        for name, cuts in (("", broad), ("selective_", selective)):
+            latencies, recalls = [], []
+            for i, cut in zip(picks, cuts, strict=True):
+                flt = SearchFilter(exclude_ids=[f"s{i}"], labelled_only=True, published_before=float(cut))
+                t0 = time.perf_counter()
+                hits = store.search(vectors[i], 10, flt=flt)
+                latencies.append(time.perf_counter() - t0)
+                exact = store.search(vectors[i], 10, flt=flt, exact=True)
+                truth = {h.item_id for h in exact}
+                recalls.append(len(truth & {h.item_id for h in hits}) / max(1, len(truth)))
+            ms = np.array(latencies) * 1000
+            out.update({f"{name}query_p50_ms": float(np.percentile(ms, 50)),
+                        f"{name}query_p99_ms": float(np.percentile(ms, 99)),
+                        f"{name}recall_at_10": float(np.mean(recalls))})
+    return out
 
 
 SNAPSHOT_SCRIPT = """
@@ -352,7 +365,10 @@ def bank_costs(n: int, table: Path, bank: Path, vectors: np.ndarray, args: argpa
     # blocks in use: the engine preallocates files larger than what they hold
     row["disk_gb"] = sum(f.stat().st_blocks * 512 for f in bank.rglob("*") if f.is_file()) / 1024**3
     console.print(f"{n:,} items: imported in {wall:.0f} s (exit {code}), {row['disk_gb']:.2f} GB on disk")
-    row.update(query_latency(bank, vectors, args.queries))
+    import pyarrow.parquet as pq
+
+    published = pq.read_table(table, columns=["published"]).column("published").to_numpy()
+    row.update(query_latency(bank, vectors, published, args.queries))
     wall, rss, _ = peak_rss_of([sys.executable, "-c", SNAPSHOT_SCRIPT, str(bank)])
     row.update({"snapshot_s": wall, "snapshot_peak_gb": rss})
     if args.train:
@@ -376,6 +392,8 @@ COLUMNS = [
     ("query_p50_ms", "query p50 ms", "{:.2f}"),
     ("query_p99_ms", "query p99 ms", "{:.2f}"),
     ("recall_at_10", "recall@10", "{:.3f}"),
+    ("selective_query_p50_ms", "selective p50 ms", "{:.2f}"),
+    ("selective_recall_at_10", "selective recall@10", "{:.3f}"),
     ("snapshot_s", "read arrays s", "{:.1f}"),
     ("snapshot_peak_gb", "read arrays peak GB", "{:.2f}"),
     ("train_s", "train, 1 epoch s", "{:,.0f}"),
