@@ -414,11 +414,12 @@ GROWTH = {"import_s": "import time", "disk_gb": "disk", "query_p50_ms": "query p
 def report(rows: list[dict[str, float]]) -> None:
     table = Table(title="bank costs by size (text-only lite rows, 384-d retrieval vectors)")
     table.add_column("items", justify="right")
-    for _, name, _ in COLUMNS:
+    measured = [col for col in COLUMNS if any(col[0] in row for row in rows)]  # skipped parts leave no column
+    for _, name, _ in measured:
         table.add_column(name, justify="right")
     for row in rows:
         items = f"{int(row['items']):,}" + (" + tokens" if row.get("tokens") else "")
-        table.add_row(items, *(fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS))
+        table.add_row(items, *(fmt.format(row[key]) if key in row else "-" for key, _, fmt in measured))
     console.print(table)
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
