@@ -71,7 +71,10 @@ RETRIEVAL_INT8_QUANTILE = 0.99
 # with the same recall on synthetic vectors (64 candidates: a fifth to a third faster,
 # recall@10 0.9997 both) but lose recall on real ones (filtered k = 10 queries on the
 # MicroLens titles: 0.983 at 16 / 100, 0.978 at 16 / 64, 0.977 at 24 / 48; TikTok-VN
-# captions: 0.935, 0.931, 0.928; benchmarks/README.md).
+# captions: 0.935, 0.931, 0.928; benchmarks/README.md). The engine's extra links among
+# points of nearby publish times (its per-payload links, `payload_m` left at its default)
+# are half of that half, and stay: without them a 10^6-item graph walk found nothing for
+# time filters keeping 1-8% of the bank (recall@10 0.00 against 0.998-1.000).
 RETRIEVAL_GRAPH_M = 16
 RETRIEVAL_EF_CONSTRUCT = 100
 # A search through the 8-bit copy rescores at least this many of its best with the
