@@ -17,6 +17,12 @@ from mvpp.cli.bank import app as bank_app
 from mvpp.config import ClusterSettings
 from mvpp.memory_bank.schema import Manifest
 from mvpp.memory_bank.store import open_store
+from mvpp.memory_bank.store.base import (
+    FULL_SCAN_THRESHOLD_KB,
+    RETRIEVAL_EF_CONSTRUCT,
+    RETRIEVAL_GRAPH_M,
+)
+from mvpp.memory_bank.store.edge import edge_config
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +101,13 @@ def test_a_collection_is_created_with_the_cluster_settings(server):
     # the graph is built and walked on an 8-bit copy of the retrieval vectors, kept in RAM
     scalar = body["vectors"]["retrieval"]["quantization_config"]["scalar"]
     assert (scalar["type"], scalar["always_ram"]) == ("int8", True)
+    # the same graph as an embedded bank builds
+    graph = edge_config(_manifest()).vectors["retrieval"].hnsw_config
+    sent = body["vectors"]["retrieval"]["hnsw_config"]
+    assert (sent["m"], sent["ef_construct"], sent["full_scan_threshold"]) == (
+        graph.m, graph.ef_construct, graph.full_scan_threshold) == (
+        RETRIEVAL_GRAPH_M, RETRIEVAL_EF_CONSTRUCT, FULL_SCAN_THRESHOLD_KB)
+    assert sent.get("payload_m") is None and graph.payload_m is None  # the per-payload links stay
     indexed = [path for method, path, _ in Recorder.requests if "/index" in path]
     assert len(indexed) >= 4  # the payload indexes the filters use
 

@@ -77,6 +77,9 @@ RETRIEVAL_INT8_QUANTILE = 0.99
 # time filters keeping 1-8% of the bank (recall@10 0.00 against 0.998-1.000).
 RETRIEVAL_GRAPH_M = 16
 RETRIEVAL_EF_CONSTRUCT = 100
+# Segments and filtered subsets below this size (KB of vectors) are searched by a scan
+# rather than a graph walk (both engines' default).
+FULL_SCAN_THRESHOLD_KB = 10_000
 # A search through the 8-bit copy rescores at least this many of its best with the
 # originals: filtered k = 10 queries on 100,000 synthetic items found 0.983 of the exact
 # top 10 rescoring 10, 0.9994 rescoring 20 or 40, at almost the same cost.

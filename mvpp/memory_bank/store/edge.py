@@ -35,6 +35,7 @@ from ..schema import (
     point_id,
 )
 from .base import (
+    FULL_SCAN_THRESHOLD_KB,
     MULTIVECTOR_NAMES,
     RETRIEVAL_EF_CONSTRUCT,
     RETRIEVAL_GRAPH_M,
@@ -68,9 +69,6 @@ SHARD_DIR = "shard"
 # last flush (about 50 KB per point with a 32 x 384 text multivector). Flushing after this
 # many bytes of vectors keeps it, and the replay on the next open, bounded.
 AUTO_FLUSH_BYTES = 256 * 1024 * 1024
-
-# Segments below this size (KB) are searched by a scan rather than their graph.
-FULL_SCAN_THRESHOLD_KB = 10_000
 
 # Ids per retrieve call when looking up hashes.
 RETRIEVE_BATCH = 1024

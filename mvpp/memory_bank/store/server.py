@@ -30,6 +30,7 @@ from ..schema import (
     point_id,
 )
 from .base import (
+    FULL_SCAN_THRESHOLD_KB,
     MULTIVECTOR_NAMES,
     RETRIEVAL_EF_CONSTRUCT,
     RETRIEVAL_GRAPH_M,
@@ -88,7 +89,8 @@ def vectors_config(manifest: Manifest) -> dict[str, models.VectorParams]:
     vectors = {
         RETRIEVAL: models.VectorParams(
             size=dims[RETRIEVAL], distance=models.Distance.COSINE, quantization_config=int8,
-            hnsw_config=models.HnswConfigDiff(m=RETRIEVAL_GRAPH_M, ef_construct=RETRIEVAL_EF_CONSTRUCT),
+            hnsw_config=models.HnswConfigDiff(m=RETRIEVAL_GRAPH_M, ef_construct=RETRIEVAL_EF_CONSTRUCT,
+                                              full_scan_threshold=FULL_SCAN_THRESHOLD_KB),
         ),
     }
     for name in bank_vectors(MULTIVECTOR_NAMES, manifest):
