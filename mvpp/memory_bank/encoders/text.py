@@ -185,8 +185,11 @@ class SentenceTextEncoder:
         # embeddings, input ids, attention mask and the pooled vector) from one pass.
         outputs: list[dict[str, Any]] = [{} for _ in texts]
         call_cost = CPU_CALL_COST_TOKENS if self._on_cpu else None
+        # a GPU's full calls need only an order: characters, as sentence-transformers sorts,
+        # spare it a second tokenisation
+        lengths = self._token_counts(texts) if call_cost is not None else [len(t) for t in texts]
         with self._arithmetic():
-            for call in plan_batches(self._token_counts(texts), batch_size, call_cost):
+            for call in plan_batches(lengths, batch_size, call_cost):
                 done = self._model.encode(
                     [texts[i] for i in call], batch_size=len(call), output_value=None, show_progress_bar=False
                 )
