@@ -40,8 +40,10 @@ DEFAULT_MAX_SEQ_LENGTH = 256
 # MicroLens titles (median 15 tokens, 10% above 30, one of 153), 2 cores: 1,024 titles
 # in calls of 256 encoded at 280-328 items/s grouped so against 202-244 in fixed sorted
 # batches of 16; random calls of 16 titles (a service's batch) at 167-180 against 131-148.
-# The fixed cost taken as 60, 120 or 200 positions made no difference beyond the noise. A
-# GPU fills its calls (sorted by length) to the larger cap.
+# The fixed cost taken as 60, 120 or 200 positions made no difference beyond the noise;
+# BERT-large (UAE's shape) costs about 40 positions a call (216 ms for one 8-token text,
+# 4-5 ms per further position), so the unit holds across model sizes. A GPU fills its
+# calls (sorted by length) to the larger cap.
 CPU_BATCH_SIZE = 64
 CPU_CALL_COST_TOKENS = 100.0
 CUDA_BATCH_SIZE = 128
