@@ -37,9 +37,10 @@ DEFAULT_MAX_SEQ_LENGTH = 256
 # one 8-token title, about 0.17 ms per further token position: the weights are read once
 # per call). So the CPU groups a call's texts by token count (`plan_batches`), trading
 # that fixed cost, expressed in token positions of work, against the padding. Measured on
-# MicroLens titles (median 15 tokens, 10% above 30, one of 153), 2 cores: 1,024 titles
-# in calls of 256 encoded at 280-328 items/s grouped so against 202-244 in fixed sorted
-# batches of 16; random calls of 16 titles (a service's batch) at 167-180 against 131-148.
+# MicroLens titles (median 15 tokens, 10% above 30, one of 153), 2 cores, means of five
+# alternating pairs: 1,024 titles in calls of 256 (a build's) encoded at 258 titles/s
+# grouped so against 215 in fixed sorted batches of 16, random calls of 16 titles (a
+# service's batch) at 160 against 135.
 # The fixed cost taken as 60, 120 or 200 positions made no difference beyond the noise;
 # BERT-large (UAE's shape) costs about 40 positions a call (216 ms for one 8-token text,
 # 4-5 ms per further position), so the unit holds across model sizes. A GPU fills its
