@@ -2,13 +2,14 @@
 
 Starts `mvpp serve` in its own process, then sends N requests of one title each from
 1, 8 and 32 concurrent clients and reports p50 / p99 latency, items/s and the CPU cores
-the service and the load generator used (they share the machine); then requests of
+the service and the load generator used (they share the machine: the generator writes
+HTTP/1.1 itself to take little of it; `--generator httpx` sends through httpx); then requests of
 `--items-per-request` titles each, as a pipeline that batches its own uploads sends them.
 It also times the bank's text encoder alone on the same titles (batches of 32): on a CPU
 that pass is most of a text item's cost, so it bounds what the service can reach. Last,
 `mvpp score` of the same titles for comparison.
 
-    python benchmarks/bench_serve.py --run RUN [--requests 400] [--clients 1 8 32]
+    python benchmarks/bench_serve.py --run RUN [--requests 400] [--clients 1 8 32] [--generator raw|httpx]
 """
 
 from __future__ import annotations
@@ -47,28 +48,68 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def load(url: str, titles: list[str], clients: int, per_request: int = 1) -> tuple[list[float], float]:
+def _score_body(i: int, part: list[str]) -> bytes:
+    return json.dumps({"items": [{"id": f"q{i + j}", "title": title} for j, title in enumerate(part)]}).encode()
+
+
+async def load(url: str, titles: list[str], clients: int, per_request: int = 1,
+               generator: str = "raw") -> tuple[list[float], float]:
     """Latencies (s) of requests of `per_request` titles each from `clients` concurrent
-    clients, and the wall time."""
+    clients, each on its own keep-alive connection, and the wall time. `generator`:
+    "raw" writes HTTP/1.1 on asyncio streams (a few tens of microseconds of CPU per
+    request, so the load generator takes little of the cores it shares with the
+    service), "httpx" sends the same requests through httpx."""
     queue: asyncio.Queue[tuple[int, list[str]]] = asyncio.Queue()
     for i in range(0, len(titles), per_request):
         queue.put_nowait((i, titles[i : i + per_request]))
     latencies: list[float] = []
 
-    async def client(http: httpx.AsyncClient) -> None:
+    def check(status: int, body: bytes, part: list[str]) -> None:
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
+        items = json.loads(body)["items"]
+        if len(items) != len(part) or not all(item["status"].startswith("ok") for item in items):
+            raise RuntimeError(f"unexpected answer: {body[:200]!r}")
+
+    async def raw_client() -> None:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while not queue.empty():
+                i, part = queue.get_nowait()
+                body = _score_body(i, part)
+                head = (f"POST /v1/score HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                t0 = time.perf_counter()
+                writer.write(head + body)
+                headers = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                fields = dict(line.split(":", 1) for line in headers[1:] if ":" in line)
+                length = {k.strip().lower(): v.strip() for k, v in fields.items()}.get("content-length")
+                if length is None:
+                    raise RuntimeError(f"an answer without Content-Length: {headers[0]}")
+                answer = await reader.readexactly(int(length))
+                latencies.append(time.perf_counter() - t0)
+                check(int(headers[0].split()[1]), answer, part)
+        finally:
+            writer.close()
+
+    async def httpx_client(http: httpx.AsyncClient) -> None:
         while not queue.empty():
             i, part = queue.get_nowait()
-            items = [{"id": f"q{i + j}", "title": title} for j, title in enumerate(part)]
             t0 = time.perf_counter()
-            response = await http.post(f"{url}/v1/score", json={"items": items})
-            response.raise_for_status()
+            response = await http.post(f"{url}/v1/score", content=_score_body(i, part),
+                                       headers={"Content-Type": "application/json"})
             latencies.append(time.perf_counter() - t0)
+            check(response.status_code, response.content, part)
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        return latencies, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if generator == "raw":
+        await asyncio.gather(*(raw_client() for _ in range(clients)))
+    else:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            await asyncio.gather(*(httpx_client(http) for _ in range(clients)))
+    return latencies, time.perf_counter() - t0
 
 
 def encoder_rate(run: Path, titles: list[str]) -> float:
@@ -92,6 +133,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--items-per-request", type=int, default=16,
                         help="titles per request in the client-batched rows")
+    parser.add_argument("--generator", choices=["raw", "httpx"], default="raw",
+                        help="the load generator: HTTP/1.1 written on asyncio streams (light), or httpx")
     args = parser.parse_args()
     try:
         table = microlens()
@@ -116,14 +159,15 @@ def main() -> None:
                 raise SystemExit("the service did not start")
             time.sleep(0.2)
         console.print(f"service ready in {time.perf_counter() - t0:.1f} s")
-        asyncio.run(load(url, titles[:20], 1))  # warm up
-        table_out = Table(title=f"mvpp serve, {len(titles)} titles (MicroLens run {args.run.name})")
+        asyncio.run(load(url, titles[:20], 1, generator=args.generator))  # warm up
+        table_out = Table(title=f"mvpp serve, {len(titles)} titles (MicroLens run {args.run.name}, "
+                                f"{args.generator} load generator)")
         for col in ("clients", "items per request", "p50 ms", "p99 ms", "items/s", "service cores", "client cores"):
             table_out.add_column(col, justify="right")
         cases = [(c, 1) for c in args.clients] + [(c, args.items_per_request) for c in args.clients if c > 1]
         for clients, per_request in cases:
             server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
-            latencies, wall = asyncio.run(load(url, titles, clients, per_request))
+            latencies, wall = asyncio.run(load(url, titles, clients, per_request, args.generator))
             ms = np.array(latencies) * 1000
             table_out.add_row(str(clients), str(per_request), f"{np.percentile(ms, 50):.1f}",
                               f"{np.percentile(ms, 99):.1f}", f"{len(titles) / wall:.1f}",
