@@ -83,8 +83,8 @@ async def load(url: str, titles: list[str], clients: int, per_request: int = 1,
                 t0 = time.perf_counter()
                 writer.write(head + body)
                 headers = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                fields = dict(line.split(":", 1) for line in headers[1:] if ":" in line)
-                length = {k.strip().lower(): v.strip() for k, v in fields.items()}.get("content-length")
+                fields = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in headers[1:] if ":" in h)}
+                length = fields.get("content-length")
                 if length is None:
                     raise RuntimeError(f"an answer without Content-Length: {headers[0]}")
                 answer = await reader.readexactly(int(length))
