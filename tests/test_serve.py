@@ -5,6 +5,7 @@ browser."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -27,7 +29,7 @@ from mvpp.cli.bank import app as bank_app
 from mvpp.cli.main import app as main_app
 from mvpp.serve.app import AppSettings, create_app
 from mvpp.serve.batching import DEFAULT_WINDOW_S
-from mvpp.serve.service import DEFAULT_DECODE_SECONDS, ScoringService, ServiceSettings
+from mvpp.serve.service import DEFAULT_DECODE_SECONDS, ScoreRequest, ScoringService, ServiceSettings
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow  # builds a bank and trains a small run
@@ -304,3 +306,54 @@ def test_requests_queued_during_a_call_are_the_next_batch_without_waiting():
     assert results == [0, 10, 20, 30, 40, 50]
     assert calls == [[0], [1, 2, 3, 4, 5]]
     assert elapsed < 2 * window  # the second batch did not wait a window of its own
+
+
+def test_calls_run_side_by_side_up_to_the_workers():
+    """With two workers a second batch is scored while the first still runs (each waits
+    at a barrier the other must reach); with one, calls never overlap."""
+    from mvpp.serve.batching import MicroBatcher
+
+    def scenario(workers: int) -> tuple[list[int], int]:
+        barrier = threading.Barrier(2, timeout=1.0)
+        running, most = 0, 0
+        lock = threading.Lock()
+
+        def score(requests: list[int]) -> list[int]:
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+            with contextlib.suppress(threading.BrokenBarrierError):  # alone: no partner comes
+                barrier.wait()
+            with lock:
+                running -= 1
+            return [r + 1 for r in requests]
+
+        async def run() -> list[int]:
+            batcher = MicroBatcher(score, size=lambda r: 1, window_s=0.0, max_items=1, workers=workers)
+            results = await asyncio.gather(*(batcher.submit(i) for i in range(4)))
+            await batcher.close()
+            return list(results)
+
+        return asyncio.run(run()), most
+
+    assert scenario(2) == ([1, 2, 3, 4], 2)
+    assert scenario(1) == ([1, 2, 3, 4], 1)
+    with pytest.raises(ValueError, match="workers"):
+        MicroBatcher(lambda r: r, size=len, workers=0)
+
+
+def test_calls_in_several_threads_score_as_one_at_a_time(service):
+    """Scoring calls share the encoders, the search and the bank table's projection of
+    the neighbours: run side by side they give what they give one after another."""
+    requests = [
+        ScoreRequest([{"vid": f"t{i}-{j}", "caption": f"{word} clip day {i + j}", "creator": f"c{j % 3}"}
+                      for j in range(3)])
+        for i, word in enumerate(["cat", "news", "dog", "food", "travel", "music", "cat", "game"])
+    ]
+    alone = [service.score_many([req])[0] for req in requests]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda req: service.score_many([req])[0], requests))
+            assert together == alone
+    assert all(item["status"].startswith("ok") for result in alone for item in result)

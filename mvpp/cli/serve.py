@@ -51,6 +51,14 @@ def serve_cmd(
         float,
         typer.Option("--batch-window-ms", help="How long a request waits for others to be scored with it.", min=0),
     ] = DEFAULT_WINDOW_MS,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Scoring calls run at once, the cores shared among them \\[default: 2 on a CPU, 1 on a GPU].",
+            min=1,
+        ),
+    ] = None,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: Annotated[
@@ -66,7 +74,7 @@ def serve_cmd(
 
     from mvpp.predictor.scoring import MEMORIES
     from mvpp.serve.app import AppSettings, create_app
-    from mvpp.serve.service import ScoringService, ServiceSettings
+    from mvpp.serve.service import ScoringService, ServiceSettings, default_workers, usable_cores
 
     setup_logging(verbose)
     if memory not in MEMORIES:
@@ -75,7 +83,11 @@ def serve_cmd(
         fail(f"{run_dir} is not a run directory: config.json is missing")
     given = bank or qdrant_url or os.environ.get("MVPP_BANK") or os.environ.get("MVPP_QDRANT_URL")
     loc = location(bank, qdrant_url, qdrant_api_key, collection) if given else None
-    settings = ServiceSettings(run=run_dir, bank=loc, memory=memory, device=device, decode_seconds=decode_seconds)
+    workers = workers or default_workers(device)
+    settings = ServiceSettings(
+        run=run_dir, bank=loc, memory=memory, device=device, decode_seconds=decode_seconds,
+        workers=workers, torch_threads=max(1, usable_cores() // workers),
+    )
     app = create_app(
         lambda: ScoringService(settings),
         AppSettings(

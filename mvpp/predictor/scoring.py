@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,9 @@ class RunPredictor:
             self.bank, rows, cfg.k, run.time_safe, rerank, self.groups, max(self.wide_widths, default=0), approximate
         )
         self._row_of = snapshot.index_of()
+        # Everything else a prediction reads is left as built, so calls may run in
+        # several threads at once (a service does).
+        self._projection_lock = threading.Lock()
 
     @property
     def memory_size(self) -> int:
@@ -197,8 +201,9 @@ class RunPredictor:
         nb = self.search.search(self._queries(source, table, rows, own_rows))
         model = self.run.model
         model.eval()
-        self.table.project(model, nb.indices[nb.indices >= 0])
-        batch = make_batch(self.table, table.items(torch.from_numpy(rows)), nb, self.wide_widths)
+        with self._projection_lock:  # the bank table holds one projection at a time
+            self.table.project(model, nb.indices[nb.indices >= 0])
+            batch = make_batch(self.table, table.items(torch.from_numpy(rows)), nb, self.wide_widths)
         pred = predict_batch(model, batch, cfg.mc_samples, cfg.quantiles, cfg.seed)
         gbdt = self.run.gbdt
         if gbdt is not None and self.run.blend_weights is not None:

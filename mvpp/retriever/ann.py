@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import shutil
 import tempfile
+import threading
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -136,17 +137,19 @@ class AnnIndex:
         # worker processes, kept between searches until `close` (each loads the graph)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_size = 0
+        self._lock = threading.Lock()  # searches may come from several threads (a service)
 
     @property
     def _shard(self) -> qe.EdgeShard:
-        if self._loaded is None:
-            try:
-                self._loaded = qe.EdgeShard.load(str(self.folder / "shard"))
-            except Exception as exc:  # the engine raises its own error types for damaged files
-                raise RuntimeError(
-                    f"the neighbour index {self.folder} is damaged ({exc}): delete the folder to build it again"
-                ) from exc
-        return self._loaded
+        with self._lock:
+            if self._loaded is None:
+                try:
+                    self._loaded = qe.EdgeShard.load(str(self.folder / "shard"))
+                except Exception as exc:  # the engine raises its own error types for damaged files
+                    raise RuntimeError(
+                        f"the neighbour index {self.folder} is damaged ({exc}): delete the folder to build it again"
+                    ) from exc
+            return self._loaded
 
     @property
     def digest(self) -> str:
@@ -294,16 +297,17 @@ class AnnIndex:
         return np.concatenate(list(found), axis=0)
 
     def _workers(self, n: int) -> ProcessPoolExecutor:
-        if self._pool is None or self._pool_size != n:
-            if self._pool is not None:
-                self._pool.shutdown()
-            context = multiprocessing.get_context("spawn")  # forking a process that runs torch threads is unsafe
-            self._pool = ProcessPoolExecutor(
-                n, mp_context=context, initializer=_open_in_worker, initargs=(str(self.folder),)
-            )
-            self._pool_size = n
-            weakref.finalize(self, self._pool.shutdown)
-        return self._pool
+        with self._lock:
+            if self._pool is None or self._pool_size != n:
+                if self._pool is not None:
+                    self._pool.shutdown()
+                context = multiprocessing.get_context("spawn")  # forking a process that runs torch threads is unsafe
+                self._pool = ProcessPoolExecutor(
+                    n, mp_context=context, initializer=_open_in_worker, initargs=(str(self.folder),)
+                )
+                self._pool_size = n
+                weakref.finalize(self, self._pool.shutdown)
+            return self._pool
 
     def _search(
         self,

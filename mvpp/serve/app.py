@@ -124,7 +124,8 @@ def create_app(load: Callable[[], ScoringService], settings: AppSettings | None 
             return
         state["service"] = service
         state["batcher"] = MicroBatcher(
-            service.score_many, lambda r: len(r.rows), settings.batch_window_s, settings.batch_max_items
+            service.score_many, lambda r: len(r.rows), settings.batch_window_s, settings.batch_max_items,
+            workers=service.workers,
         )
 
     @asynccontextmanager

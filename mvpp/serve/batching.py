@@ -5,6 +5,8 @@ one neighbour search, one model call), so under load the service waits a few
 milliseconds after the first pending request (not at all when others are already
 queued), takes every request queued by then (up to `max_items` rows), and scores them
 in one call, in a worker thread: the event loop keeps accepting requests meanwhile.
+Up to `workers` calls run at once; a batch is gathered only when a worker is free to
+take it, so the requests that come while every worker is busy make the next batch.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class _Pending:
 
 class MicroBatcher:
     """Merges concurrent `submit(request)` calls into calls of `score(requests) ->
-    results` (one result per request, in order), run in a worker thread. `size` tells a
-    request's number of rows."""
+    results` (one result per request, in order), run in worker threads, at most
+    `workers` at a time. `size` tells a request's number of rows."""
 
     def __init__(
         self,
@@ -40,13 +42,18 @@ class MicroBatcher:
         size: Callable[[Any], int],
         window_s: float = DEFAULT_WINDOW_S,
         max_items: int = DEFAULT_MAX_ITEMS,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self.score = score
         self.size = size
         self.window_s = window_s
         self.max_items = max_items
+        self.workers = workers
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task | None = None
+        self._calls: set[asyncio.Task] = set()
         self.calls = 0  # scoring calls made (each serves one or more requests)
 
     async def submit(self, request: Any) -> Any:
@@ -59,7 +66,9 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         assert self._queue is not None
+        free = asyncio.Semaphore(self.workers)
         while True:
+            await free.acquire()
             first = await self._queue.get()
             batch = [first]
             size = first.size
@@ -71,21 +80,30 @@ class MicroBatcher:
                 nxt = self._queue.get_nowait()
                 batch.append(nxt)
                 size += nxt.size
-            try:
-                self.calls += 1
-                results = await asyncio.to_thread(self.score, [pending.request for pending in batch])
-            except Exception as exc:  # the requests fail, the service goes on
-                logger.exception("scoring failed")
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            for pending, result in zip(batch, results, strict=True):
+            self.calls += 1
+            call = asyncio.create_task(self._call(batch, free))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[_Pending], free: asyncio.Semaphore) -> None:
+        try:
+            results = await asyncio.to_thread(self.score, [pending.request for pending in batch])
+        except Exception as exc:  # the requests fail, the service goes on
+            logger.exception("scoring failed")
+            for pending in batch:
                 if not pending.future.done():
-                    pending.future.set_result(result)
+                    pending.future.set_exception(exc)
+            return
+        finally:
+            free.release()
+        for pending, result in zip(batch, results, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(result)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._calls) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task

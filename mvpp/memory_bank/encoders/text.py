@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,14 @@ class SentenceTextEncoder:
         tokenizer = getattr(self._model, "tokenizer", None)
         if tokenizer is None:  # a pipeline without one: characters are the next best guide
             return [len(t) for t in texts]
+        cap = self.max_seq_length or sys.maxsize
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # The fast tokenizer's own engine, read as it stands: calling the tokenizer
+            # with settings other than the model's would switch the engine's padding back
+            # and forth, which races with a model call in another thread (a service
+            # scores in several).
+            return [min(sum(enc.attention_mask), cap) for enc in backend.encode_batch(texts)]
         ids = tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]
         return [len(row) for row in ids]
 
