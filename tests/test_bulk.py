@@ -53,6 +53,51 @@ def test_float32_keys_converted_in_chunks_give_the_float64_search(monkeypatch):
     np.testing.assert_array_equal(got.scores, expect.scores)
 
 
+def test_float32_screening_gives_the_float64_search(monkeypatch):
+    """Keys narrower than float64 are screened in float32 and the survivors scored in
+    float64: with copies, near-ties at the ranking resolution, groups, times, items
+    without vectors and masked keys, the result is the float64 search's, bit for bit."""
+    rng = np.random.default_rng(11)
+    base = _unit(rng, 600, 32)
+    copies = base[rng.integers(0, 20, 150)] + rng.normal(0, 1e-7, (150, 32)).astype(np.float32)
+    # keys whose cosine with key 0 sits right at the ranking resolution's steps
+    steps = base[:1] + np.outer(np.linspace(0, 3e-4, 40), _unit(rng, 1, 32)[0]).astype(np.float32)
+    keys = np.concatenate([base, copies, base[:5], steps])
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    m = len(keys)
+    has_vector = rng.random(m) > 0.05
+    keys[~has_vector] = 0.0
+    key_time = rng.uniform(0, 100, m)
+    key_time[rng.random(m) < 0.03] = np.nan
+    key_group = rng.integers(-1, 8, m)
+    queries = np.concatenate([keys[:60], keys[600:640], _unit(rng, 20, 32)])
+    n = len(queries)
+    common = dict(
+        key_mask=rng.random(m) > 0.1,
+        query_has_vector=np.concatenate([has_vector[:60], has_vector[600:640], np.ones(20, bool)]),
+        key_has_vector=has_vector,
+        query_key_index=np.concatenate([np.arange(60), np.arange(600, 640), np.full(20, -1)]),
+        query_time=np.where(rng.random(n) < 0.1, np.nan, rng.uniform(0, 100, n)),
+        key_time=key_time,
+        query_group=rng.integers(-1, 8, n),
+        key_group=key_group,
+        group_weight=0.05,
+    )
+    for k in (1, 7, 50, m + 5):
+        expect = bulk_topk(queries, keys.astype(np.float64), k, **common)
+        got = bulk_topk(queries, keys, k, block=32, **common)
+        np.testing.assert_array_equal(got.indices, expect.indices)
+        np.testing.assert_array_equal(got.scores, expect.scores)
+    monkeypatch.setattr(bulk, "MAX_CANDIDATE_PAIRS", 40)  # rows scored a few at a time
+    expect = bulk_topk(queries, keys.astype(np.float64), 10, **common)
+    got = bulk_topk(queries, bulk.KeyRows(keys, np.arange(m)), 10, **common)
+    np.testing.assert_array_equal(got.indices, expect.indices)
+    np.testing.assert_array_equal(got.scores, expect.scores)
+    plain = {key: common[key] for key in ("query_key_index",)}
+    np.testing.assert_array_equal(bulk_topk(queries, keys.astype(np.float16), 10, **plain).indices,
+                                  bulk_topk(queries, keys.astype(np.float16).astype(np.float64), 10, **plain).indices)
+
+
 def test_copies_tie_by_index_whatever_the_noise_and_the_batch():
     """Copies of an item (equal up to encoder float noise) tie, and ties go to the lowest
     index: an item's neighbours do not depend on the queries searched with it."""

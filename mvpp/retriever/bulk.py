@@ -1,6 +1,7 @@
 """Bulk top-k: neighbours of many queries among many bank items at once.
 
-Exact search by blocked matrix products on normalised vectors (cosine = inner product).
+Exact search by blocked matrix products on normalised vectors (cosine = inner product),
+screened in float32 and ranked in float64.
 Every filter of the protocol is a mask: the query itself, unlabelled or non-training
 keys, and keys published at or after the query's time (no peeking at the future).
 """
@@ -21,11 +22,19 @@ if TYPE_CHECKING:
 # masks take about 40 bytes per score (670 MB here), whatever the number of keys.
 DEFAULT_BLOCK = 2048
 MAX_BLOCK_SCORES = 1 << 24
-# Keys converted to float64 at a time when they come as float32: a whole float64 copy
-# of a large memory would cost more than the search (2.5 GB for 800,000 x 384).
+# Keys gathered or converted at a time when they come as `KeyRows` or in another
+# precision than the products' (a whole copy of a large memory would cost more than the
+# search: 2.5 GB of float64 for 800,000 x 384).
 KEY_CHUNK = 65_536
 # Neighbours are ranked by scores rounded to this (see `ranking_scores`).
 SCORE_RESOLUTION = 1e-4
+# Query-candidate pairs scored exactly at a time after float32 screening (each gathers
+# its key in float64: 200 MB for 384-d keys).
+MAX_CANDIDATE_PAIRS = 1 << 16
+# A float32 inner product of two unit vectors of dimension D is within D units of
+# float32 rounding (2**-24) of the exact one, whatever order the sum takes; screening
+# allows this many times that bound, for vectors a little off unit length.
+SCREEN_SAFETY = 4.0
 
 
 class KeyRows:
@@ -131,8 +140,9 @@ def bulk_topk(
 ) -> Neighbours:
     """Top-k keys for every query.
 
-    queries: (N, D), keys: (M, D), both L2-normalised (keys float64, or float32 or
-    `KeyRows`, converted to float64 a chunk at a time).
+    queries: (N, D), keys: (M, D), both L2-normalised (keys float64, searched in
+    float64; or float32, float16 or `KeyRows`, screened in float32 and the survivors
+    scored in float64).
     key_mask: (M,) bool, keys allowed at all (labelled, training split...).
     query_has_vector / key_has_vector: (N,), (M,) bool, False for an item without a
     retrieval vector (a post with metadata only). Its cosines mean nothing: such a pair
@@ -157,9 +167,18 @@ def bulk_topk(
     # Scores in float64, returned as float32: a float32 product's last bit depends on the
     # shape of the batch it is computed in, a float64 one's rounding to float32 does not,
     # so an item's neighbours and their scores are the same whatever it is searched with.
-    # float64 keys are multiplied as they are; others are converted by `_products`
+    # float64 keys are multiplied in float64. Keys in a narrower type are screened in
+    # float32 (half the bytes, twice the arithmetic per cycle): every key that float32
+    # rounding could place in a query's top k is kept, and the kept ones are scored and
+    # ranked in float64 by `candidate_topk`, so the result is the float64 search's.
     float64 = isinstance(keys, np.ndarray) and keys.dtype == np.float64
-    key_t = torch.from_numpy(np.ascontiguousarray(keys)) if float64 else keys
+    screen = not float64
+    if float64 or (isinstance(keys, np.ndarray) and keys.dtype == np.float32):
+        key_t = torch.from_numpy(np.ascontiguousarray(keys))
+    else:
+        key_t = keys
+    dtype = torch.float32 if screen else torch.float64
+    margin = 2 * screening_error(queries.shape[1], group_weight) + SCORE_RESOLUTION
     allowed = torch.ones(m, dtype=torch.bool) if key_mask is None else torch.from_numpy(key_mask.astype(bool))
     kt = None
     grouped = group_weight != 0.0 and query_group is not None and key_group is not None
@@ -167,11 +186,11 @@ def bulk_topk(
     k_vec = torch.ones(m, dtype=torch.bool) if key_has_vector is None else torch.from_numpy(key_has_vector.astype(bool))
     if query_time is not None and key_time is not None:
         kt = torch.from_numpy(np.asarray(key_time, dtype=np.float64))
-    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype)
     with torch.inference_mode():
         for lo in range(0, n, block):
             hi = min(n, lo + block)
-            q = torch.from_numpy(np.ascontiguousarray(queries[lo:hi], dtype=np.float64))
+            q = torch.from_numpy(np.ascontiguousarray(queries[lo:hi], dtype=np.float32 if screen else np.float64))
             q_vec = (
                 torch.ones(hi - lo, dtype=torch.bool)
                 if query_has_vector is None
@@ -184,7 +203,7 @@ def bulk_topk(
                 assert query_group is not None
                 qg = torch.from_numpy(np.asarray(query_group[lo:hi], dtype=np.int64)).unsqueeze(1)
                 same = (qg == kg.unsqueeze(0)) & (qg >= 0)
-                sims = sims + group_weight * same.double()
+                sims = sims + group_weight * same.to(dtype)
                 mask = mask | (allowed.unsqueeze(0) & same)
             mask = mask.clone()
             if query_key_index is not None:
@@ -199,6 +218,22 @@ def bulk_topk(
                 undated_q = torch.isnan(qt).unsqueeze(1)
                 mask &= before | undated_q
             sims = torch.where(mask, sims, neg_inf)
+            if screen:
+                kth = torch.topk(sims, k_eff, dim=1).values[:, -1:]  # (b, 1)
+                kept = (sims >= kth - margin) & torch.isfinite(sims)
+                part = _exact_among_kept(
+                    kept, queries[lo:hi], keys, k_eff,
+                    query_has_vector=_rows(query_has_vector, lo, hi, True),
+                    key_has_vector=np.ones(m, bool) if key_has_vector is None else key_has_vector,
+                    query_key_index=_rows(query_key_index, lo, hi, -1),
+                    query_time=_rows(query_time, lo, hi, None) if kt is not None else None,
+                    key_time=key_time if kt is not None else None,
+                    query_group=_rows(query_group, lo, hi, None) if kg is not None else None,
+                    key_group=key_group if kg is not None else None,
+                    group_weight=group_weight if kg is not None else 0.0,
+                )
+                indices[lo:hi, :k_eff], scores[lo:hi, :k_eff] = part.indices, part.scores
+                continue
             top_i = _topk_ties_by_index(ranking_scores(sims), k_eff)
             top_s = torch.gather(sims, 1, top_i)
             top_i = torch.where(torch.isinf(top_s), torch.full_like(top_i, -1), top_i)
@@ -251,7 +286,8 @@ def candidate_topk(
         c = np.maximum(cand, 0)
         q = np.asarray(queries[lo:hi], np.float64)
         comparable = query_has_vector[lo:hi, None] & key_has_vector[c]  # (b, C)
-        sims = np.where(comparable, np.einsum("bd,bcd->bc", q, np.asarray(keys[c], np.float64)), 0.0)
+        # einsum widens narrower keys as it reads them: no float64 copy of the gathered rows
+        sims = np.where(comparable, np.einsum("bd,bcd->bc", q, np.asarray(keys[c])), 0.0)
         valid = cand >= 0
         mask = valid & comparable
         if grouped:
@@ -276,18 +312,68 @@ def candidate_topk(
 
 
 def _products(q: torch.Tensor, keys: torch.Tensor | np.ndarray | KeyRows) -> torch.Tensor:
-    """(b, M) float64 inner products of float64 queries (b, D) with keys (M, D): a
-    float64 tensor, or float32 rows (an array or `KeyRows`) converted a chunk at a time
-    (exactly, so the products are those of the float64 keys)."""
+    """(b, M) inner products of queries (b, D) with keys (M, D), in the queries' type: a
+    tensor of that type is multiplied as it is; other rows (an array or `KeyRows`) are
+    converted a chunk at a time (exactly, when the type is wider)."""
     import torch
 
-    if isinstance(keys, torch.Tensor):
+    if isinstance(keys, torch.Tensor) and keys.dtype == q.dtype:
         return q @ keys.T
-    out = torch.empty((len(q), len(keys)), dtype=torch.float64)
+    out = torch.empty((len(q), len(keys)), dtype=q.dtype)
+    as_numpy = np.float64 if q.dtype == torch.float64 else np.float32
     for lo in range(0, len(keys), KEY_CHUNK):
-        chunk = torch.from_numpy(np.asarray(keys[lo : lo + KEY_CHUNK], np.float64))
+        part = keys[lo : lo + KEY_CHUNK]
+        chunk = part.to(q.dtype) if isinstance(part, torch.Tensor) else torch.from_numpy(np.asarray(part, as_numpy))
         out[:, lo : lo + KEY_CHUNK] = q @ chunk.T
     return out
+
+
+def screening_error(dim: int, group_weight: float = 0.0) -> float:
+    """A bound on how far a float32 score (cosine of unit vectors of `dim` values, plus a
+    group bonus) is from the exact one."""
+    return SCREEN_SAFETY * (dim + 2) * 2.0**-24 * (1.0 + abs(group_weight))
+
+
+def _rows(values: np.ndarray | None, lo: int, hi: int, fill: Any) -> Any:
+    """values[lo:hi], or an array of `fill` when values is None and fill is not."""
+    if values is not None:
+        return values[lo:hi]
+    return None if fill is None else np.full(hi - lo, fill)
+
+
+def _exact_among_kept(kept: torch.Tensor, queries: np.ndarray, keys: np.ndarray | KeyRows, k: int,
+                      **filters: Any) -> Neighbours:
+    """`candidate_topk` of each query (row of `kept`, (b, M) bool) among its kept keys.
+    Rows go in order of how many keys they keep, in groups of at most
+    MAX_CANDIDATE_PAIRS pairs (a query tied with thousands of copies of one video keeps
+    them all, and must not make every row of its block as wide)."""
+    import torch
+
+    counts = kept.sum(dim=1).numpy()
+    cols = torch.nonzero(kept, as_tuple=True)[1].numpy()  # row by row, each ascending
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    b = len(counts)
+    indices = np.full((b, k), -1, np.int64)
+    scores = np.full((b, k), -np.inf, np.float32)
+    order = np.argsort(counts, kind="stable")
+    lo = 0
+    while lo < b:
+        hi = lo + 1
+        while hi < b and (hi + 1 - lo) * counts[order[hi]] <= MAX_CANDIDATE_PAIRS:
+            hi += 1
+        rows = order[lo:hi]
+        width = int(counts[rows[-1]])
+        cand = np.full((len(rows), width), -1, np.int64)
+        for j, r in enumerate(rows):
+            cand[j, : counts[r]] = cols[starts[r] : starts[r + 1]]
+        part = candidate_topk(
+            queries[rows], keys, cand, k,
+            **{name: value[rows] if isinstance(value, np.ndarray) and name.startswith("query") else value
+               for name, value in filters.items()},
+        )
+        indices[rows], scores[rows] = part.indices, part.scores
+        lo = hi
+    return Neighbours(indices, scores)
 
 
 def ranking_scores(scores: Any) -> Any:

@@ -206,13 +206,13 @@ class NeighbourSearch:
         # the query's own row as a position in the memory, for self-exclusion
         self._pos_in_memory = np.full(len(snapshot), -1, np.int64)
         self._pos_in_memory[self.memory] = np.arange(len(self.memory))
-        # the memory's side of every search, gathered once (a service searches per request);
-        # in float64 for the exact search, which scores in it; read from the snapshot
-        # when an index proposes candidates, whose few vectors per query are converted
-        # when scored (no copy of most of a large bank)
+        # the memory's side of every search, gathered once (a service searches per request)
+        # in float32, which the exact search screens in; read from the snapshot when an
+        # index proposes candidates, whose few vectors per query are converted when
+        # scored (no copy of most of a large bank)
         keys = self.memory
         self._vectors: np.ndarray | KeyRows = (
-            np.ascontiguousarray(snapshot.retrieval[keys], dtype=np.float64)
+            np.ascontiguousarray(snapshot.retrieval[keys], dtype=np.float32)
             if approximate is None
             else KeyRows(snapshot.retrieval, keys)
         )
