@@ -10,6 +10,7 @@ that pass is most of a text item's cost, so it bounds what the service can reach
 `mvpp score` of the same titles for comparison.
 
     python benchmarks/bench_serve.py --run RUN [--requests 400] [--clients 1 8 32] [--generator raw|httpx]
+        [--workers N]
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def main() -> None:
                         help="titles per request in the client-batched rows")
     parser.add_argument("--generator", choices=["raw", "httpx"], default="raw",
                         help="the load generator: HTTP/1.1 written on asyncio streams (light), or httpx")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="the service's scoring calls at once (default: the service's own)")
     args = parser.parse_args()
     try:
         table = microlens()
@@ -145,8 +148,9 @@ def main() -> None:
     titles = [r["title"] for r in rows if r.get("title")][-args.requests :]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    workers = ["--workers", str(args.workers)] if args.workers else []
     server = subprocess.Popen([sys.executable, "-m", "mvpp.cli.main", "serve", "--run", str(args.run),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), *workers], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         t0 = time.perf_counter()
         while True:
@@ -161,7 +165,7 @@ def main() -> None:
         console.print(f"service ready in {time.perf_counter() - t0:.1f} s")
         asyncio.run(load(url, titles[:20], 1, generator=args.generator))  # warm up
         table_out = Table(title=f"mvpp serve, {len(titles)} titles (MicroLens run {args.run.name}, "
-                                f"{args.generator} load generator)")
+                                f"{args.generator} load generator, workers: {args.workers or 'default'})")
         for col in ("clients", "items per request", "p50 ms", "p99 ms", "items/s", "service cores", "client cores"):
             table_out.add_column(col, justify="right")
         cases = [(c, 1) for c in args.clients] + [(c, args.items_per_request) for c in args.clients if c > 1]
