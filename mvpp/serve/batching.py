@@ -21,7 +21,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 0.005
-DEFAULT_MAX_ITEMS = 128
+# Rows a call takes at most: enough for full encoder calls on a CPU (64 texts), and few
+# enough that requests queued together are shared among the workers (8 clients x 16
+# titles: 184 / 200 titles/s in two calls of 64 against 147 / 139 in one of 128).
+DEFAULT_MAX_ITEMS = 64
 
 
 @dataclass
