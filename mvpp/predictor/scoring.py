@@ -200,7 +200,8 @@ class RunPredictor:
         cfg = self.run.train_config
         nb = self.search.search(self._queries(source, table, rows, own_rows))
         model = self.run.model
-        model.eval()
+        if model.training:
+            model.eval()
         with self._projection_lock:  # the bank table holds one projection at a time
             self.table.project(model, nb.indices[nb.indices >= 0])
             batch = make_batch(self.table, table.items(torch.from_numpy(rows)), nb, self.wide_widths)

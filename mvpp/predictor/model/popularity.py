@@ -266,14 +266,16 @@ class PopularityModel(nn.Module):
     ) -> Prediction:
         """Mean and interval in eval mode (see loss.predictive)."""
         was_training = self.training
-        self.eval()
+        if was_training:  # switching walks every submodule: not on each call of a service
+            self.eval()
         try:
             enc = self.encode(batch)
             return predictive(
                 self.decode, enc.z_mu, enc.z_logvar, enc.interactions, enc.scalars, n_samples, quantiles, seed
             )
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
 
 __all__ = ["Encoding", "PopularityModel", "popularity_loss"]
