@@ -5,8 +5,9 @@ Starts `mvpp serve` in its own process, then sends N requests of one title each 
 the service and the load generator used (they share the machine: the generator writes
 HTTP/1.1 itself to take little of it; `--generator httpx` sends through httpx); then requests of
 `--items-per-request` titles each, as a pipeline that batches its own uploads sends them.
-It also times the bank's text encoder alone on the same titles (batches of 32): on a CPU
-that pass is most of a text item's cost, so it bounds what the service can reach. Last,
+It also times the bank's text encoder alone on the same titles (batches of 32, torch's
+threads): on a CPU that pass is most of a text item's cost, and this machine's speed
+moves from hour to hour, so the service's rates are best read against it. Last,
 `mvpp score` of the same titles for comparison.
 
     python benchmarks/bench_serve.py --run RUN [--requests 400] [--clients 1 8 32] [--generator raw|httpx]
