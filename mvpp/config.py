@@ -94,6 +94,12 @@ class BankLocation:
         return str(self.path)
 
 
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass
 class BuildSettings:
     """How items are turned into bank points."""

@@ -72,9 +72,10 @@ def serve_cmd(
     at / and the API's documentation at /docs."""
     import uvicorn
 
+    from mvpp.config import usable_cores
     from mvpp.predictor.scoring import MEMORIES
     from mvpp.serve.app import AppSettings, create_app
-    from mvpp.serve.service import ScoringService, ServiceSettings, default_workers, usable_cores
+    from mvpp.serve.service import ScoringService, ServiceSettings, default_workers
 
     setup_logging(verbose)
     if memory not in MEMORIES:

@@ -29,7 +29,7 @@ KEY_CHUNK = 65_536
 # Neighbours are ranked by scores rounded to this (see `ranking_scores`).
 SCORE_RESOLUTION = 1e-4
 # Query-candidate pairs scored exactly at a time after float32 screening (each gathers
-# its key in float64: 200 MB for 384-d keys).
+# its key: 100 MB of float32 for 384-d keys).
 MAX_CANDIDATE_PAIRS = 1 << 16
 # A float32 inner product of two unit vectors of dimension D is within D units of
 # float32 rounding (2**-24) of the exact one, whatever order the sum takes; screening

@@ -19,13 +19,13 @@ training) and from freshly encoded items (scoring), so both retrieve alike.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mvpp.config import usable_cores
 from mvpp.memory_bank.metadata import category_key
 from mvpp.retriever.ann import AnnConfig, AnnIndex, MemoryKeys
 from mvpp.retriever.bulk import KeyRows, Neighbours, bulk_topk, candidate_topk
@@ -168,7 +168,7 @@ class ApproximateSearch:
     def processes(self) -> int:
         if self.workers:
             return self.workers
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return usable_cores()
 
 
 class NeighbourSearch:

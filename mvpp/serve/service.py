@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvpp.config import BankLocation, BuildSettings
+from mvpp.config import BankLocation, BuildSettings, usable_cores
 from mvpp.media import MediaError
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.decoding import Decoded, decode_item
@@ -105,10 +104,6 @@ class ServiceSettings:
     workers: int | None = None
     torch_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers(device: str | None) -> int:
@@ -254,5 +249,4 @@ class ScoringService:
 
 __all__ = [
     "BankMismatchError", "ScoreRequest", "ScoringService", "ServiceSettings", "TimedDecode", "default_workers",
-    "usable_cores",
 ]
