@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from posts import COLUMNS, N_POSTS, build_args, write_posts
 from typer.testing import CliRunner
 
@@ -80,6 +81,30 @@ def test_score_finds_the_runs_bank_and_the_banks_columns(trained, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert pq.read_table(explicit).to_pylist() == got
+
+
+def test_batches_scored_side_by_side_give_what_one_at_a_time_gives(trained, tmp_path):
+    root, _ = trained
+    words = ["cat", "news", "dog", "food", "travel", "music", "game", "dance", "recipe"]
+    uploads = _write(tmp_path / "new.csv", [
+        {"vid": f"w{i}", "caption": f"{word} clip day {i}", "creator": f"c{i % 3}"} for i, word in enumerate(words)
+    ])
+    threads = torch.get_num_threads()
+    got = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}.parquet"
+        result = _score("--meta", uploads, "--run", root / "run", "--out", out, "--batch-size", "2",
+                        "--workers", workers, "--quiet")
+        assert result.exit_code == 0, result.output
+        got[workers] = pq.read_table(out).to_pylist()
+    assert [r["item_id"] for r in got["2"]] == [f"w{i}" for i in range(9)]
+    for one, two in zip(got["1"], got["2"], strict=True):
+        # the same ids, statuses and neighbours; numbers within float noise (one torch
+        # thread each instead of two may sum in another order)
+        numbers = [k for k, v in one.items() if isinstance(v, float)]
+        assert {k: v for k, v in one.items() if k not in numbers} == {k: v for k, v in two.items() if k not in numbers}
+        assert [two[k] for k in numbers] == pytest.approx([one[k] for k in numbers], rel=1e-6)
+    assert torch.get_num_threads() == threads  # the cores shared while scoring, then given back
 
 
 def test_every_row_comes_back_in_input_order(trained, tmp_path):

@@ -43,7 +43,15 @@ from mvpp.predictor.config import ABLATIONS, ModelConfig
 from mvpp.predictor.config_file import build_configs
 from mvpp.predictor.metrics import Metrics
 from mvpp.predictor.run import Run, save_run
-from mvpp.predictor.scoring import DEFAULT_MEMORY, MEMORIES, RunPredictor, Scorer, upload_columns
+from mvpp.predictor.scoring import (
+    DEFAULT_MEMORY,
+    MEMORIES,
+    RunPredictor,
+    Scorer,
+    cores_shared_by,
+    default_workers,
+    upload_columns,
+)
 from mvpp.predictor.training import (
     ANN_THRESHOLD,
     MAX_EPOCHS,
@@ -425,6 +433,14 @@ def score_cmd(
     memory: MemoryOpt = DEFAULT_MEMORY,
     strict: StrictOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items scored together.", min=1)] = 32,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Batches scored at once, the cores shared among them \\[default: 2 on a CPU, 1 on a GPU].",
+            min=1,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
@@ -470,9 +486,10 @@ def score_cmd(
             quiet_model_loading()
             builder = BankBuilder(store, load_encoders(spec, device=device), settings)
             scorer = Scorer(run, snapshot, builder, memory)
-            with progress_bar(disable=quiet) as bar:
+            workers = workers or default_workers(device)
+            with cores_shared_by(workers), progress_bar(disable=quiet) as bar:
                 task = bar.add_task("scoring", total=len(items), rate="", status="")
-                scored = scorer.score(items, batch_size, lambda n: bar.update(task, advance=n))
+                scored = scorer.score(items, batch_size, lambda n: bar.update(task, advance=n), workers)
     transform = run.manifest.label_transform
     placed = [(it.position, r.flat(run.targets, transform)) for it, r in zip(items, scored, strict=True)]
     placed += [(f.position, {"item_id": f.item_id, "status": f"failed: {f.reason}"}) for f in plan_failures]

@@ -72,10 +72,9 @@ def serve_cmd(
     at / and the API's documentation at /docs."""
     import uvicorn
 
-    from mvpp.config import usable_cores
-    from mvpp.predictor.scoring import MEMORIES
+    from mvpp.predictor.scoring import MEMORIES, default_workers, threads_per_worker
     from mvpp.serve.app import AppSettings, create_app
-    from mvpp.serve.service import ScoringService, ServiceSettings, default_workers
+    from mvpp.serve.service import ScoringService, ServiceSettings
 
     setup_logging(verbose)
     if memory not in MEMORIES:
@@ -87,7 +86,7 @@ def serve_cmd(
     workers = workers or default_workers(device)
     settings = ServiceSettings(
         run=run_dir, bank=loc, memory=memory, device=device, decode_seconds=decode_seconds,
-        workers=workers, torch_threads=max(1, usable_cores() // workers),
+        workers=workers, torch_threads=threads_per_worker(workers),
     )
     app = create_app(
         lambda: ScoringService(settings),

@@ -19,17 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvpp.config import BankLocation, BuildSettings, usable_cores
+from mvpp.config import BankLocation, BuildSettings
 from mvpp.media import MediaError
 from mvpp.memory_bank.builder import BankBuilder, plan_items
 from mvpp.memory_bank.decoding import Decoded, decode_item
-from mvpp.memory_bank.encoders.base import resolve_device
 from mvpp.memory_bank.encoders.profiles import EncoderSpec, load_encoders
 from mvpp.memory_bank.metadata import inverse_transform, parse_rows
 from mvpp.memory_bank.schema import BankMismatchError
 from mvpp.memory_bank.store import open_store
 from mvpp.predictor.run import Run
-from mvpp.predictor.scoring import DEFAULT_MEMORY, Scorer, ScoreRow, upload_columns
+from mvpp.predictor.scoring import DEFAULT_MEMORY, Scorer, ScoreRow, default_workers, upload_columns
 from mvpp.retriever.retriever import Query, Retriever
 from mvpp.retriever.snapshot import read_snapshot
 
@@ -104,14 +103,6 @@ class ServiceSettings:
     workers: int | None = None
     torch_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def default_workers(device: str | None) -> int:
-    """Scoring calls to run at once: on a CPU two, each with half the cores (a call of a
-    few dozen titles keeps one core busier than it keeps two: MiniLM on 2 cores scored
-    143-161 titles/s in two single-threaded calls of 16 against 107-110 in one call with
-    both threads); on a GPU one, which the device already runs in parallel."""
-    return 1 if resolve_device(device).startswith("cuda") else min(2, usable_cores())
 
 
 class ScoringService:
@@ -248,5 +239,5 @@ class ScoringService:
 
 
 __all__ = [
-    "BankMismatchError", "ScoreRequest", "ScoringService", "ServiceSettings", "TimedDecode", "default_workers",
+    "BankMismatchError", "ScoreRequest", "ScoringService", "ServiceSettings", "TimedDecode",
 ]
