@@ -66,10 +66,12 @@ def decode_rows(codes: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     codes = np.asarray(codes)
     out = np.empty(codes.shape, dtype)
     for start in range(0, len(codes), _BLOCK_ROWS):
-        v = codes[start : start + _BLOCK_ROWS].astype(np.float32) - _ZERO
-        norms = np.linalg.norm(v, axis=-1, keepdims=True)
-        unit = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
-        out[start : start + _BLOCK_ROWS] = unit.astype(np.float16)
+        # in place where it can be: a service decodes its neighbours' rows on every call
+        v = codes[start : start + _BLOCK_ROWS].astype(np.float32)
+        v -= _ZERO
+        norms = np.sqrt(np.add.reduce(v * v, axis=-1, keepdims=True))  # np.linalg.norm's sum
+        np.divide(v, norms, out=v, where=norms > 0)  # an all-zero row stays zero
+        out[start : start + _BLOCK_ROWS] = v.astype(np.float16)
     return out
 
 
