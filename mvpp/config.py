@@ -94,7 +94,6 @@ class BankLocation:
         return str(self.path)
 
 
-
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity where the system tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -72,7 +72,7 @@ def serve_cmd(
     at / and the API's documentation at /docs."""
     import uvicorn
 
-    from mvpp.predictor.scoring import MEMORIES, default_workers, threads_per_worker
+    from mvpp.predictor.scoring import MEMORIES, cores_shared_by, default_workers
     from mvpp.serve.app import AppSettings, create_app
     from mvpp.serve.service import ScoringService, ServiceSettings
 
@@ -85,8 +85,7 @@ def serve_cmd(
     loc = location(bank, qdrant_url, qdrant_api_key, collection) if given else None
     workers = workers or default_workers(device)
     settings = ServiceSettings(
-        run=run_dir, bank=loc, memory=memory, device=device, decode_seconds=decode_seconds,
-        workers=workers, torch_threads=threads_per_worker(workers),
+        run=run_dir, bank=loc, memory=memory, device=device, decode_seconds=decode_seconds, workers=workers
     )
     app = create_app(
         lambda: ScoringService(settings),
@@ -97,4 +96,5 @@ def serve_cmd(
         ),
     )
     console.print(f"serving {run_dir} on http://{host}:{port} (the page at /, the API's documentation at /docs)")
-    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+    with cores_shared_by(workers):
+        uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")

@@ -323,16 +323,12 @@ def default_workers(device: str | None) -> int:
     return 1 if resolve_device(device).startswith("cuda") else min(2, usable_cores())
 
 
-def threads_per_worker(workers: int) -> int:
-    """torch threads for each of `workers` calls running at once: the cores shared."""
-    return max(1, usable_cores() // max(1, workers))
-
-
 @contextlib.contextmanager
 def cores_shared_by(workers: int) -> Iterator[None]:
-    """torch's threads set for `workers` calls at once, and set back after."""
+    """torch's threads set for `workers` calls at once (the cores shared among them), and
+    set back after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads_per_worker(workers))
+    torch.set_num_threads(max(1, usable_cores() // max(1, workers)))
     try:
         yield
     finally:

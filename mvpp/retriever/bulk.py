@@ -313,17 +313,16 @@ def candidate_topk(
 
 def _products(q: torch.Tensor, keys: torch.Tensor | np.ndarray | KeyRows) -> torch.Tensor:
     """(b, M) inner products of queries (b, D) with keys (M, D), in the queries' type: a
-    tensor of that type is multiplied as it is; other rows (an array or `KeyRows`) are
+    tensor (of that type) is multiplied as it is; other rows (an array or `KeyRows`) are
     converted a chunk at a time (exactly, when the type is wider)."""
     import torch
 
-    if isinstance(keys, torch.Tensor) and keys.dtype == q.dtype:
+    if isinstance(keys, torch.Tensor):
         return q @ keys.T
     out = torch.empty((len(q), len(keys)), dtype=q.dtype)
     as_numpy = np.float64 if q.dtype == torch.float64 else np.float32
     for lo in range(0, len(keys), KEY_CHUNK):
-        part = keys[lo : lo + KEY_CHUNK]
-        chunk = part.to(q.dtype) if isinstance(part, torch.Tensor) else torch.from_numpy(np.asarray(part, as_numpy))
+        chunk = torch.from_numpy(np.asarray(keys[lo : lo + KEY_CHUNK], as_numpy))
         out[:, lo : lo + KEY_CHUNK] = q @ chunk.T
     return out
 

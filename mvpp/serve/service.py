@@ -98,10 +98,9 @@ class ServiceSettings:
     memory: str = DEFAULT_MEMORY
     device: str | None = None
     decode_seconds: float = DEFAULT_DECODE_SECONDS
-    # scoring calls at once (None: `default_workers`) and the threads each call's torch
-    # operations use (None: torch's setting is left as it is)
+    # scoring calls at once (None: `default_workers`); the caller shares torch's threads
+    # among them (`cores_shared_by`)
     workers: int | None = None
-    torch_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,10 +111,6 @@ class ScoringService:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.workers = settings.workers or default_workers(settings.device)
-        if settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(settings.torch_threads)
         self.run = Run.load(settings.run)
         location = settings.bank or self.run.bank
         if location is None:
