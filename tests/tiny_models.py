@@ -62,26 +62,41 @@ def make_tiny_tokenizer(path: Path | str | None = None):
     return BertTokenizer(vocab=vocab, do_lower_case=True)
 
 
-def make_tiny_sentence_model(path: Path | str) -> Path:
-    """A 1-layer BERT (hidden 32) with mean pooling, saved as a sentence-transformers folder."""
+def make_tiny_sentence_model(path: Path | str, architecture: str = "bert") -> Path:
+    """A 1-layer BERT (hidden 32; or DistilBERT with `architecture="distilbert"`) with mean
+    pooling, saved as a sentence-transformers folder."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
     path = Path(path)
     hf_dir = path.parent / f"{path.name}-hf"
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(TINY_VOCAB),
-        hidden_size=TINY_TEXT_DIM,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    BertModel(config).save_pretrained(hf_dir)
+    if architecture == "distilbert":
+        model = DistilBertModel(
+            DistilBertConfig(
+                vocab_size=len(TINY_VOCAB),
+                dim=TINY_TEXT_DIM,
+                n_layers=1,
+                n_heads=2,
+                hidden_dim=64,
+                max_position_embeddings=64,
+                pad_token_id=0,
+            )
+        )
+    else:
+        config = BertConfig(
+            vocab_size=len(TINY_VOCAB),
+            hidden_size=TINY_TEXT_DIM,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+        model = BertModel(config)
+    model.save_pretrained(hf_dir)
     make_tiny_tokenizer(hf_dir).save_pretrained(hf_dir)
 
     transformer = Transformer(str(hf_dir), max_seq_length=48)

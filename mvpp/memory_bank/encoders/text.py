@@ -24,6 +24,7 @@ from .base import (
     require_cached_when_offline,
     resolve_device,
 )
+from .packing import PackedBert
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,13 @@ __all__ = ["TEXT_PRECISIONS", "SentenceTextEncoder", "check_text_precision", "na
 # description bounded (UAE-Large-V1 would otherwise accept 512 tokens).
 DEFAULT_MAX_SEQ_LENGTH = 256
 
-# Most texts per transformer call. A call pads its texts to the longest of them, and on
-# the CPU a call also costs a fixed amount whatever it holds (MiniLM on 2 cores: 11 ms for
-# one 8-token title, about 0.17 ms per further token position: the weights are read once
-# per call). So the CPU groups a call's texts by token count (`plan_batches`), trading
-# that fixed cost, expressed in token positions of work, against the padding. Measured on
+# Most texts per transformer call. On the CPU a call costs a fixed amount whatever it
+# holds (MiniLM on 2 cores: 11 ms for one 8-token title, about 0.17 ms per further token
+# position: the weights are read once per call). A BERT encoder runs its calls packed
+# (`packing.PackedBert`: no padding, so one call per `batch_size` texts). Other models pad
+# a call's texts to the longest of them, so the CPU groups them by token count
+# (`plan_batches`), trading the fixed cost, expressed in token positions of work, against
+# the padding. Measured on
 # MicroLens titles (median 15 tokens, 10% above 30, one of 153), 2 cores, means of five
 # alternating pairs: 1,024 titles in calls of 256 (a build's) encoded at 258 titles/s
 # grouped so against 215 in fixed sorted batches of 16, random calls of 16 titles (a
@@ -55,9 +58,10 @@ CUDA_BATCH_SIZE = 128
 # scored as a new upload gets the prediction evaluation gave it. "bfloat16" runs the
 # matrix products in bfloat16 (autocast; weights, layer norms and softmax stay float32):
 # 1.5-1.7x the titles per second on a CPU with bfloat16 instructions, vectors within a
-# cosine of 0.9999 of float32's, but a text's vectors then depend on its batch (padding
-# changes the kernels' blocking): about 1e-3 on the pooled vector, 1e-2 on a token. On
-# CUDA the model runs in float16 whichever is chosen.
+# cosine of 0.9999 of float32's. Packed (a BERT encoder) a text's bfloat16 vectors do not
+# depend on its batch either; padded (other models) they do, because the padding changes
+# the kernels' blocking: about 1e-3 on the pooled vector, 1e-2 on a token. On CUDA the
+# model runs in float16 whichever is chosen.
 TEXT_PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 
 
@@ -107,6 +111,8 @@ class SentenceTextEncoder:
 
         if self.device.startswith("cuda"):
             self._model.half()
+        # a GPU's calls are full and sorted already: packing would only add kernel launches
+        self._packed = PackedBert.wrap(self._model) if self._on_cpu else None
         current = self._model.max_seq_length
         if current is None or current > max_seq_length:
             self._model.max_seq_length = max_seq_length
@@ -156,7 +162,7 @@ class SentenceTextEncoder:
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        # the same calls as `encode_both`: under bfloat16 a text's vector depends on its call
+        # the same calls as `encode_both`: padded under bfloat16, a text's vector depends on its call
         return self._run(texts, max_tokens=0, batch_size=batch_size or self.batch_size, with_tokens=False)[0]
 
     def encode_tokens(
@@ -187,18 +193,12 @@ class SentenceTextEncoder:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         # output_value=None returns every output of the pipeline per text (token
         # embeddings, input ids, attention mask and the pooled vector) from one pass.
-        outputs: list[dict[str, Any]] = [{} for _ in texts]
-        call_cost = CPU_CALL_COST_TOKENS if self._on_cpu else None
-        # a GPU's full calls need only an order: characters, as sentence-transformers sorts,
-        # spare it a second tokenisation
-        lengths = self._token_counts(texts) if call_cost is not None else [len(t) for t in texts]
         with self._arithmetic():
-            for call in plan_batches(lengths, batch_size, call_cost):
-                done = self._model.encode(
-                    [texts[i] for i in call], batch_size=len(call), output_value=None, show_progress_bar=False
-                )
-                for i, out in zip(call, done, strict=True):
-                    outputs[i] = out
+            outputs = (
+                self._packed.encode(texts, max_texts=batch_size)
+                if self._packed is not None
+                else self._run_padded(texts, batch_size)
+            )
         pooled = torch.stack([out["sentence_embedding"] for out in outputs]).float()
         pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1).cpu().numpy()
 
@@ -209,6 +209,21 @@ class SentenceTextEncoder:
             emb = out["token_embeddings"].float().cpu()[keep][:max_tokens]
             tokens.append(np.ascontiguousarray(emb.numpy(), dtype=np.float32))
         return pooled.astype(np.float32, copy=False), tokens
+
+    def _run_padded(self, texts: list[str], batch_size: int) -> list[dict[str, Any]]:
+        """The pipeline's own `encode`, per call of texts grouped by `plan_batches`."""
+        outputs: list[dict[str, Any]] = [{} for _ in texts]
+        call_cost = CPU_CALL_COST_TOKENS if self._on_cpu else None
+        # a GPU's full calls need only an order: characters, as sentence-transformers sorts,
+        # spare it a second tokenisation
+        lengths = self._token_counts(texts) if call_cost is not None else [len(t) for t in texts]
+        for call in plan_batches(lengths, batch_size, call_cost):
+            done = self._model.encode(
+                [texts[i] for i in call], batch_size=len(call), output_value=None, show_progress_bar=False
+            )
+            for i, out in zip(call, done, strict=True):
+                outputs[i] = out
+        return outputs
 
     def _token_counts(self, texts: list[str]) -> list[int]:
         """Tokens per text as the model will see it (special tokens in, truncated)."""
