@@ -70,3 +70,21 @@ def test_runs_saved_before_hybrid_neighbours_keep_dense_ones() -> None:
     old = new.to_dict()
     del old["lexical_retrieval"], old["rerank_candidates"]
     assert TrainConfig.from_dict(old).lexical_retrieval == 0.0
+
+
+def test_key_rows_read_the_bags_of_a_larger_table() -> None:
+    """Keys that are a subset of a table's rows (a search's memory) read their bags through
+    `key_rows`, as if the subset's bags had been gathered first."""
+    rng = np.random.default_rng(0)
+    table_ids, table_w = bags([{int(t): 1.0 for t in rng.integers(1, 6, 2)} for _ in range(9)])
+    memory = np.array([7, 2, 5, 0, 8])  # memory positions -> table rows, not in order
+    cand = Neighbours(np.array([[3, 0, 4, -1], [1, 2, 0, 3]]),
+                      np.array([[0.9, 0.8, 0.7, -np.inf], [0.95, 0.9, 0.6, 0.5]], np.float32))
+    q_ids, q_w = bags([{1: 1.0, 2: 0.5}, {4: 1.0}])
+    gathered = rerank_lexical(cand, q_ids, q_w, table_ids[memory], table_w[memory], 5, 3, 0.7)
+    mapped = rerank_lexical(cand, q_ids, q_w, table_ids, table_w, 5, 3, 0.7, key_rows=memory)
+    assert mapped.indices.tolist() == gathered.indices.tolist()
+    np.testing.assert_array_equal(mapped.scores, gathered.scores)
+    assert not np.array_equal(
+        rerank_lexical(cand, q_ids, q_w, table_ids, table_w, 5, 3, 0.7).scores, gathered.scores
+    )

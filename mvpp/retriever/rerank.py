@@ -62,11 +62,14 @@ def rerank_lexical(
     vocab_size: int,
     k: int,
     weight: float,
+    key_rows: np.ndarray | None = None,
 ) -> Neighbours:
     """The top k of `candidates` (indices into the keys) by cosine + weight * bag similarity.
 
     candidates: (N, C) from `bulk_topk`, -1 / -inf where fewer qualified; query bags
-    (N, W); key bags (M, W). Returns (N, k) with the hybrid scores.
+    (N, W); key bags (R, W), read at rows `key_rows[index]` (M,) when given (the keys
+    are a subset of a larger table's rows), else at the candidates' indices. Returns
+    (N, k) with the hybrid scores.
     """
     idx, score = candidates.indices, candidates.scores
     valid = idx >= 0
@@ -76,6 +79,8 @@ def rerank_lexical(
         # the whole set would grow with it (80,000 queries x 200 candidates: gigabytes)
         for lo in range(0, len(idx), RERANK_BLOCK):
             safe = np.maximum(idx[lo : lo + RERANK_BLOCK], 0)
+            if key_rows is not None:
+                safe = key_rows[safe]
             lexical[lo : lo + RERANK_BLOCK] = bag_similarity(
                 query_ids[lo : lo + RERANK_BLOCK], query_weights[lo : lo + RERANK_BLOCK],
                 key_ids[safe], key_weights[safe], vocab_size,

@@ -260,9 +260,11 @@ class NeighbourSearch:
         nb = Neighbours(nb.indices[:, :top], nb.scores[:, :top])
         if hybrid:
             assert self.rerank is not None and queries.bags is not None
+            # the candidates' bags are read where they are: gathering the memory's bags
+            # first would copy all of them on every call
             nb = rerank_lexical(
-                nb, queries.bags[0], queries.bags[1], self.rerank.key_ids[keys],
-                self.rerank.key_weights[keys], self.rerank.vocab_size, self.k, self.rerank.weight,
+                nb, queries.bags[0], queries.bags[1], self.rerank.key_ids, self.rerank.key_weights,
+                self.rerank.vocab_size, self.k, self.rerank.weight, key_rows=keys,
             )
 
         def rows(idx: np.ndarray) -> np.ndarray:  # memory positions -> snapshot rows

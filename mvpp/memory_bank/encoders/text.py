@@ -36,19 +36,17 @@ DEFAULT_MAX_SEQ_LENGTH = 256
 
 # Most texts per transformer call. On the CPU a call costs a fixed amount whatever it
 # holds (MiniLM on 2 cores: 11 ms for one 8-token title, about 0.17 ms per further token
-# position: the weights are read once per call). A BERT encoder runs its calls packed
-# (`packing.PackedBert`: no padding, so one call per `batch_size` texts). Other models pad
-# a call's texts to the longest of them, so the CPU groups them by token count
-# (`plan_batches`), trading the fixed cost, expressed in token positions of work, against
-# the padding. Measured on
-# MicroLens titles (median 15 tokens, 10% above 30, one of 153), 2 cores, means of five
-# alternating pairs: 1,024 titles in calls of 256 (a build's) encoded at 258 titles/s
-# grouped so against 215 in fixed sorted batches of 16, random calls of 16 titles (a
-# service's batch) at 160 against 135.
-# The fixed cost taken as 60, 120 or 200 positions made no difference beyond the noise;
-# BERT-large (UAE's shape) costs about 40 positions a call (216 ms for one 8-token text,
-# 4-5 ms per further position), so the unit holds across model sizes. A GPU fills its
-# calls (sorted by length) to the larger cap.
+# position: the weights are read once per call), so calls are filled. A BERT encoder runs
+# them packed (`packing.PackedBert`: no padding, attention per group of equal length);
+# MicroLens titles (median 15 tokens, 10% above 30, one of 153), 2 cores, three
+# alternating rounds: 318 against 180 titles/s padded in calls of 16 (a service's batch),
+# 365 against 254 in calls of 64, 346 against 309 in calls of 256 (a build's), 90 against
+# 73 one title at a time; calls larger than 64 gained nothing. Other models pad a call's
+# texts to the longest of them, so the CPU groups those by token count (`plan_batches`),
+# trading the fixed cost, expressed in token positions of work, against the padding
+# (taken as 60, 120 or 200 positions: no difference beyond the noise; BERT-large, UAE's
+# shape, costs about 40 positions a call, so the unit holds across model sizes). A GPU
+# fills its calls (sorted by length) to the larger cap.
 CPU_BATCH_SIZE = 64
 CPU_CALL_COST_TOKENS = 100.0
 CUDA_BATCH_SIZE = 128
