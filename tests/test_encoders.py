@@ -571,16 +571,24 @@ def _reference_outputs(encoder: SentenceTextEncoder, texts: list[str]) -> list[d
     return [encoder._model.encode([t], output_value=None, show_progress_bar=False)[0] for t in texts]
 
 
-@pytest.mark.parametrize("which", ["tiny", "minilm"])
+@pytest.mark.parametrize("which", ["tiny", "tiny-cls", "minilm"])
 def test_packed_bert_repeats_the_pipeline(
-    which: str, tiny_sentence: Path, minilm: SentenceTextEncoder, monkeypatch: pytest.MonkeyPatch
+    which: str, tiny_sentence: Path, minilm: SentenceTextEncoder, models_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A BERT encoder on the CPU runs packed (no padding; attention per group of equal
-    length), and gives what the pipeline's own padded calls give: the pooled vector and
-    every token row, special tokens and truncation included, whatever the calls' sizes."""
+    length), and gives what the pipeline's own padded calls give: the pooled vector (mean
+    or first-token pooling) and every token row, special tokens and truncation included,
+    whatever the calls' sizes."""
     from mvpp.memory_bank.encoders import packing
 
-    encoder = minilm if which == "minilm" else SentenceTextEncoder(str(tiny_sentence), device="cpu")
+    if which == "minilm":
+        encoder = minilm
+    elif which == "tiny":
+        encoder = SentenceTextEncoder(str(tiny_sentence), device="cpu")
+    else:
+        cls_model = make_tiny_sentence_model(models_dir / "sentence-cls", pooling="cls")
+        encoder = SentenceTextEncoder(str(cls_model), device="cpu")
     assert encoder._packed is not None
     reference = _reference_outputs(encoder, PACKING_TEXTS)
     ref_pooled = np.stack([r["sentence_embedding"].numpy() for r in reference])

@@ -62,9 +62,9 @@ def make_tiny_tokenizer(path: Path | str | None = None):
     return BertTokenizer(vocab=vocab, do_lower_case=True)
 
 
-def make_tiny_sentence_model(path: Path | str, architecture: str = "bert") -> Path:
+def make_tiny_sentence_model(path: Path | str, architecture: str = "bert", pooling: str = "mean") -> Path:
     """A 1-layer BERT (hidden 32; or DistilBERT with `architecture="distilbert"`) with mean
-    pooling, saved as a sentence-transformers folder."""
+    pooling (or `pooling="cls"`, as UAE pools), saved as a sentence-transformers folder."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -100,8 +100,8 @@ def make_tiny_sentence_model(path: Path | str, architecture: str = "bert") -> Pa
     make_tiny_tokenizer(hf_dir).save_pretrained(hf_dir)
 
     transformer = Transformer(str(hf_dir), max_seq_length=48)
-    pooling = Pooling(TINY_TEXT_DIM, pooling_mode="mean")
-    SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu").save(str(path))
+    pooled = Pooling(TINY_TEXT_DIM, pooling_mode=pooling)
+    SentenceTransformer(modules=[transformer, pooled, Normalize()], device="cpu").save(str(path))
     return path
 
 
