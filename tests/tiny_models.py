@@ -73,29 +73,12 @@ def make_tiny_sentence_model(path: Path | str, architecture: str = "bert", pooli
     path = Path(path)
     hf_dir = path.parent / f"{path.name}-hf"
     torch.manual_seed(0)
+    shared = {"vocab_size": len(TINY_VOCAB), "max_position_embeddings": 64, "pad_token_id": 0}
     if architecture == "distilbert":
-        model = DistilBertModel(
-            DistilBertConfig(
-                vocab_size=len(TINY_VOCAB),
-                dim=TINY_TEXT_DIM,
-                n_layers=1,
-                n_heads=2,
-                hidden_dim=64,
-                max_position_embeddings=64,
-                pad_token_id=0,
-            )
-        )
+        model = DistilBertModel(DistilBertConfig(dim=TINY_TEXT_DIM, n_layers=1, n_heads=2, hidden_dim=64, **shared))
     else:
-        config = BertConfig(
-            vocab_size=len(TINY_VOCAB),
-            hidden_size=TINY_TEXT_DIM,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        )
-        model = BertModel(config)
+        model = BertModel(BertConfig(hidden_size=TINY_TEXT_DIM, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, **shared))
     model.save_pretrained(hf_dir)
     make_tiny_tokenizer(hf_dir).save_pretrained(hf_dir)
 
