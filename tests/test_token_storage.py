@@ -14,6 +14,7 @@ from mvpp.memory_bank.schema import RETRIEVAL, TEXT, BankPoint, Manifest
 from mvpp.memory_bank.store import BankStore, EdgeBankStore, ServerBankStore
 from mvpp.memory_bank.token_storage import (
     DEFAULT_TOKEN_STORAGE,
+    cast_float,
     check_token_storage,
     decode_rows,
     encode_rows,
@@ -73,6 +74,32 @@ def test_codes_keep_each_rows_direction() -> None:
     assert np.array_equal(stored_tokens(back, "int8"), back)
     # the engine hands the codes back as floats
     assert np.array_equal(decode_rows(codes.astype(np.float64)), back)
+
+
+def test_conversions_are_numpys_to_the_bit() -> None:
+    """Decoding converts through torch for speed; the values are numpy's own, every
+    float16 value and rounding case included, in every output type."""
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, (5_000, 384)).astype(np.uint8)
+    codes[:3] = 128  # all-zero rows
+    v = codes.astype(np.float32) - 128
+    norms = np.sqrt(np.add.reduce(v * v, axis=-1, keepdims=True))
+    reference = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0).astype(np.float16)
+    for dtype in (np.float32, np.float16, np.float64):
+        out = decode_rows(codes, dtype)
+        assert out.dtype == dtype and np.array_equal(out, reference.astype(dtype))
+    # every float16 bit pattern widened, and float32 values at and between float16's steps narrowed
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    halves = halves[np.isfinite(halves)]
+    assert np.array_equal(cast_float(halves, np.float32).view(np.uint32), halves.astype(np.float32).view(np.uint32))
+    wide = halves.astype(np.float32)
+    between = np.concatenate([wide, (wide[:-1] + wide[1:]) / 2, wide * np.float32(1 + 2**-12),
+                              rng.standard_normal(100_000).astype(np.float32)])
+    between = between[np.isfinite(between)]
+    assert np.array_equal(cast_float(between, np.float16).view(np.uint16), between.astype(np.float16).view(np.uint16))
+    assert cast_float(between[:10], np.float16).dtype == np.float16  # small arrays: numpy itself
+    same = np.ones(3, np.float32)
+    assert cast_float(same, np.float32) is same
 
 
 def test_zero_rows_and_empty_tables() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mvpp.memory_bank.token_storage import decode_rows, encode_rows
+from mvpp.memory_bank.token_storage import cast_float, decode_rows, encode_rows
 
 __all__ = ["PackedSequences"]
 
@@ -99,7 +99,7 @@ class PackedSequences:
     def values(self, index: np.ndarray) -> np.ndarray:
         """Rows `index` as float32 (codes decoded, float16 values widened)."""
         rows = self.rows[index]
-        return decode_rows(rows, np.float32) if self.coded else rows.astype(np.float32)
+        return decode_rows(rows, np.float32) if self.coded else cast_float(rows, np.float32)
 
     def padded(self, items: np.ndarray) -> np.ndarray:
         """(B, P, d) float32 sequences of `items` (B,), zeros past each one's length;
