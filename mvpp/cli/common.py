@@ -107,10 +107,11 @@ TextPrecisionOpt = Annotated[
     str | None,
     typer.Option(
         "--text-precision",
-        help="The text model's arithmetic on the CPU: 'float32' (a text encodes alike in any "
-        "batch, so scoring a new upload repeats evaluation) or 'bfloat16' (1.5-1.7x faster on "
-        "CPUs with bfloat16 instructions; vectors within a cosine of 0.9999 of float32's but "
-        "dependent on their batch, so predictions of new uploads move by about 0.003). "
+        help="The text model's arithmetic on the CPU: 'float32' or 'bfloat16' (1.1-1.6x faster on "
+        "CPUs with bfloat16 instructions; vectors within a cosine of 0.9999 of float32's). A "
+        "BERT text model encodes a text alike in any batch in both, so scoring a new upload "
+        "repeats evaluation; other text models do so only in float32 (in bfloat16 their "
+        "predictions of new uploads move by about 0.003). "
         "Recorded in the bank: every later encoding for it uses the same "
         "\\[default: the bank's, else float32].",
     ),
