@@ -78,6 +78,8 @@ def decode_rows(codes: np.ndarray, dtype: type = np.float32) -> np.ndarray:
 
 # numpy's own float dtypes that torch converts between (vectorised).
 _TORCH_FLOATS = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+# Below this many values numpy's conversion costs less than handing the array to torch.
+_TORCH_MIN_VALUES = 4096
 
 
 def cast_float(values: np.ndarray, dtype: type | np.dtype) -> np.ndarray:
@@ -95,10 +97,6 @@ def cast_float(values: np.ndarray, dtype: type | np.dtype) -> np.ndarray:
 
     source = torch.from_numpy(np.ascontiguousarray(values))
     return source.to(getattr(torch, _TORCH_FLOATS[target])).numpy()
-
-
-# Below this many values numpy's conversion costs less than handing the array to torch.
-_TORCH_MIN_VALUES = 4096
 
 
 def stored_tokens(rows: np.ndarray, storage: str) -> np.ndarray:

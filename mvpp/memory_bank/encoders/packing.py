@@ -54,7 +54,6 @@ class PackedBert:
     """
 
     def __init__(self, pipeline: Any) -> None:
-        self._pipeline = pipeline
         self._transformer = pipeline[0]
         self._bert = self._transformer.auto_model
         self._after = list(pipeline)[1:]
