@@ -15,7 +15,7 @@ the network alone and the trees alone; and fits LightGBM on the text embeddings 
 run's metadata features (benchmarks.baselines). Prints mean ± std over the seeds.
 
     python benchmarks/bench_sets.py [--sets microlens tiktok tiktok4k] [--seeds 0 1 2]
-                                    [--label NAME] [--text-precision bfloat16]
+                                    [--label NAME] [--text-precision bfloat16|int8]
                                     [--json out.json] [-- extra train flags]
 """
 
@@ -39,6 +39,7 @@ from benchmarks.baselines import lightgbm_on_inputs  # noqa: E402
 from benchmarks.bench_tiktok import build_args as tiktok_build_args  # noqa: E402
 from benchmarks.bench_tiktok import cli  # noqa: E402
 from benchmarks.datasets import CACHE, DataMissing, microlens, tiktok  # noqa: E402
+from mvpp.memory_bank.encoders.text import TEXT_PRECISIONS  # noqa: E402
 from mvpp.memory_bank.store import open_store  # noqa: E402
 from mvpp.predictor.run import Run  # noqa: E402
 from mvpp.retriever.snapshot import read_snapshot  # noqa: E402
@@ -165,7 +166,7 @@ def main() -> None:
     parser.add_argument("--label", default="defaults", help="name of this variant (runs go under it)")
     parser.add_argument("--text-model", default=None,
                         help="build the banks with this text encoder (hub id or folder; its banks are kept apart)")
-    parser.add_argument("--text-precision", default=None, choices=["float32", "bfloat16"],
+    parser.add_argument("--text-precision", default=None, choices=list(TEXT_PRECISIONS),
                         help="build the banks with this text precision (its banks are kept apart)")
     parser.add_argument("--token-storage", default=None, choices=["int8", "float16"],
                         help="build the banks with this token storage (float16 banks are kept apart)")

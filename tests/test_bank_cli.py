@@ -404,20 +404,21 @@ def test_server_backend_in_local_mode(small_library: Path, tmp_path: Path) -> No
     assert (tmp_path / "qdrant.failures.jsonl").exists()
 
 
-def test_text_precision_is_the_banks(tmp_path: Path) -> None:
-    """`--text-precision bfloat16` is recorded; later builds and queries encode with it
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_text_precision_is_the_banks(tmp_path: Path, precision: str) -> None:
+    """`--text-precision bfloat16` (or int8) is recorded; later builds and queries encode with it
     without being told, and asking for another precision on that bank is refused."""
     titles = ["funny cat compilation", "how to cook rice", "football skills tutorial", "sunset at the beach"]
     meta = write_meta(tmp_path / "meta.csv", [{"id": f"t{i}", "title": t, "views": 10 * (i + 1)}
                                               for i, t in enumerate(titles)])
     bank = tmp_path / "bank"
     args = ("build", "--meta", meta, "--label-col", "views", "--profile", "lite", "--bank", bank)
-    result = run(*args, "--text-precision", "bfloat16")
+    result = run(*args, "--text-precision", precision)
     assert result.exit_code == 0, result.output
-    assert run_json("info", "--bank", bank)["text_precision"] == "bfloat16"
+    assert run_json("info", "--bank", bank)["text_precision"] == precision
     again = run(*args)  # the bank's precision, not the profile's float32: nothing changed
     assert again.exit_code == 0 and summary_row(again.stderr) == (0, 4, 0), again.output
-    assert "text_precision: the bank has 'bfloat16', requested 'float32'" in one_error_line(
+    assert f"text_precision: the bank has '{precision}', requested 'float32'" in one_error_line(
         run(*args, "--text-precision", "float32")
     )
     hits = run_json("query", "--title", titles[2], "--bank", bank, "-k", "1")

@@ -649,6 +649,7 @@ def test_text_precision_in_the_spec() -> None:
     assert EncoderSpec.from_dict(spec.to_dict()) == spec
     older = {k: v for k, v in spec.to_dict().items() if k != "text_precision"}
     assert EncoderSpec.from_dict(older).text_precision == "float32"
-    with pytest.raises(ValueError, match="text precision must be one of float32, bfloat16"):
+    assert EncoderSpec.from_profile("lite", text_precision="INT8").text_precision == "int8"
+    with pytest.raises(ValueError, match="text precision must be one of float32, bfloat16, int8"):
         EncoderSpec.from_profile("lite", text_precision="half")
     assert load_encoders(spec).spec.text_precision == "bfloat16"

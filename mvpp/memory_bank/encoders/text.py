@@ -59,8 +59,13 @@ CUDA_BATCH_SIZE = 128
 # cosine of 0.9999 of float32's. Packed (a BERT encoder) a text's bfloat16 vectors do not
 # depend on its batch either; padded (other models) they do, because the padding changes
 # the kernels' blocking: about 1e-3 on the pooled vector, 1e-2 on a token. On CUDA the
-# model runs in float16 whichever is chosen.
-TEXT_PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
+# model runs in float16 under either. "int8" codes the transformer's linear layers and
+# their inputs in 8 bits, one scale per weight row and per token, and sums the products
+# in integers (`int8.Int8Linear`): measured in benchmarks/README.md ("Text precision:
+# 8-bit integer products"). A token's result does not depend on its call (the integer
+# sums are exact), and every device computes the same numbers (CUDA sums them in
+# float64, exactly, and keeps the model in float32).
+TEXT_PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "int8")
 
 
 class SentenceTextEncoder:
@@ -75,7 +80,7 @@ class SentenceTextEncoder:
         max_seq_length: cap on the transformer's input length (tokens).
         batch_size: most texts per transformer call; default 128 on CUDA, 64 on the CPU
             (where calls are sized by `plan_batches`).
-        precision: "float32" or "bfloat16", the arithmetic on the CPU (see
+        precision: "float32", "bfloat16" or "int8", the transformer's arithmetic (see
             `TEXT_PRECISIONS`); a bank records it so that every path encodes alike.
     """
 
@@ -107,7 +112,9 @@ class SentenceTextEncoder:
                 "emulated and may run slower than float32 would"
             )
 
-        if self.device.startswith("cuda"):
+        if precision == "int8":
+            self._quantize()
+        elif self.device.startswith("cuda"):
             self._model.half()
         # a GPU's calls are full and sorted already: packing would only add kernel launches
         self._packed = PackedBert.wrap(self._model) if self._on_cpu else None
@@ -144,6 +151,19 @@ class SentenceTextEncoder:
             f"SentenceTextEncoder(model_id={self.model_id!r}, dim={self.dim}, device={self.device!r}, "
             f"precision={self.precision!r})"
         )
+
+    def _quantize(self) -> None:
+        """The transformer's linear layers in 8-bit integers (the "int8" precision)."""
+        from .int8 import quantize_linears
+
+        transformer = getattr(self._model[0], "auto_model", None) if len(self._model) else None
+        count = quantize_linears(transformer) if transformer is not None else 0
+        if count == 0:
+            raise ValueError(
+                f"text precision 'int8' needs a transformer with linear layers, and {self.model_id} "
+                "has none; build with --text-precision float32"
+            )
+        logger.info("text encoder %s: %d linear layers in int8", self.model_id, count)
 
     @contextlib.contextmanager
     def _arithmetic(self) -> Iterator[None]:
