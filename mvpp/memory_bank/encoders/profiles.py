@@ -72,7 +72,7 @@ class EncoderSpec:
         max_tokens: token features kept per text.
         audio_model: "logmel-v1" for the model-free sound descriptor, a transformers audio
             model's hub id or local folder, or None for no sound features.
-        text_precision: the text model's arithmetic on the CPU, "float32" or "bfloat16"
+        text_precision: the text model's arithmetic, "float32", "bfloat16" or "int8"
             (`encoders.text.TEXT_PRECISIONS`).
     """
 
