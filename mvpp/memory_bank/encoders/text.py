@@ -28,7 +28,14 @@ from .packing import PackedBert
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEXT_PRECISIONS", "SentenceTextEncoder", "check_text_precision", "native_bfloat16", "plan_batches"]
+__all__ = [
+    "TEXT_PRECISIONS",
+    "SentenceTextEncoder",
+    "check_text_precision",
+    "native_bfloat16",
+    "native_int8",
+    "plan_batches",
+]
 
 # Titles and frame captions are short; a cap keeps the cost of the odd very long
 # description bounded (UAE-Large-V1 would otherwise accept 512 tokens).
@@ -111,6 +118,11 @@ class SentenceTextEncoder:
             logger.warning(
                 "this CPU has no bfloat16 instructions: the bank's bfloat16 text encoder is "
                 "emulated and may run slower than float32 would"
+            )
+        if precision == "int8" and self._on_cpu and not native_int8():
+            logger.warning(
+                "this CPU has no 8-bit dot-product instructions (VNNI): the bank's int8 text "
+                "encoder may run no faster than float32 would"
             )
 
         if precision == "int8":
@@ -304,17 +316,28 @@ def check_text_precision(value: str) -> str:
 
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16);
-    read from /proc/cpuinfo, so False where that is absent."""
+    False where /proc/cpuinfo cannot tell."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def native_int8() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (x86 VNNI or AMX, Arm dot
+    product), which the int8 text precision's integer products need to run fast;
+    False where /proc/cpuinfo cannot tell."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it is absent)."""
     try:
         info = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return False
+        return set()
     for line in info.splitlines():
         key, _, value = line.partition(":")
         if key.strip().lower() in {"flags", "features"}:
-            flags = set(value.split())
-            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    return False
+            return set(value.split())
+    return set()
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
