@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -295,6 +296,17 @@ def test_hashes(bank: BankStore, points: list[BankPoint]) -> None:
     ids = [p.item_id for p in points[::7]] + ["nope-1", "nope-2"]
     assert bank.hashes(ids) == {p.item_id: p.content_hash for p in points[::7]}
     assert bank.hashes([]) == {}
+
+
+def test_content_hashes_are_the_scrolled_points(fresh_bank: BankStore, points: list[BankPoint]) -> None:
+    """What the bank's fingerprint reads: every point's id and content hash (empty when the
+    point has none), as whole points would give them."""
+    no_hash = dataclasses.replace(points[3], content_hash="")
+    fresh_bank.upsert([no_hash])
+    pairs = list(fresh_bank.content_hashes())
+    assert pairs == [(q.item_id, q.content_hash) for q in fresh_bank.scroll(vectors=())]
+    assert len(pairs) == len(points) and dict(pairs)[no_hash.item_id] == ""
+    assert sorted(pairs) == sorted((q.item_id, q.content_hash) for q in [no_hash, *points[:3], *points[4:]])
 
 
 @pytest.mark.parametrize("name", list(FILTERS))

@@ -174,7 +174,7 @@ class BankSnapshot:
 def bank_fingerprint(store: BankStore) -> str:
     """Hash of every point's content hash: changes whenever any item changes."""
     digest = hashlib.sha256()
-    hashes = sorted(f"{p.item_id}:{p.content_hash}" for p in store.scroll(vectors=()))
+    hashes = sorted(f"{item_id}:{content}" for item_id, content in store.content_hashes())
     for h in hashes:
         digest.update(h.encode())
     manifest = store.manifest

@@ -51,6 +51,8 @@ MULTIVECTOR_NAMES = (FRAMES, TEXT, AUDIO)
 # Points per engine call: large enough to amortise the per-call cost (WAL append, locking),
 # small enough that the Python lists built for one call stay a few tens of MB.
 UPSERT_BATCH = 256
+# Points per engine call when scrolling payloads (larger calls read no faster).
+SCROLL_BATCH = 512
 
 # Candidates the HNSW search keeps while it walks the graph (`hnsw_ef`). Searches with
 # the protocol's filters (labelled, published before the query) discard many of them:
@@ -246,6 +248,18 @@ def as_array(value: Any, multivector: bool) -> np.ndarray | None:
     return arr
 
 
+# The payload fields `content_hashes` reads.
+HASH_FIELDS = ["item_id", "content_hash"]
+
+
+def hash_pair(payload: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(item id, content hash) of a point's payload, as `BankPoint.from_payload` reads
+    them; None for a point without an item id."""
+    if not payload or "item_id" not in payload:
+        return None
+    return str(payload["item_id"]), payload.get("content_hash") or ""
+
+
 def record_to_point(
     payload: dict[str, Any] | None, vectors: Any, token_storage: str = LEGACY_TOKEN_STORAGE
 ) -> BankPoint:
@@ -323,6 +337,11 @@ class BankStore(ABC):
     @abstractmethod
     def hashes(self, item_ids: list[str]) -> dict[str, str]:
         """Stored content hashes of those items that exist."""
+
+    @abstractmethod
+    def content_hashes(self) -> Iterator[tuple[str, str]]:
+        """(item id, content hash) of every point, in point id order: the two payload
+        fields a bank's fingerprint reads, without building whole points."""
 
     @abstractmethod
     def count(self, flt: SearchFilter | None = None) -> int:

@@ -36,10 +36,12 @@ from ..schema import (
 )
 from .base import (
     FULL_SCAN_THRESHOLD_KB,
+    HASH_FIELDS,
     MULTIVECTOR_NAMES,
     RETRIEVAL_EF_CONSTRUCT,
     RETRIEVAL_GRAPH_M,
     RETRIEVAL_INT8_QUANTILE,
+    SCROLL_BATCH,
     UPSERT_BATCH,
     BankBusyError,
     BankDamagedError,
@@ -49,6 +51,7 @@ from .base import (
     bank_vectors,
     check_vector_names,
     chunks,
+    hash_pair,
     merge_manifest,
     multivector_storage,
     point_vectors,
@@ -437,6 +440,22 @@ class EdgeBankStore(BankStore):
                 if "item_id" in payload:
                     out[str(payload["item_id"])] = str(payload.get("content_hash") or "")
         return out
+
+    def content_hashes(self) -> Iterator[tuple[str, str]]:
+        shard = self._shard()
+        if shard is None:
+            return
+        offset: Any = None
+        while True:
+            records, offset = shard.scroll(
+                qe.ScrollRequest(offset=offset, limit=SCROLL_BATCH, with_payload=HASH_FIELDS, with_vector=False)
+            )
+            for rec in records:
+                pair = hash_pair(rec.payload)
+                if pair is not None:
+                    yield pair
+            if offset is None:
+                return
 
     def count(self, flt: SearchFilter | None = None) -> int:
         shard = self._shard()

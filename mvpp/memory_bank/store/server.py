@@ -31,10 +31,12 @@ from ..schema import (
 )
 from .base import (
     FULL_SCAN_THRESHOLD_KB,
+    HASH_FIELDS,
     MULTIVECTOR_NAMES,
     RETRIEVAL_EF_CONSTRUCT,
     RETRIEVAL_GRAPH_M,
     RETRIEVAL_INT8_QUANTILE,
+    SCROLL_BATCH,
     UPSERT_BATCH,
     BankBusyError,
     BankNotInitialisedError,
@@ -43,6 +45,7 @@ from .base import (
     bank_vectors,
     check_vector_names,
     chunks,
+    hash_pair,
     merge_manifest,
     multivector_storage,
     point_vectors,
@@ -316,6 +319,21 @@ class ServerBankStore(BankStore):
             return 0
         result = self._client.count(self.collection, count_filter=server_filter(flt), exact=True)
         return int(result.count)
+
+    def content_hashes(self) -> Iterator[tuple[str, str]]:
+        if not self._ready():
+            return
+        offset: Any = None
+        while True:
+            records, offset = self._client.scroll(
+                self.collection, limit=SCROLL_BATCH, offset=offset, with_payload=HASH_FIELDS, with_vectors=False
+            )
+            for rec in records:
+                pair = hash_pair(rec.payload)
+                if pair is not None:
+                    yield pair
+            if offset is None:
+                return
 
     def scroll(
         self,
