@@ -252,12 +252,13 @@ def as_array(value: Any, multivector: bool) -> np.ndarray | None:
 HASH_FIELDS = ["item_id", "content_hash"]
 
 
-def hash_pair(payload: dict[str, Any] | None) -> tuple[str, str] | None:
-    """(item id, content hash) of a point's payload, as `BankPoint.from_payload` reads
-    them; None for a point without an item id."""
-    if not payload or "item_id" not in payload:
-        return None
-    return str(payload["item_id"]), payload.get("content_hash") or ""
+def hash_pairs(records: Iterable[Any]) -> Iterator[tuple[str, str]]:
+    """(item id, content hash) of each engine record's payload, as `BankPoint.from_payload`
+    reads them; records without an item id are skipped."""
+    for rec in records:
+        payload = rec.payload or {}
+        if "item_id" in payload:
+            yield str(payload["item_id"]), payload.get("content_hash") or ""
 
 
 def record_to_point(

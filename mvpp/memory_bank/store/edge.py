@@ -51,7 +51,7 @@ from .base import (
     bank_vectors,
     check_vector_names,
     chunks,
-    hash_pair,
+    hash_pairs,
     merge_manifest,
     multivector_storage,
     point_vectors,
@@ -450,10 +450,7 @@ class EdgeBankStore(BankStore):
             records, offset = shard.scroll(
                 qe.ScrollRequest(offset=offset, limit=SCROLL_BATCH, with_payload=HASH_FIELDS, with_vector=False)
             )
-            for rec in records:
-                pair = hash_pair(rec.payload)
-                if pair is not None:
-                    yield pair
+            yield from hash_pairs(records)
             if offset is None:
                 return
 

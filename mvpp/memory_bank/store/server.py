@@ -45,7 +45,7 @@ from .base import (
     bank_vectors,
     check_vector_names,
     chunks,
-    hash_pair,
+    hash_pairs,
     merge_manifest,
     multivector_storage,
     point_vectors,
@@ -328,10 +328,7 @@ class ServerBankStore(BankStore):
             records, offset = self._client.scroll(
                 self.collection, limit=SCROLL_BATCH, offset=offset, with_payload=HASH_FIELDS, with_vectors=False
             )
-            for rec in records:
-                pair = hash_pair(rec.payload)
-                if pair is not None:
-                    yield pair
+            yield from hash_pairs(records)
             if offset is None:
                 return
 
