@@ -87,7 +87,8 @@ class SentenceTextEncoder:
             Give a stable name when the path differs between machines.
         max_seq_length: cap on the transformer's input length (tokens).
         batch_size: most texts per transformer call; default 128 on CUDA, 64 on the CPU
-            (where calls are sized by `plan_batches`).
+            (where a BERT model's calls are packed and other models' are sized by
+            `plan_batches`).
         precision: "float32", "bfloat16" or "int8", the transformer's arithmetic (see
             `TEXT_PRECISIONS`); a bank records it so that every path encodes alike.
     """

@@ -248,7 +248,7 @@ def as_array(value: Any, multivector: bool) -> np.ndarray | None:
     return arr
 
 
-# The payload fields `content_hashes` reads.
+# The payload fields `hashes` and `content_hashes` read.
 HASH_FIELDS = ["item_id", "content_hash"]
 
 
@@ -258,7 +258,7 @@ def hash_pairs(records: Iterable[Any]) -> Iterator[tuple[str, str]]:
     for rec in records:
         payload = rec.payload or {}
         if "item_id" in payload:
-            yield str(payload["item_id"]), payload.get("content_hash") or ""
+            yield str(payload["item_id"]), str(payload.get("content_hash") or "")
 
 
 def record_to_point(

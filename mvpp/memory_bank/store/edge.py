@@ -430,15 +430,8 @@ class EdgeBankStore(BankStore):
             return {}
         out: dict[str, str] = {}
         for batch in chunks(item_ids, RETRIEVE_BATCH):
-            records = shard.retrieve(
-                [point_id(i) for i in batch],
-                with_payload=["item_id", "content_hash"],
-                with_vector=False,
-            )
-            for rec in records:
-                payload = rec.payload or {}
-                if "item_id" in payload:
-                    out[str(payload["item_id"])] = str(payload.get("content_hash") or "")
+            records = shard.retrieve([point_id(i) for i in batch], with_payload=HASH_FIELDS, with_vector=False)
+            out.update(hash_pairs(records))
         return out
 
     def content_hashes(self) -> Iterator[tuple[str, str]]:

@@ -304,15 +304,7 @@ class ServerBankStore(BankStore):
     def hashes(self, item_ids: list[str]) -> dict[str, str]:
         if not self._ready() or not item_ids:
             return {}
-        records = self._retrieve(
-            [point_id(i) for i in item_ids], ["item_id", "content_hash"], False
-        )
-        out: dict[str, str] = {}
-        for rec in records:
-            payload = rec.payload or {}
-            if "item_id" in payload:
-                out[str(payload["item_id"])] = str(payload.get("content_hash") or "")
-        return out
+        return dict(hash_pairs(self._retrieve([point_id(i) for i in item_ids], HASH_FIELDS, False)))
 
     def count(self, flt: SearchFilter | None = None) -> int:
         if not self._ready():
