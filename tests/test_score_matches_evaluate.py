@@ -229,3 +229,44 @@ def test_score_cli_matches_evaluate_on_real_posts(tmp_path):
     p = np.array([scored[e["item_id"]]["vid_nview_pred"] for e in evaluated])
     nmse = float(np.nanmean((y - p) ** 2) / np.nanvar(y))
     assert nmse == pytest.approx(metrics["vid_nview"]["nmse"], abs=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_score_cli_matches_evaluate_at_a_reduced_text_precision(precision, tmp_path):
+    """A bank built with `--text-precision` is encoded at that precision by every later
+    command without being told: `score` of a run's test posts (labels removed, the
+    training items as memory) repeats `evaluate --predictions` per item, neighbours too."""
+    table = write_posts(tmp_path, videos=False)
+    bank = tmp_path / "bank"
+    build = runner.invoke(bank_app, [*build_args(table, ["--bank", str(bank)]), "--text-precision", precision])
+    assert build.exit_code == 0, build.output
+    run_dir = tmp_path / "run"
+    train = runner.invoke(app, ["train", "--bank", str(bank), "--k", "5", "--epochs", "2",
+                                "--set", "model.d_model=16", "--out", str(run_dir)])
+    assert train.exit_code == 0, train.output
+    predictions = tmp_path / "evaluated.parquet"
+    ev = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--split", "test", "--predictions", str(predictions)])
+    assert ev.exit_code == 0, ev.output
+    evaluated = pq.read_table(predictions).to_pylist()
+    test_ids = {r["item_id"] for r in evaluated}
+    uploads = tmp_path / "uploads.csv"
+    with table.open(encoding="utf-8") as src, uploads.open("w", newline="", encoding="utf-8") as dst:
+        reader = csv.DictReader(src)
+        w = csv.DictWriter(dst, reader.fieldnames or [])
+        w.writeheader()
+        w.writerows({**r, "views": "", "likes": ""} for r in reader if r["vid"] in test_ids)
+    scores = tmp_path / "scores.parquet"
+    sc = runner.invoke(app, ["score", "--meta", str(uploads), "--run", str(run_dir), "--memory", "train",
+                             "--out", str(scores)])
+    assert sc.exit_code == 0, sc.output
+    scored = {r["item_id"]: r for r in pq.read_table(scores).to_pylist()}
+    assert len(scored) == len(evaluated) >= 15
+    for e in evaluated:
+        s = scored[e["item_id"]]
+        assert s["status"] == e["status"] == "ok"
+        for j in (1, 2, 3):
+            assert s[f"neighbour_{j}"] == e[f"neighbour_{j}"]
+            assert s[f"neighbour_{j}_sim"] == pytest.approx(e[f"neighbour_{j}_sim"], abs=1e-6)
+        for t in ("views", "likes"):
+            for key in ("pred", "lower", "upper"):
+                assert s[f"{t}_{key}"] == pytest.approx(e[f"{t}_{key}"], abs=1e-4)
