@@ -130,6 +130,8 @@ class SentenceTextEncoder:
             self._quantize()
         elif self.device.startswith("cuda"):
             self._model.half()
+        elif precision == "float32" and self._on_cpu:
+            self._prepack()
         # a GPU's calls are full and sorted already: packing would only add kernel launches
         self._packed = PackedBert.wrap(self._model) if self._on_cpu else None
         current = self._model.max_seq_length
@@ -178,6 +180,15 @@ class SentenceTextEncoder:
                 "has none; build with --text-precision float32"
             )
         logger.info("text encoder %s: %d linear layers in int8", self.model_id, count)
+
+    def _prepack(self) -> None:
+        """The transformer's float32 linear layers with weights laid out for oneDNN (faster
+        on a CPU, the same arithmetic)."""
+        from .onednn import prepack_linears
+
+        transformer = getattr(self._model[0], "auto_model", None) if len(self._model) else None
+        count = prepack_linears(transformer) if transformer is not None else 0
+        logger.debug("text encoder %s: %d linear layers packed for oneDNN", self.model_id, count)
 
     @contextlib.contextmanager
     def _arithmetic(self) -> Iterator[None]:

