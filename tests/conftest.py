@@ -102,6 +102,14 @@ def encoders():
     return load_encoders(EncoderSpec.from_profile("lite"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sentence(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT sentence model saved locally (`tiny_models.make_tiny_sentence_model`)."""
+    from tiny_models import make_tiny_sentence_model
+
+    return make_tiny_sentence_model(tmp_path_factory.mktemp("tiny-sentence") / "sentence")
+
+
 @pytest.fixture
 def real_videos() -> Path:
     return shared_path("videos")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_sentence_model
+from tiny_models import seeded_linear
 
 from mvpp.memory_bank.encoders import SentenceTextEncoder
 from mvpp.memory_bank.encoders.int8 import (
@@ -15,18 +15,7 @@ from mvpp.memory_bank.encoders.int8 import (
     Int8Linear,
     code_rows,
     integer_products,
-    quantize_linears,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_sentence(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_sentence_model(tmp_path_factory.mktemp("int8-models") / "sentence")
-
-
-def _linear(k: int, n: int, seed: int = 0, bias: bool = True) -> torch.nn.Linear:
-    torch.manual_seed(seed)
-    return torch.nn.Linear(k, n, bias=bias)
 
 
 def test_codes_reconstruct_each_row_within_half_a_step() -> None:
@@ -52,7 +41,7 @@ def test_integer_sums_are_exact() -> None:
 
 
 def test_int8_linear_is_close_and_row_invariant() -> None:
-    linear = _linear(384, 1536)
+    linear = seeded_linear(384, 1536)
     fast = Int8Linear.from_linear(linear)
     assert (fast.in_features, fast.out_features) == (384, 1536) and fast.weight_codes.dtype == torch.int8
     x = torch.randn(4, 25, 384)
@@ -66,20 +55,9 @@ def test_int8_linear_is_close_and_row_invariant() -> None:
         for i in (0, 7, 99):
             assert torch.equal(fast(flat[i : i + 1])[0], together[i])
         assert torch.equal(fast(torch.zeros(1, 384))[0], linear.bias)  # zero in, bias out
-        no_bias = Int8Linear.from_linear(_linear(16, 8, bias=False))
+        no_bias = Int8Linear.from_linear(seeded_linear(16, 8, bias=False))
         assert no_bias.bias is None and torch.equal(no_bias(torch.zeros(2, 16)), torch.zeros(2, 8))
         assert fast(x.to(torch.bfloat16)).dtype == torch.bfloat16
-
-
-def test_quantize_linears_replaces_every_linear(tiny_sentence: Path) -> None:
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(tiny_sentence.parent / f"{tiny_sentence.name}-hf"))
-    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert linears > 0
-    assert quantize_linears(model) == linears
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == linears
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The float32 text model's linear layers with oneDNN-packed weights: the same products
-as `nn.Linear`, row by row whatever the call and the threads."""
+as `nn.Linear`, row by row whatever the call and the threads; and both replacements of a
+text model's linear layers (packed float32, int8) reaching every layer."""
 
 from __future__ import annotations
 
@@ -8,27 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_sentence_model
+from tiny_models import seeded_linear, tiny_transformer
 
 from mvpp.memory_bank.encoders import SentenceTextEncoder, onednn
+from mvpp.memory_bank.encoders.int8 import Int8Linear, quantize_linears
 from mvpp.memory_bank.encoders.onednn import PrepackedLinear, prepack_linears
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this PyTorch has no oneDNN")
 
 
-@pytest.fixture(scope="module")
-def tiny_sentence(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_sentence_model(tmp_path_factory.mktemp("onednn-models") / "sentence")
-
-
-def _linear(k: int, n: int, seed: int = 0, bias: bool = True) -> torch.nn.Linear:
-    torch.manual_seed(seed)
-    return torch.nn.Linear(k, n, bias=bias)
-
-
 @needs_onednn
 def test_prepacked_linear_is_the_linear_and_row_invariant() -> None:
-    linear = _linear(384, 1536)
+    linear = seeded_linear(384, 1536)
     fast = PrepackedLinear.from_linear(linear)
     x = torch.randn(4, 25, 384)
     threads = torch.get_num_threads()
@@ -45,28 +37,28 @@ def test_prepacked_linear_is_the_linear_and_row_invariant() -> None:
                 for i in (0, 7, 99):  # a row alone gives its bits among 100
                     assert torch.equal(fast(flat[i : i + 1])[0], together[i])
             assert fast(torch.zeros(0, 384)).shape == (0, 1536)
-            no_bias = PrepackedLinear.from_linear(_linear(16, 8, bias=False))
+            no_bias = PrepackedLinear.from_linear(seeded_linear(16, 8, bias=False))
             assert no_bias.bias is None and torch.equal(no_bias(torch.zeros(2, 16)), torch.zeros(2, 8))
     finally:
         torch.set_num_threads(threads)
 
 
-@needs_onednn
-def test_prepack_replaces_every_float32_linear(tiny_sentence: Path) -> None:
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(tiny_sentence.parent / f"{tiny_sentence.name}-hf"))
+@pytest.mark.parametrize("replace, layer", [
+    pytest.param(prepack_linears, PrepackedLinear, marks=needs_onednn, id="onednn"),
+    pytest.param(quantize_linears, Int8Linear, id="int8"),
+])
+def test_every_linear_of_the_text_model_is_replaced(replace, layer, tiny_sentence: Path) -> None:
+    model = tiny_transformer(tiny_sentence)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert linears > 0
-    assert prepack_linears(model) == linears
+    assert replace(model) == linears
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, layer) for m in model.modules()) == linears
 
 
 def test_without_onednn_the_layers_stay(tiny_sentence: Path, monkeypatch) -> None:
-    from transformers import AutoModel
-
     monkeypatch.setattr(onednn, "available", lambda: False)
-    model = AutoModel.from_pretrained(str(tiny_sentence.parent / f"{tiny_sentence.name}-hf"))
+    model = tiny_transformer(tiny_sentence)
     assert prepack_linears(model) == 0
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
     encoder = SentenceTextEncoder(str(tiny_sentence), device="cpu")  # encodes with the plain layers

@@ -33,6 +33,8 @@ __all__ = [
     "make_tiny_open_clip_checkpoint",
     "make_tiny_sentence_model",
     "make_tiny_tokenizer",
+    "seeded_linear",
+    "tiny_transformer",
     "tiny_full_spec",
 ]
 
@@ -48,6 +50,21 @@ _WORDS_TEXT = (
     "funny cute day night sunset ."
 )
 TINY_VOCAB: tuple[str, ...] = tuple(_SPECIAL + _WORDS_TEXT.split() + ["##s", "##ing", "##ed"])
+
+
+def seeded_linear(k: int, n: int, seed: int = 0, bias: bool = True):
+    """A `torch.nn.Linear(k, n)` with weights drawn from `seed`."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Linear(k, n, bias=bias)
+
+
+def tiny_transformer(sentence_model: Path):
+    """The bare transformers model saved beside a `make_tiny_sentence_model` folder."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(sentence_model.parent / f"{sentence_model.name}-hf"))
 
 
 def make_tiny_tokenizer(path: Path | str | None = None):
