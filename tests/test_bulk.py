@@ -83,11 +83,13 @@ def test_float32_screening_gives_the_float64_search(monkeypatch):
         key_group=key_group,
         group_weight=0.05,
     )
+    packed = bulk.PackedKeys.of(bulk.KeyRows(keys, np.arange(m)))  # the oneDNN screen, where there is one
     for k in (1, 7, 50, m + 5):
         expect = bulk_topk(queries, keys.astype(np.float64), k, **common)
-        got = bulk_topk(queries, keys, k, block=32, **common)
-        np.testing.assert_array_equal(got.indices, expect.indices)
-        np.testing.assert_array_equal(got.scores, expect.scores)
+        for screened in (keys, packed) if packed is not None else (keys,):
+            got = bulk_topk(queries, screened, k, block=32, **common)
+            np.testing.assert_array_equal(got.indices, expect.indices)
+            np.testing.assert_array_equal(got.scores, expect.scores)
     monkeypatch.setattr(bulk, "MAX_CANDIDATE_PAIRS", 40)  # rows scored a few at a time
     expect = bulk_topk(queries, keys.astype(np.float64), 10, **common)
     got = bulk_topk(queries, bulk.KeyRows(keys, np.arange(m)), 10, **common)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from tiny_models import seeded_linear, tiny_transformer
 
-from mvpp.memory_bank.encoders import SentenceTextEncoder, onednn
+from mvpp import onednn
+from mvpp.memory_bank.encoders import SentenceTextEncoder
 from mvpp.memory_bank.encoders.int8 import Int8Linear, quantize_linears
-from mvpp.memory_bank.encoders.onednn import PrepackedLinear, prepack_linears
+from mvpp.onednn import PrepackedLinear, prepack_linears
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this PyTorch has no oneDNN")
 
@@ -63,6 +64,9 @@ def test_without_onednn_the_layers_stay(tiny_sentence: Path, monkeypatch) -> Non
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
     encoder = SentenceTextEncoder(str(tiny_sentence), device="cpu")  # encodes with the plain layers
     assert encoder.encode(["cats"]).shape == (1, encoder.dim)
+    from mvpp.retriever import bulk
+
+    assert bulk.PackedKeys.of(np.eye(4, dtype=np.float32)) is None  # the search keeps a float32 copy
 
 
 @needs_onednn
@@ -101,3 +105,25 @@ def test_float32_minilm_encodes_as_the_plain_model_and_alone_as_in_company(tiny_
     for precision in ("bfloat16", "int8"):  # their own arithmetic, never the packed float32 layers
         other = SentenceTextEncoder(str(tiny_sentence), device="cpu", precision=precision)
         assert not any(isinstance(m, PrepackedLinear) for m in other._model.modules())
+
+
+@needs_onednn
+def test_packed_keys_screen_as_plain_products_and_hand_back_their_rows() -> None:
+    """The exact search's packed keys: float32 products within the screen's bound of the
+    float64 ones, the same bits for a query alone or among many, and rows read through."""
+    from mvpp.retriever import bulk
+
+    rng = np.random.default_rng(0)
+    source = rng.standard_normal((700, 48)).astype(np.float32)
+    source /= np.linalg.norm(source, axis=1, keepdims=True)
+    rows = bulk.KeyRows(source, np.arange(100, 600))
+    keys = bulk.PackedKeys.of(rows)
+    assert keys is not None and len(keys) == 500 and keys.shape == (500, 48) and keys.dtype == np.float32
+    np.testing.assert_array_equal(keys[np.array([[0, 3], [499, 1]])], source[[[100, 103], [599, 101]]])
+    queries = torch.from_numpy(source[:40])
+    got = bulk._products(queries, keys)  # (40, 500)
+    exact = source[:40].astype(np.float64) @ source[100:600].astype(np.float64).T
+    assert np.abs(got.numpy() - exact).max() <= bulk.screening_error(48)
+    for i in (0, 17, 39):
+        assert torch.equal(bulk._products(queries[i : i + 1], keys)[0], got[i])
+    assert bulk.PackedKeys.of(bulk.KeyRows(source, np.arange(0))) is None

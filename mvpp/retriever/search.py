@@ -28,7 +28,7 @@ import numpy as np
 from mvpp.config import usable_cores
 from mvpp.memory_bank.metadata import category_key
 from mvpp.retriever.ann import AnnConfig, AnnIndex, MemoryKeys
-from mvpp.retriever.bulk import KeyRows, Neighbours, bulk_topk, candidate_topk
+from mvpp.retriever.bulk import KeyRows, Neighbours, PackedKeys, bulk_topk, candidate_topk
 from mvpp.retriever.rerank import rerank_lexical
 from mvpp.retriever.snapshot import BankSnapshot
 
@@ -206,16 +206,17 @@ class NeighbourSearch:
         # the query's own row as a position in the memory, for self-exclusion
         self._pos_in_memory = np.full(len(snapshot), -1, np.int64)
         self._pos_in_memory[self.memory] = np.arange(len(self.memory))
-        # the memory's side of every search, gathered once (a service searches per request)
-        # in float32, which the exact search screens in; read from the snapshot when an
-        # index proposes candidates, whose few vectors per query are converted when
-        # scored (no copy of most of a large bank)
+        # the memory's side of every search, prepared once (a service searches per
+        # request): for the exact search packed for oneDNN's float32 screen, the survivors
+        # scored from the snapshot's rows (else a float32 copy, which the screen reads);
+        # read from the snapshot when an index proposes candidates, whose few vectors per
+        # query are converted when scored (no copy of most of a large bank)
         keys = self.memory
-        self._vectors: np.ndarray | KeyRows = (
-            np.ascontiguousarray(snapshot.retrieval[keys], dtype=np.float32)
-            if approximate is None
-            else KeyRows(snapshot.retrieval, keys)
-        )
+        rows = KeyRows(snapshot.retrieval, keys)
+        self._vectors: np.ndarray | KeyRows | PackedKeys = rows
+        if approximate is None:
+            packed = PackedKeys.of(rows)
+            self._vectors = packed if packed is not None else np.ascontiguousarray(snapshot.retrieval[keys], np.float32)
         self._has_vector = snapshot.has_retrieval[keys]
         self._time = snapshot.published_ts[keys]
         self._group = self.groups.key_group[keys] if self.groups is not None else None
@@ -223,7 +224,7 @@ class NeighbourSearch:
         self.index: AnnIndex | None = None
         self._members: dict[int, np.ndarray] = {}
         if approximate is not None:
-            keys = MemoryKeys(self._vectors, self._has_vector, self._time if time_safe else None, self._group)
+            keys = MemoryKeys(rows, self._has_vector, self._time if time_safe else None, self._group)
             self.index = AnnIndex.open_or_build(approximate.root, keys, approximate.config)
             if self._group is not None:
                 order = np.argsort(self._group, kind="stable")

@@ -184,7 +184,7 @@ class SentenceTextEncoder:
     def _prepack(self) -> None:
         """The transformer's float32 linear layers with weights laid out for oneDNN (faster
         on a CPU, the same arithmetic)."""
-        from .onednn import prepack_linears
+        from mvpp.onednn import prepack_linears
 
         transformer = getattr(self._model[0], "auto_model", None) if len(self._model) else None
         count = prepack_linears(transformer) if transformer is not None else 0
