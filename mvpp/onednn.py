@@ -99,15 +99,23 @@ class PrepackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def prepack_linears(module: nn.Module) -> int:
+def prepack_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """Replaces every float32 `nn.Linear` inside `module` (on the CPU) with its
-    `PrepackedLinear`; returns how many. Nothing changes where oneDNN is unavailable or
-    refuses the first layer (a probe multiplies it both ways)."""
+    `PrepackedLinear`; returns the replaced layers as (parent, name, layer), for
+    `restore_linears`. Nothing changes where oneDNN is unavailable or refuses the first
+    layer (a probe multiplies it both ways)."""
     linears = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
                if isinstance(child, nn.Linear) and child.weight.device.type == "cpu"
                and child.weight.dtype == torch.float32]
     if not linears or pack_checked(linears[0][2].weight) is None:
-        return 0
+        return []
     for parent, name, child in linears:
         setattr(parent, name, PrepackedLinear.from_linear(child))
-    return len(linears)
+    return linears
+
+
+def restore_linears(replaced: list[tuple[nn.Module, str, nn.Linear]]) -> None:
+    """Puts back the layers `prepack_linears` replaced (for a model whose own code reads
+    its layers' weights, which a packed layer does not have)."""
+    for parent, name, child in replaced:
+        setattr(parent, name, child)

@@ -45,7 +45,7 @@ def test_prepacked_linear_is_the_linear_and_row_invariant() -> None:
 
 
 @pytest.mark.parametrize("replace, layer", [
-    pytest.param(prepack_linears, PrepackedLinear, marks=needs_onednn, id="onednn"),
+    pytest.param(lambda model: len(prepack_linears(model)), PrepackedLinear, marks=needs_onednn, id="onednn"),
     pytest.param(quantize_linears, Int8Linear, id="int8"),
 ])
 def test_every_linear_of_the_text_model_is_replaced(replace, layer, tiny_sentence: Path) -> None:
@@ -60,7 +60,7 @@ def test_every_linear_of_the_text_model_is_replaced(replace, layer, tiny_sentenc
 def test_without_onednn_the_layers_stay(tiny_sentence: Path, monkeypatch) -> None:
     monkeypatch.setattr(onednn, "available", lambda: False)
     model = tiny_transformer(tiny_sentence)
-    assert prepack_linears(model) == 0
+    assert prepack_linears(model) == []
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
     encoder = SentenceTextEncoder(str(tiny_sentence), device="cpu")  # encodes with the plain layers
     assert encoder.encode(["cats"]).shape == (1, encoder.dim)
@@ -127,3 +127,26 @@ def test_packed_keys_screen_as_plain_products_and_hand_back_their_rows() -> None
     for i in (0, 17, 39):
         assert torch.equal(bulk._products(queries[i : i + 1], keys)[0], got[i])
     assert bulk.PackedKeys.of(bulk.KeyRows(source, np.arange(0))) is None
+
+
+@needs_onednn
+def test_a_model_that_fails_with_packed_layers_gets_its_own_back(tiny_sentence: Path, monkeypatch) -> None:
+    """A text model whose own code reads its layers' weights (a packed layer has none)
+    fails its first encode; the encoder then puts the model's layers back and works."""
+    calls = []
+
+    def refuse(self, x):
+        calls.append(x.shape)
+        raise AttributeError("'PrepackedLinear' object has no attribute 'weight'")
+
+    monkeypatch.setattr(PrepackedLinear, "forward", refuse)
+    encoder = SentenceTextEncoder(str(tiny_sentence), device="cpu")
+    assert calls  # the packed layers were tried first
+    transformer = encoder._model[0].auto_model
+    assert not any(isinstance(m, PrepackedLinear) for m in transformer.modules())
+    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(onednn, "available", lambda: False)
+        plain = SentenceTextEncoder(str(tiny_sentence), device="cpu")
+    texts = ["cats", "a dog on the beach"]
+    np.testing.assert_array_equal(encoder.encode(texts), plain.encode(texts))

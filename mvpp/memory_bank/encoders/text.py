@@ -130,8 +130,7 @@ class SentenceTextEncoder:
             self._quantize()
         elif self.device.startswith("cuda"):
             self._model.half()
-        elif precision == "float32" and self._on_cpu:
-            self._prepack()
+        replaced = self._prepack() if precision == "float32" and self._on_cpu else []
         # a GPU's calls are full and sorted already: packing would only add kernel launches
         self._packed = PackedBert.wrap(self._model) if self._on_cpu else None
         current = self._model.max_seq_length
@@ -146,11 +145,12 @@ class SentenceTextEncoder:
         self._special_ids = torch.tensor(sorted(special), dtype=torch.long)
 
         try:
-            pooled, tokens = self._run(["dimension probe"], max_tokens=1, batch_size=1)
+            pooled, tokens = self._probe(replaced)
         except Exception as exc:
             raise EncoderUnavailableError(
                 source, f"model loaded but a test encode failed: {exc}"
             ) from exc
+        del replaced  # the unpacked weights are no longer needed
         self.dim: int = int(pooled.shape[1])
         self.token_dim: int = int(tokens[0].shape[1])
         logger.info(
@@ -181,14 +181,30 @@ class SentenceTextEncoder:
             )
         logger.info("text encoder %s: %d linear layers in int8", self.model_id, count)
 
-    def _prepack(self) -> None:
+    def _prepack(self) -> list[Any]:
         """The transformer's float32 linear layers with weights laid out for oneDNN (faster
-        on a CPU, the same arithmetic)."""
+        on a CPU, the same arithmetic); returns the layers replaced."""
         from mvpp.onednn import prepack_linears
 
         transformer = getattr(self._model[0], "auto_model", None) if len(self._model) else None
-        count = prepack_linears(transformer) if transformer is not None else 0
-        logger.debug("text encoder %s: %d linear layers packed for oneDNN", self.model_id, count)
+        replaced = prepack_linears(transformer) if transformer is not None else []
+        logger.debug("text encoder %s: %d linear layers packed for oneDNN", self.model_id, len(replaced))
+        return replaced
+
+    def _probe(self, replaced: list[Any]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """A first encode (the widths); where it fails with packed layers (a model whose
+        code reads its layers' weights itself), again with the model's own layers."""
+        try:
+            return self._run(["dimension probe"], max_tokens=1, batch_size=1)
+        except Exception as exc:
+            if not replaced:
+                raise
+            from mvpp.onednn import restore_linears
+
+            logger.info("text encoder %s: packed linear layers failed (%s); using the model's own",
+                        self.model_id, exc)
+            restore_linears(replaced)
+            return self._run(["dimension probe"], max_tokens=1, batch_size=1)
 
     @contextlib.contextmanager
     def _arithmetic(self) -> Iterator[None]:
