@@ -168,11 +168,15 @@ class SentenceTextEncoder:
             f"precision={self.precision!r})"
         )
 
+    def _transformer(self) -> Any:
+        """The pipeline's transformers model (its first module's `auto_model`), or None."""
+        return getattr(self._model[0], "auto_model", None) if len(self._model) else None
+
     def _quantize(self) -> None:
         """The transformer's linear layers in 8-bit integers (the "int8" precision)."""
         from .int8 import quantize_linears
 
-        transformer = getattr(self._model[0], "auto_model", None) if len(self._model) else None
+        transformer = self._transformer()
         count = quantize_linears(transformer) if transformer is not None else 0
         if count == 0:
             raise ValueError(
@@ -186,7 +190,7 @@ class SentenceTextEncoder:
         on a CPU, the same arithmetic); returns the layers replaced."""
         from mvpp.onednn import prepack_linears
 
-        transformer = getattr(self._model[0], "auto_model", None) if len(self._model) else None
+        transformer = self._transformer()
         replaced = prepack_linears(transformer) if transformer is not None else []
         logger.debug("text encoder %s: %d linear layers packed for oneDNN", self.model_id, len(replaced))
         return replaced
