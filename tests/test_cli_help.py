@@ -49,3 +49,27 @@ def test_train_defaults_come_from_the_dataclasses() -> None:
     for name in ("k", "seed"):
         assert f"[default: {getattr(TrainConfig(), name)}]" in text
     assert "[default: fitted to the data" in text
+
+
+def _words(text: str) -> set[str]:
+    return set(text.replace("`", "").replace("│", " ").split())
+
+
+@pytest.mark.parametrize("app", [main_app, bank_app], ids=["mvpp", "mvpp-bank"])
+def test_help_shows_every_word_of_the_help_texts(app) -> None:
+    """Help texts reach the terminal whole: bracketed words (`[train]`) are not taken for
+    markup, and a command's summary in the command list is one sentence, not the
+    docstring's line breaks."""
+    import inspect
+
+    import typer
+
+    group = typer.main.get_command(app)
+    listing = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    for name, command in group.commands.items():
+        summary = " ".join(inspect.cleandoc(command.help or "").split("\n\n")[0].split())
+        assert summary.replace("`", "") in " ".join(listing.replace("`", "").replace("│", " ").split()), name
+        shown = _words(CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output)
+        for param in command.params:
+            missing = _words(getattr(param, "help", None) or "") - shown
+            assert not missing, f"{name} --{param.name}: {sorted(missing)}"

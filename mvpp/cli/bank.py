@@ -55,7 +55,7 @@ app = typer.Typer(
     help="Build, query and inspect an mvpp memory bank (Qdrant).",
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 
@@ -71,7 +71,7 @@ def build(
     id_col: Annotated[str, typer.Option("--id-col", help="Id column of the metadata.")] = "id",
     text_col: Annotated[
         list[str] | None,
-        typer.Option("--text-col", help="Text column(s), joined in order \\[default: title]."),
+        typer.Option("--text-col", help="Text column(s), joined in order [default: title]."),
     ] = None,
     label_col: Annotated[
         list[str] | None,
@@ -108,16 +108,16 @@ def build(
     ] = None,
     failures: Annotated[
         Path | None,
-        typer.Option("--failures", help="Failures file (JSONL) \\[default: beside the bank]."),
+        typer.Option("--failures", help="Failures file (JSONL) [default: beside the bank]."),
     ] = None,
     frames: Annotated[
         int | None,
-        typer.Option("--frames", help="Frames decoded per video \\[default: the bank's, else 10].", min=1),
+        typer.Option("--frames", help="Frames decoded per video [default: the bank's, else 10].", min=1),
     ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
-            "--batch-size", help="Videos encoded together \\[default: 64 on a GPU, 16 on the CPU].", min=1
+            "--batch-size", help="Videos encoded together [default: 64 on a GPU, 16 on the CPU].", min=1
         ),
     ] = None,
     workers: Annotated[
@@ -131,7 +131,7 @@ def build(
         typer.Option(
             "--decode-ahead/--no-decode-ahead",
             help="Decode the next batch in worker processes while the current one is encoded "
-            "\\[default: on with a GPU, off on the CPU, where the encoders use every core].",
+            "[default: on with a GPU, off on the CPU, where the encoders use every core].",
         ),
     ] = None,
     bank: BankOpt = None,
@@ -295,21 +295,21 @@ def export_(
 @app.command("import")
 def import_(
     table: Annotated[Path, typer.Argument(help="Parquet table with vector columns (see --help).")],
-    id_col: Annotated[str | None, typer.Option("--id-col", help="Id column \\[default: id].")] = None,
+    id_col: Annotated[str | None, typer.Option("--id-col", help="Id column [default: id].")] = None,
     text_col: Annotated[
-        list[str] | None, typer.Option("--text-col", help="Text column(s), joined in order \\[default: title].")
+        list[str] | None, typer.Option("--text-col", help="Text column(s), joined in order [default: title].")
     ] = None,
     label_col: Annotated[list[str] | None, typer.Option("--label-col", help="Label column; repeatable.")] = None,
     label_transform: Annotated[
         str | None,
         typer.Option("--label-transform", help=f"Label -> target: {', '.join(LABEL_TRANSFORMS)} "
-                     "\\[default: the table's, else log2p1]."),
+                     "[default: the table's, else log2p1]."),
     ] = None,
     time_col: Annotated[str | None, typer.Option("--time-col", help="Publish time column.")] = None,
     observed_col: Annotated[str | None, typer.Option("--observed-col", help="Label observation time column.")] = None,
     meta_col: Annotated[list[str] | None, typer.Option("--meta-col", help="Metadata column; repeatable.")] = None,
     failures: Annotated[
-        Path | None, typer.Option("--failures", help="Failures file (JSONL) \\[default: beside the bank].")
+        Path | None, typer.Option("--failures", help="Failures file (JSONL) [default: beside the bank].")
     ] = None,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,

@@ -49,25 +49,25 @@ EXIT_ERROR = 2
 
 BankOpt = Annotated[
     Path | None,
-    typer.Option("--bank", help="Embedded bank folder \\[env MVPP_BANK; default ./mvpp-bank]."),
+    typer.Option("--bank", help="Embedded bank folder [env MVPP_BANK; default ./mvpp-bank]."),
 ]
 UrlOpt = Annotated[
     str | None,
     typer.Option(
         "--qdrant-url",
         help="Qdrant server URL, or local:PATH for qdrant-client's local mode (no server); "
-        "overrides --bank \\[env MVPP_QDRANT_URL].",
+        "overrides --bank [env MVPP_QDRANT_URL].",
     ),
 ]
 ApiKeyOpt = Annotated[
-    str | None, typer.Option("--api-key", help="Qdrant API key \\[env QDRANT_API_KEY].")
+    str | None, typer.Option("--api-key", help="Qdrant API key [env QDRANT_API_KEY].")
 ]
 CollectionOpt = Annotated[
     str, typer.Option("--collection", help="Collection name on a Qdrant server.")
 ]
 ShardsOpt = Annotated[
     int | None,
-    typer.Option("--shards", min=1, help="Shards of a collection created on a Qdrant cluster \\[default: the server's]."),
+    typer.Option("--shards", min=1, help="Shards of a collection created on a Qdrant cluster [default: the server's]."),
 ]
 ReplicasOpt = Annotated[
     int | None,
@@ -83,7 +83,7 @@ ProfileOpt = Annotated[
     typer.Option(
         "--profile",
         help="Encoder profile: 'full' (BLIP + UAE-Large-V1 + open_clip ViT-B-32) or "
-        "'lite' (offline MiniLM + frame statistics) \\[env MVPP_PROFILE; default: the "
+        "'lite' (offline MiniLM + frame statistics) [env MVPP_PROFILE; default: the "
         "bank's own profile, else 'full'].",
     ),
 ]
@@ -100,7 +100,7 @@ AudioModelOpt = Annotated[
         "--audio-model",
         help="Audio encoder: 'logmel-v1' (model-free, the lite profile's), a transformers audio "
         "model's id or local path (the full profile: an Audio Spectrogram Transformer), or "
-        "'none' \\[default: the bank's, else the profile's].",
+        "'none' [default: the bank's, else the profile's].",
     ),
 ]
 TextPrecisionOpt = Annotated[
@@ -115,7 +115,7 @@ TextPrecisionOpt = Annotated[
         "do so in float32 and int8 (in bfloat16 their predictions of new uploads move by about "
         "0.003). "
         "Recorded in the bank: every later encoding for it uses the same "
-        "\\[default: the bank's, else float32].",
+        "[default: the bank's, else float32].",
     ),
 ]
 TokenStorageOpt = Annotated[
@@ -124,7 +124,7 @@ TokenStorageOpt = Annotated[
         "--token-storage",
         help="How a new bank stores its token features: 'int8' (one byte per value, "
         "each row's direction kept within a cosine of 0.9996; half float16's size) or "
-        "'float16'. Fixed when the bank is created \\[default: the bank's, else int8].",
+        "'float16'. Fixed when the bank is created [default: the bank's, else int8].",
     ),
 ]
 FrameModelOpt = Annotated[

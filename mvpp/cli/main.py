@@ -69,7 +69,7 @@ app = typer.Typer(
     help="Train, evaluate and apply the mvpp popularity predictor.",
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 # Bank arrays for training are cached inside the embedded bank's folder.
@@ -92,7 +92,7 @@ def metrics_table(title: str, metrics: dict[str, Metrics]) -> Table:
 
 def _default(value: object) -> str:
     """A dataclass default as it reads in --help (rich markup's bracket escaped)."""
-    return f"\\[default: {value}]"
+    return f"[default: {value}]"
 
 
 @app.command("train")
@@ -122,7 +122,7 @@ def train_cmd(
         int | None,
         typer.Option(
             "--epochs",
-            help="Most epochs (early stopping may end sooner) \\[default: fitted to the data: enough "
+            help="Most epochs (early stopping may end sooner) [default: fitted to the data: enough "
             f"for {STEPS_TARGET} optimiser steps, {MIN_EPOCHS} to {MAX_EPOCHS} epochs].",
             min=1,
         ),
@@ -131,7 +131,7 @@ def train_cmd(
         int | None, typer.Option("--seed", help=f"Seed of the split and the training. {_default(TrainConfig().seed)}")
     ] = None,
     target: Annotated[
-        list[str] | None, typer.Option("--target", help="Label(s) to predict \\[default: every label of the bank].")
+        list[str] | None, typer.Option("--target", help="Label(s) to predict [default: every label of the bank].")
     ] = None,
     split_by_time: Annotated[
         bool | None,
@@ -141,7 +141,7 @@ def train_cmd(
         bool | None,
         typer.Option(
             "--time-safe/--no-time-safe",
-            help="Retrieve only items published before the query \\[default: on when the bank has times].",
+            help="Retrieve only items published before the query [default: on when the bank has times].",
         ),
     ] = None,
     neighbour_group: Annotated[
@@ -163,7 +163,7 @@ def train_cmd(
     ] = None,
     meta_col: Annotated[
         list[str] | None,
-        typer.Option("--meta-col", help="Metadata column(s) of the bank to use \\[default: all]."),
+        typer.Option("--meta-col", help="Metadata column(s) of the bank to use [default: all]."),
     ] = None,
     meta_categorical: Annotated[
         list[str] | None,
@@ -411,24 +411,24 @@ def score_cmd(
     out_file: Annotated[Path, typer.Option("--out", help="Output table: .parquet or .csv.")] = Path("scores.parquet"),
     meta: Annotated[Path | None, typer.Option("--meta", help="Metadata of the new items (.csv/.parquet/.jsonl).")] = None,
     id_col: Annotated[
-        str | None, typer.Option("--id-col", help="Id column of the metadata \\[default: the bank's, else id].")
+        str | None, typer.Option("--id-col", help="Id column of the metadata [default: the bank's, else id].")
     ] = None,
     text_col: Annotated[
-        list[str] | None, typer.Option("--text-col", help="Text column(s) \\[default: the bank's, else title].")
+        list[str] | None, typer.Option("--text-col", help="Text column(s) [default: the bank's, else title].")
     ] = None,
     time_col: Annotated[
-        str | None, typer.Option("--time-col", help="Publish time column \\[default: the bank's, when present].")
+        str | None, typer.Option("--time-col", help="Publish time column [default: the bank's, when present].")
     ] = None,
     observed_col: Annotated[
         str | None,
-        typer.Option("--observed-col", help="Time the counts are predicted for \\[default: the bank's, when present]."),
+        typer.Option("--observed-col", help="Time the counts are predicted for [default: the bank's, when present]."),
     ] = None,
     meta_col: Annotated[
         list[str] | None,
-        typer.Option("--meta-col", help="Metadata column(s) \\[default: those the run was trained on]."),
+        typer.Option("--meta-col", help="Metadata column(s) [default: those the run was trained on]."),
     ] = None,
     video_col: Annotated[
-        str | None, typer.Option("--video-col", help="Video path column \\[default: the bank's, when present].")
+        str | None, typer.Option("--video-col", help="Video path column [default: the bank's, when present].")
     ] = None,
     memory: MemoryOpt = DEFAULT_MEMORY,
     strict: StrictOpt = False,
@@ -437,7 +437,7 @@ def score_cmd(
         int | None,
         typer.Option(
             "--workers",
-            help="Batches scored at once, the cores shared among them \\[default: 2 on a CPU, 1 on a GPU].",
+            help="Batches scored at once, the cores shared among them [default: 2 on a CPU, 1 on a GPU].",
             min=1,
         ),
     ] = None,

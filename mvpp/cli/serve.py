@@ -37,7 +37,7 @@ def serve_cmd(
         typer.Option(
             "--api-key",
             help="Key the API asks for ('Authorization: Bearer KEY' or 'X-API-Key: KEY'); /healthz "
-            "and the page stay open \\[env MVPP_API_KEY; default: no key].",
+            "and the page stay open [env MVPP_API_KEY; default: no key].",
         ),
     ] = None,
     memory: Annotated[
@@ -55,14 +55,14 @@ def serve_cmd(
         int | None,
         typer.Option(
             "--workers",
-            help="Scoring calls run at once, the cores shared among them \\[default: 2 on a CPU, 1 on a GPU].",
+            help="Scoring calls run at once, the cores shared among them [default: 2 on a CPU, 1 on a GPU].",
             min=1,
         ),
     ] = None,
     bank: BankOpt = None,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: Annotated[
-        str | None, typer.Option("--qdrant-api-key", help="Qdrant API key \\[env QDRANT_API_KEY].")
+        str | None, typer.Option("--qdrant-api-key", help="Qdrant API key [env QDRANT_API_KEY].")
     ] = None,
     collection: CollectionOpt = "mvpp",
     device: DeviceOpt = None,
