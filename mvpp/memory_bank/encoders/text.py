@@ -32,6 +32,7 @@ __all__ = [
     "TEXT_PRECISIONS",
     "SentenceTextEncoder",
     "check_text_precision",
+    "bfloat16_rows_invariant",
     "native_bfloat16",
     "native_int8",
     "plan_batches",
@@ -64,8 +65,10 @@ CUDA_BATCH_SIZE = 128
 # matrix products in bfloat16 (autocast; weights, layer norms and softmax stay float32):
 # 1.5-1.7x the titles per second on a CPU with bfloat16 instructions, vectors within a
 # cosine of 0.9999 of float32's. Packed (a BERT encoder) a text's bfloat16 vectors do not
-# depend on its batch either; padded (other models) they do, because the padding changes
-# the kernels' blocking: about 1e-3 on the pooled vector, 1e-2 on a token. On CUDA the
+# depend on its batch either where the CPU's bfloat16 kernels sum a row alike in calls of
+# any size (`bfloat16_rows_invariant`; not on x86 with AMX, where they move by bfloat16
+# rounding); padded (other models) they do, because the padding changes the kernels'
+# blocking: about 1e-3 on the pooled vector, 1e-2 on a token. On CUDA the
 # model runs in float16 under either. "int8" codes the transformer's linear layers and
 # their inputs in 8 bits, one scale per weight row and per token, and sums the products
 # exactly in integers (`int8.Int8Linear`): about 2x the titles per second of float32 on a
@@ -350,6 +353,40 @@ def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16);
     False where /proc/cpuinfo cannot tell."""
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+# The probe of `bfloat16_rows_invariant`: a BERT feed-forward output layer's shape (the
+# longest sum of the model's products), products of 1 row and of calls of these sizes.
+_PROBE_SHAPE = (1536, 384)
+_PROBE_ROWS = (8, 48, 200)
+_rows_invariant: bool | None = None
+
+
+def bfloat16_rows_invariant() -> bool:
+    """Whether this CPU's bfloat16 matrix products give a row the same bits whatever the
+    number of rows of its call (probed once, then remembered).
+
+    The kernels oneDNN picks depend on the CPU and the call's shape: on some CPUs every
+    call sums a row's products in one order, on others (seen on x86 with AMX, whose
+    kernels block the sum differently for calls of more than about 32 rows) the order
+    changes with the call, and a few outputs of a row round to a neighbouring bfloat16.
+    Where it does, a text's packed bfloat16 vectors move by bfloat16 rounding (about 1e-4
+    on a pooled vector) with the other texts of its call; float32 and int8 never do.
+    """
+    global _rows_invariant
+    if _rows_invariant is None:
+        import torch
+
+        k, n = _PROBE_SHAPE
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(max(_PROBE_ROWS), k, generator=gen).bfloat16()
+        w = torch.randn(n, k, generator=gen).bfloat16()
+        with torch.inference_mode():
+            alone = torch.cat([torch.nn.functional.linear(x[i : i + 1], w) for i in range(len(x))])
+            _rows_invariant = all(
+                torch.equal(torch.nn.functional.linear(x[:rows], w), alone[:rows]) for rows in _PROBE_ROWS
+            )
+    return _rows_invariant
 
 
 def native_int8() -> bool:
