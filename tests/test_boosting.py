@@ -35,13 +35,40 @@ def test_boosters_round_trip_through_their_text_files(tmp_path):
     x[:, 4] = rng.integers(1, 4, 300)  # a categorical column
     y = np.stack([x[:, 0] * 2 + (x[:, 4] == 2), np.full(300, np.nan)], axis=1).astype(np.float32)
     member = GbdtMember.fit(x[:240], y[:240], x[240:], y[240:], [4], BoostConfig(max_rounds=200), seed=0, threads=1)
-    assert member.boosters[1] is None  # no label for target 1
+    assert len(member.boosters[0]) == BoostConfig().bags and member.boosters[1] == []  # no label for target 1
     names = member.save(tmp_path)
-    assert names == ["gbdt-0.txt", ""] and (tmp_path / "gbdt-0.txt").read_text().startswith("tree")
+    assert names == [["gbdt-0-0.txt", "gbdt-0-1.txt", "gbdt-0-2.txt"], []]
+    assert (tmp_path / "gbdt-0-0.txt").read_text().startswith("tree")
     again = GbdtMember.load(tmp_path, names, [4])
     np.testing.assert_allclose(again.predict(x[240:]), member.predict(x[240:]))
     pred = member.predict(x[240:])
     assert np.corrcoef(pred[:, 0], y[240:, 0])[0, 1] > 0.9 and np.isnan(pred[:, 1]).all()
+    # the target's prediction is the mean of its boosters', each drawn on its own seed
+    alone = [b.predict(x[240:], num_iteration=b.best_iteration or None) for b in member.boosters[0]]
+    assert not np.allclose(alone[0], alone[1])
+    np.testing.assert_allclose(pred[:, 0], np.mean(alone, axis=0), rtol=1e-6)
+
+
+def test_bags_of_one_are_the_single_booster_of_before(tmp_path):
+    """`bags = 1` gives the booster a run fitted before bagging (seed, data and settings
+    alike), and a run saved then (one file name per target) loads."""
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    y = (x[:, :1] - x[:, 1:2] + rng.normal(0, 0.3, (300, 1))).astype(np.float32)
+    cfg = BoostConfig(max_rounds=150, bags=1)
+    member = GbdtMember.fit(x[:240], y[:240], x[240:], y[240:], [], cfg, seed=5, threads=1)
+    single = lgb.train(cfg.params(5, 1), lgb.Dataset(x[:240], y[:240, 0]), num_boost_round=cfg.max_rounds,
+                       valid_sets=[lgb.Dataset(x[240:], y[240:, 0])],
+                       callbacks=[lgb.early_stopping(cfg.early_stopping, verbose=False)])
+    np.testing.assert_allclose(member.predict(x)[:, 0], single.predict(x, num_iteration=single.best_iteration))
+    (tmp_path / "gbdt-0.txt").write_text(single.model_to_string(num_iteration=single.best_iteration))
+    old = GbdtMember.load(tmp_path, ["gbdt-0.txt", ""], [])
+    assert [len(bag) for bag in old.boosters] == [1, 0]
+    np.testing.assert_allclose(old.predict(x)[:, 0], member.predict(x)[:, 0], rtol=1e-6)
+    with pytest.raises(ValueError, match="bags must be at least 1"):
+        BoostConfig(bags=0)
 
 
 def test_training_length_is_fitted_to_the_data():

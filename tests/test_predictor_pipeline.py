@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -258,3 +259,20 @@ def test_settings_from_a_toml_file_and_overrides(bank, tmp_path):
     assert result.exit_code == 2 and "set from the bank" in result.output
     result = runner.invoke(app, ["train", "--bank", str(bank), "--ablate", "poe,nothing", "--out", str(out)])
     assert result.exit_code == 2 and "--ablate 'nothing'" in result.output
+
+
+def test_overrides_reach_the_nested_tables_of_the_train_config():
+    """`--set train.boost.bags=1` sets one field of a nested table and keeps the others;
+    a dotted name on a setting that is not a table, or on the bank's input sizes, is an
+    error that names it."""
+    from mvpp.predictor.config_file import ConfigError, build_configs
+
+    cfg, _ = build_configs(None, ["train.boost.bags=1", "train.boost.learning_rate=0.05"])
+    assert cfg.boost.bags == 1 and cfg.boost.learning_rate == 0.05 and cfg.boost.num_leaves == 31
+    for bad, message in (
+        ("train.boost.bagz=1", "unknown train.boost config key(s): bagz"),
+        ("train.lr.x=1", "train.lr is not a table of settings"),
+        ("model.inputs.d_token=3", "set from the bank"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_configs(None, [bad])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
+def _tables(cls: type) -> set[str]:
+    """The fields of a config dataclass that are config dataclasses themselves."""
+    return {f.name for f in fields(cls) if f.default_factory is not MISSING and is_dataclass(f.default_factory)}
+
+
 def build_configs(
     path: Path | None = None, overrides: list[str] | None = None
 ) -> tuple[TrainConfig, ModelConfig]:
@@ -76,9 +81,17 @@ def build_configs(
     for text in overrides or []:
         section, name, value = parse_override(text)
         target = train if section == "train" else model
-        if section == "model" and name in {f.name for f in fields(InputSizes)}:
+        if section == "model" and name.partition(".")[0] in {"inputs", *(f.name for f in fields(InputSizes))}:
             raise ConfigError(f"--set {text!r}: {name} is set from the bank, not chosen")
-        target[name] = value
+        head, dot, rest = name.partition(".")
+        if dot:  # a setting of a nested table, e.g. train.boost.bags
+            owner = TrainConfig if section == "train" else ModelConfig
+            table = target.setdefault(head, {})
+            if head not in _tables(owner) or not isinstance(table, dict) or not rest:
+                raise ConfigError(f"--set {text!r}: {section}.{head} is not a table of settings")
+            table[rest] = value
+        else:
+            target[name] = value
     try:
         return TrainConfig.from_dict(train), ModelConfig.from_dict(model)
     except (TypeError, ValueError) as exc:

@@ -54,7 +54,7 @@ class RunError(ValueError):
 
 def _load_gbdt(path: Path, members: dict[str, Any]) -> GbdtMember | None:
     """The run's boosted member, its files checked against the config's fingerprints."""
-    files = [name for name in members.get("gbdt_files", []) if name]
+    files = [name for bag in GbdtMember.file_lists(members.get("gbdt_files", [])) for name in bag]
     if not files:
         return None
     for name in files:
@@ -169,7 +169,7 @@ def _write_run(
             "members": {
                 "blend_weights": (result.blend_weights if result.blend_weights is not None else np.ones(len(data.target_names))).tolist(),
                 "gbdt_files": gbdt_files,
-                "gbdt_sha256": {name: _sha256(out_dir / name) for name in gbdt_files if name},
+                "gbdt_sha256": {name: _sha256(out_dir / name) for bag in gbdt_files for name in bag},
                 "gbdt_categorical": result.gbdt.categorical if result.gbdt is not None else [],
             },
         },
